@@ -135,7 +135,9 @@ class GrassAdamW(Optimizer):
             ``torch.float32`` moments cost 2x the state and help stability.
         stochastic_rounding: round low-precision (bf16/fp16) weight updates stochastically, so
             that updates smaller than half a unit in the last place do not vanish in pure-bf16
-            training. The arithmetic always runs in float32 at least.
+            training. The arithmetic always runs in float32 at least. The noise comes from
+            the global torch RNG (seed it with ``torch.manual_seed``); it is not part of the
+            optimizer state, so a resumed run is exact only without stochastic rounding.
     """
 
     def __init__(
@@ -177,10 +179,15 @@ class GrassAdamW(Optimizer):
                 param_group.setdefault(key, value)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if "rank" in group:
+            try:
+                _validate_projected_group(group)
+            except ValueError:
+                self.param_groups.pop()  # leave the optimizer as it was, as torch.optim does
+                raise
         for p in group["params"]:
             self._group_index[id(p)] = group
         if "rank" in group:
-            _validate_projected_group(group)
             for p in group["params"]:
                 p.grass_projection = GrassProjection(self, p, group)
 
@@ -283,7 +290,8 @@ class GrassAdamW(Optimizer):
         else:
             generator = torch.Generator()
             generator.set_state(state["rng"])
-        rows, rho = select_rows(g.float().norm(dim=1), r, group["selection"], generator)
+        norms = g.to(torch.promote_types(g.dtype, torch.float32)).norm(dim=1)  # fp64 stays fp64
+        rows, rho = select_rows(norms, r, group["selection"], generator)
         state["rng"] = generator.get_state()
 
         sdt = group["state_dtype"] or p.dtype
@@ -324,20 +332,21 @@ class GrassAdamW(Optimizer):
                 f"has {len(self.param_groups)}: it was saved by another optimizer or another "
                 "target_modules setting; resume with the same settings or start a new run."
             )
-        for i, (saved, current) in enumerate(zip(saved_groups, self.param_groups)):
-            if saved.get("rank") != current.get("rank") or saved.get("proj_side") != current.get("proj_side"):
+        for i, (saved, current) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            keys = ("rank", "proj_side", "selection")
+            if any(saved.get(k) != current.get(k) for k in keys):
+                was = ", ".join(f"{k}={saved.get(k)!r}" for k in keys)
+                now = ", ".join(f"{k}={current.get(k)!r}" for k in keys)
                 raise ValueError(
-                    f"Parameter group {i} was saved with rank={saved.get('rank')}, "
-                    f"proj_side={saved.get('proj_side')} but this optimizer uses "
-                    f"rank={current.get('rank')}, proj_side={current.get('proj_side')}: resume with "
-                    "the settings of the checkpoint, or start a new run."
+                    f"Parameter group {i} was saved with {was} but this optimizer uses {now}: "
+                    "resume with the settings of the checkpoint, or start a new run."
                 )
         saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
         ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         self._group_index = {id(p): g for g in self.param_groups for p in g["params"]}
-        for pid, p in zip(ids, params):
+        for pid, p in zip(ids, params, strict=True):
             if pid not in saved_state:
                 continue
             state = {

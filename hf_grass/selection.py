@@ -46,8 +46,9 @@ def select_rows(
 
     Returns ``rows`` (int64, shape (r,), sorted) and ``rho`` (float32, shape (r,)), both on the
     device of ``row_norms``. Sampling runs on the CPU with ``generator`` so that it is reproducible
-    and device-independent. All-zero or non-finite norms fall back to ``uniform`` (with a warning
-    the first time): a gradient with no signal gives no reason to prefer any row.
+    and device-independent. All-zero or non-finite norms fall back to rows drawn uniformly at
+    random (with a warning the first time), scaled by the method's own convention: a gradient with
+    no signal gives no reason to prefer any row.
     """
     if selection not in SELECTIONS:
         raise ValueError(f"Unknown selection {selection!r}: use one of {', '.join(SELECTIONS)}.")
@@ -58,7 +59,11 @@ def select_rows(
     norms = row_norms.detach().to("cpu", torch.float64)
     if selection != "uniform" and not (torch.isfinite(norms).all() and norms.sum() > 0):
         _warn_fallback(norms)
-        selection = "uniform"
+        rows = torch.randperm(m, generator=generator)[:rank].sort().values
+        # Keep the method's own scale convention: rho = 1 for top_r and multinomial_nr, and
+        # multinomial's 1/sqrt(r q) with q uniform.
+        scale = math.sqrt(m / rank) if selection == "multinomial" else 1.0
+        return rows.to(device), torch.full((rank,), scale, device=device)
 
     if selection == "top_r":
         rows = torch.topk(norms, rank, sorted=False).indices

@@ -1,0 +1,303 @@
+"""Shared pieces of the benchmarks: LLaMA configs, optimizer-state accounting, machine info, output.
+
+The benchmarks are scripts (``python benchmarks/bench_*.py``); this module sits beside them and is
+imported by name. It needs only torch and transformers (and the repo root on ``sys.path`` for
+``hf_grass``, which :func:`add_repo_to_path` takes care of when the package is not installed).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+
+# GaLore's LLaMA configs (vocab 32000): hidden, intermediate (FFN), heads, layers; the same values
+# as hf_grass.models.LLAMA_PRESETS (repeated here so that the GPU suite depends on nothing but
+# torch and transformers to build its model). "20m" and "tiny" are the package's presets; "20m"
+# holds 84% of its parameters in the embedding and output matrices. "20m-wide" is ours, for CPU
+# timing: 20.3M parameters, 70% of them in the projected (attention/MLP) matrices, so that the
+# optimizers' and the backward's differences show rather than the embeddings' plain AdamW.
+LLAMA_CONFIGS = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, vocab_size=512),
+    "20m": dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_hidden_layers=4),
+    "20m-wide": dict(hidden_size=384, intermediate_size=1024, num_attention_heads=6, num_hidden_layers=8, vocab_size=8000),
+    "60m": dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_hidden_layers=8),
+    "130m": dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_hidden_layers=12),
+    "350m": dict(hidden_size=1024, intermediate_size=2736, num_attention_heads=16, num_hidden_layers=24),
+    "1b": dict(hidden_size=2048, intermediate_size=5461, num_attention_heads=32, num_hidden_layers=24),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32),
+}
+GALORE_RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+
+
+def add_repo_to_path() -> None:
+    """Make ``import hf_grass`` work from a bare checkout (the GPU machine has no install)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+
+
+def llama_config(name: str, **overrides):
+    """A ``transformers.LlamaConfig`` for one of :data:`LLAMA_CONFIGS` (vocab 32000 by default)."""
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=32000,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        hidden_act="silu",
+    )
+    kwargs.update(LLAMA_CONFIGS[name])
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def build_llama(
+    name: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    attn: str = "sdpa",
+    **overrides,
+):
+    """A randomly initialised ``LlamaForCausalLM`` built directly on ``device`` in ``dtype``.
+
+    On ``meta`` it costs no memory: shapes only.
+    """
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(name, **overrides)
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
+    return model
+
+
+def projected_names(model) -> list[str]:
+    """Names of the modules Grass and GaLore project: every attention/MLP linear (not lm_head)."""
+    add_repo_to_path()
+    from hf_grass import match_target_modules
+
+    return match_target_modules(model, "all-linear")
+
+
+def split_params(model) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(projected weights, every other trainable parameter), each parameter once."""
+    modules = dict(model.named_modules())
+    projected = [modules[n].weight for n in projected_names(model)]
+    ids = {id(p) for p in projected}
+    seen: set[int] = set()
+    other = []
+    for p in model.parameters():
+        if id(p) in ids or id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        other.append(p)
+    return projected, other
+
+
+def galore_groups(projected, other, rank: int, update_proj_gap: int = 200, scale: float = 0.25) -> list[dict]:
+    """Param groups as GaLore's own training script builds them (``proj_type="std"``)."""
+    return [
+        {"params": list(other)},
+        {"params": list(projected), "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale, "proj_type": "std"},
+    ]
+
+
+def import_galore():
+    """``galore_torch.GaLoreAdamW``, or ``None`` when galore-torch is not installed."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from galore_torch import GaLoreAdamW
+    except ImportError:
+        return None
+    return GaLoreAdamW
+
+
+def new_galore(groups, lr: float = 1e-3):
+    """A GaLoreAdamW without its deprecation warning (it subclasses the old transformers AdamW)."""
+    import warnings
+
+    GaLoreAdamW = import_galore()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return GaLoreAdamW(groups, lr=lr, no_deprecation_warning=True)
+
+
+# --------------------------------------------------------------------------- optimizer state bytes
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _walk(value, key: str, out: dict[str, int], seen: set) -> None:
+    """Add the bytes of every tensor reachable from ``value`` to ``out[key]`` (once per storage)."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "meta":
+            ptr = value.untyped_storage().data_ptr()
+            if ptr and ptr in seen:
+                return
+            seen.add(ptr)
+        out[key] = out.get(key, 0) + _tensor_bytes(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _walk(v, f"{key}.{k}" if key else str(k), out, seen)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _walk(v, key, out, seen)
+    elif hasattr(value, "__dict__") and not isinstance(value, (int, float, str, bool)):
+        # GaLoreProjector keeps its projection matrix as an attribute.
+        for k, v in vars(value).items():
+            if isinstance(v, (torch.Tensor, list, tuple, dict)):
+                _walk(v, f"{key}.{k}", out, seen)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer, projected_ids: set[int]) -> dict:
+    """Bytes of every tensor in ``optimizer.state``: total, projected weights only, and by key.
+
+    GaLore's projection matrix (an attribute of its ``projector`` object) is counted; Python
+    numbers (GaLore's ``step``) are not tensors and cost nothing here.
+    """
+    total = projected = 0
+    by_key: dict[str, int] = {}
+    seen: set = set()
+    for p, st in optimizer.state.items():
+        per: dict[str, int] = {}
+        _walk(st, "", per, seen)
+        n = sum(per.values())
+        total += n
+        if id(p) in projected_ids:
+            projected += n
+        for k, v in per.items():
+            by_key[k] = by_key.get(k, 0) + v
+    return {"total": total, "projected": projected, "by_key": dict(sorted(by_key.items()))}
+
+
+def rng_state_bytes() -> int:
+    """Bytes of a CPU ``torch.Generator`` state (GrassAdamW keeps one per projected weight)."""
+    return torch.Generator().get_state().numel()
+
+
+def analytic_state_bytes(
+    method: str,
+    projected_shapes: list[tuple[int, int]],
+    other_numels: list[int],
+    rank: int,
+    bytes_per_el: int = 4,
+) -> dict:
+    """Optimizer-state bytes from shapes alone (fp32 moments by default).
+
+    - ``adamw``: two moments per parameter + a float32 ``step``.
+    - ``galore``: per projected (m, n): the projection matrix r x min(m, n) plus two moments of the
+      projected gradient r x max(m, n) (GaLore reduces the smaller dimension); other parameters
+      as AdamW (its ``step`` is a Python int).
+    - ``grass``: per projected (m, n): two moments r x min(m, n) (the larger dimension is selected),
+      int64 ``rows``, ``unique_rows`` and ``inverse`` (r each for ``top_r``), float32 ``rho`` and
+      per-row step counts, two float32 step scalars and a CPU generator state; others as AdamW.
+    """
+    b = bytes_per_el
+    proj = 0
+    for m, n in projected_shapes:
+        lo, hi = min(m, n), max(m, n)
+        if method == "adamw":
+            proj += 2 * m * n * b + 4
+        elif method == "galore":
+            proj += rank * lo * b + 2 * rank * hi * b
+        elif method == "grass":
+            proj += 2 * rank * lo * b + rank * (8 + 8 + 8 + 4 + 4) + 4 + 4 + rng_state_bytes()
+        else:
+            raise ValueError(f"Unknown method {method!r}: use adamw, galore or grass.")
+    step = 0 if method == "galore" else 4
+    other = sum(2 * k * b + step for k in other_numels)
+    return {"total": proj + other, "projected": proj}
+
+
+# ------------------------------------------------------------------------------------ measurement
+def median_time(fn, reps: int, warmup: int = 1, sync=None) -> tuple[float, list[float]]:
+    """Median wall time of ``fn()`` over ``reps`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+        if sync:
+            sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def env_info() -> dict:
+    import transformers
+
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import galore_torch  # noqa: F401
+        from importlib.metadata import version
+
+        info["galore_torch"] = version("galore-torch")
+    except Exception:
+        info["galore_torch"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def write_json(name: str, payload: dict, out_dir: str | Path | None = None) -> Path:
+    out = Path(out_dir or os.environ.get("OUT") or RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
+
+
+def fmt_table(headers: list[str], rows: list[list]) -> str:
+    """A Markdown table (pastes straight into BENCHMARKS.md)."""
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda r: "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), sep, *(line(r) for r in cells)])
+
+
+def mb(n: int) -> str:
+    return f"{n / 1e6:,.1f}"

@@ -1,0 +1,429 @@
+"""Dataset recipes for finetuning: GLUE-style classification and Alpaca-style instructions.
+
+Every loader returns a `datasets.DatasetDict` with `train` and (when there is one) `validation`.
+Classification labels are a `ClassLabel` feature (0..K-1) or a float `Value` for regression, so
+`infer_num_labels` reads the head size from the data. The two default tasks run offline:
+`load_rotten_tomatoes` (sentiment) and `load_alpaca_eval` (instructions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import datasets
+import pandas as pd
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from transformers import PreTrainedTokenizerBase
+
+from .resources import alpaca_eval_path, rotten_tomatoes_path
+
+OFFLINE_CLASSIFICATION_TASK = "rotten_tomatoes"
+IGNORE_INDEX = -100  # positions that the causal LM loss skips
+
+
+class GlueTask(NamedTuple):
+    sentence1_key: str
+    sentence2_key: str | None
+    num_labels: int  # 1: regression
+    metric: str  # what `hf_grass.metrics.load_glue_metric(task)` reports
+
+
+GLUE_TASKS: dict[str, GlueTask] = {
+    "cola": GlueTask("sentence", None, 2, "matthews_correlation"),
+    "sst2": GlueTask("sentence", None, 2, "accuracy"),
+    "mrpc": GlueTask("sentence1", "sentence2", 2, "accuracy_f1"),
+    "qqp": GlueTask("question1", "question2", 2, "accuracy_f1"),
+    "stsb": GlueTask("sentence1", "sentence2", 1, "pearson_spearmanr"),
+    "mnli": GlueTask("premise", "hypothesis", 3, "accuracy"),
+    "qnli": GlueTask("question", "sentence", 2, "accuracy"),
+    "rte": GlueTask("sentence1", "sentence2", 2, "accuracy"),
+    "wnli": GlueTask("sentence1", "sentence2", 2, "accuracy"),
+}
+
+
+# ----------------------------------------------------------------------------- built-in tasks
+
+
+def _movie_in_validation(movie_name: str) -> bool:
+    # Split by movie, not by review: reviews of one movie share names and plot words.
+    return int(hashlib.sha1(movie_name.encode()).hexdigest(), 16) % 10 == 0
+
+
+def load_rotten_tomatoes() -> DatasetDict:
+    """Rotten Tomatoes critic reviews: `sentence`, `label` (0 rotten, 1 fresh), `movie_name`.
+
+    Plot summaries and repeated texts (first kept) are dropped: 12,752 reviews of 507 movies.
+    A movie's reviews all go to validation (1,328 reviews, 55.2% fresh) or all to train.
+    """
+    frame = pd.read_csv(rotten_tomatoes_path(), usecols=["category", "text", "movie_name"])
+    frame = frame[frame["category"].isin(["rotten", "fresh"])]
+    frame = frame.drop_duplicates("text", keep="first")
+    features = Features(
+        sentence=Value("string"),
+        label=ClassLabel(names=["rotten", "fresh"]),
+        movie_name=Value("string"),
+    )
+    in_validation = frame["movie_name"].map(_movie_in_validation)
+
+    def to_dataset(part: pd.DataFrame) -> Dataset:
+        columns = {
+            "sentence": part["text"].tolist(),
+            "label": (part["category"] == "fresh").astype(int).tolist(),
+            "movie_name": part["movie_name"].tolist(),
+        }
+        return Dataset.from_dict(columns, features=features)
+
+    return DatasetDict(
+        train=to_dataset(frame[~in_validation]), validation=to_dataset(frame[in_validation])
+    )
+
+
+def load_alpaca_eval(validation_fraction: float = 0.1, seed: int = 42) -> DatasetDict:
+    """The 805 AlpacaEval instructions with reference outputs: `instruction`, `input` (""), `output`.
+
+    The validation split is a seeded random `validation_fraction` of the records (81 of 805 by
+    default), the same on every call with the same seed.
+    """
+    if not 0.0 < validation_fraction < 1.0:
+        raise ValueError(
+            f"validation_fraction={validation_fraction} must lie strictly between 0 and 1, e.g. 0.1."
+        )
+    records = json.loads(alpaca_eval_path().read_text(encoding="utf-8"))
+    dataset = Dataset.from_dict(
+        {
+            "instruction": [r["instruction"] for r in records],
+            "input": [""] * len(records),
+            "output": [r["output"] for r in records],
+        }
+    )
+    split = dataset.train_test_split(test_size=validation_fraction, seed=seed)
+    return DatasetDict(train=split["train"], validation=split["test"])
+
+
+def load_glue(task: str) -> DatasetDict:
+    """GLUE `task` from the Hugging Face Hub (needs network): `train` and `validation` splits.
+
+    MNLI's `validation` is its matched validation set. The test splits (no labels) are left out.
+    """
+    if task not in GLUE_TASKS:
+        raise ValueError(f"Unknown GLUE task {task!r}; choose one of {', '.join(GLUE_TASKS)}.")
+    try:
+        raw = datasets.load_dataset("nyu-mll/glue", task)
+    except Exception as err:
+        raise RuntimeError(
+            f"Could not load GLUE task {task!r} from the Hugging Face Hub ({err}). Offline, pass "
+            "your own data with --train_file/--validation_file (CSV or JSON with `sentence` or "
+            f"`sentence1`/`sentence2`, and `label`), or use the offline task "
+            f"{OFFLINE_CLASSIFICATION_TASK!r}."
+        ) from err
+    validation = "validation_matched" if task == "mnli" else "validation"
+    return DatasetDict(train=raw["train"], validation=raw[validation])
+
+
+# ----------------------------------------------------------------------------- user files
+
+
+def _read_files(
+    train_file: str | Path, validation_file: str | Path | None
+) -> tuple[dict[str, str], DatasetDict]:
+    """Read each file on its own, so each gets its own schema (optional columns may differ)."""
+    builder, files = _data_files(train_file, validation_file)
+    raw = DatasetDict(
+        {
+            split: datasets.load_dataset(builder, data_files=path, split="train")
+            for split, path in files.items()
+        }
+    )
+    return files, raw
+
+
+def _data_files(train_file: str | Path, validation_file: str | Path | None) -> tuple[str, dict]:
+    files = {"train": Path(train_file)}
+    if validation_file is not None:
+        files["validation"] = Path(validation_file)
+    builders = set()
+    for split, path in files.items():
+        if not path.is_file():
+            raise FileNotFoundError(f"The {split} file {path} does not exist; check the path.")
+        suffix = path.suffix.lower()
+        if suffix not in {".csv", ".json", ".jsonl"}:
+            raise ValueError(
+                f"Cannot read {path}: use a .csv, .json or .jsonl file (got {suffix or 'no suffix'!r})."
+            )
+        builders.add("csv" if suffix == ".csv" else "json")
+    if len(builders) > 1:
+        raise ValueError(
+            f"{files['train']} and {files['validation']} have different formats; "
+            "convert both to CSV or both to JSON."
+        )
+    return builders.pop(), {split: str(path) for split, path in files.items()}
+
+
+def _require_columns(dataset: Dataset, path: str, required: Sequence[str], expected: str) -> None:
+    missing = [c for c in required if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"{path} has columns {dataset.column_names} but lacks {missing}; "
+            f"expected {expected}. Rename the columns in the file."
+        )
+
+
+def _require_text(dataset: Dataset, path: str, columns: Sequence[str]) -> None:
+    for column in columns:
+        for row, value in enumerate(dataset[column]):
+            if not isinstance(value, str):
+                raise ValueError(
+                    f"{path}, row {row}: column {column!r} holds {value!r}, not text; "
+                    "fill in or remove that row."
+                )
+
+
+def sentence_keys(dataset: Dataset) -> tuple[str, str | None]:
+    """The text columns of a classification dataset: (`sentence1`, `sentence2`) or (`sentence`, None)."""
+    columns = dataset.column_names
+    if "sentence1" in columns and "sentence2" in columns:
+        return "sentence1", "sentence2"
+    if "sentence" in columns:
+        return "sentence", None
+    raise ValueError(
+        f"Found columns {columns}; expected `sentence`, or `sentence1` and `sentence2`."
+    )
+
+
+def infer_num_labels(dataset: Dataset) -> int:
+    """The number of classes of `dataset`'s `label` feature, or 1 for a float (regression) label."""
+    feature = dataset.features.get("label")
+    if isinstance(feature, ClassLabel):
+        return feature.num_classes
+    if isinstance(feature, Value) and feature.dtype.startswith("float"):
+        return 1
+    raise ValueError(
+        f"The `label` feature is {feature!r}; expected a ClassLabel or a float Value "
+        "(as `load_classification_files` produces)."
+    )
+
+
+def _first_invalid_label(labels, num_labels: int) -> tuple[int, object, str] | None:
+    """(row, label, what was expected) of the first label outside the label set, else None."""
+    for row, label in enumerate(labels):
+        is_number = isinstance(label, (int, float)) and not isinstance(label, bool)
+        if num_labels == 1:
+            if not (is_number and math.isfinite(label)):
+                return row, label, "a finite number (regression)"
+        elif not (is_number and isinstance(label, int) and 0 <= label < num_labels):
+            return row, label, f"an integer in 0..{num_labels - 1}"
+    return None
+
+
+def validate_labels(dataset: Dataset, num_labels: int, task: str) -> None:
+    """Raise ValueError naming the first label outside `task`'s label set.
+
+    `num_labels` classes means integer labels 0..num_labels-1; `num_labels == 1` means finite floats.
+    """
+    invalid = _first_invalid_label(dataset["label"], num_labels)
+    if invalid:
+        row, label, expected = invalid
+        raise ValueError(
+            f"Label {label!r} in row {row} is not valid for task {task!r}: expected {expected}. "
+            "Fix the label or choose the task that matches the data."
+        )
+
+
+def _label_feature(dataset: Dataset, path: str) -> ClassLabel | Value:
+    """ClassLabel(K) for integer labels 0..K-1, Value("float32") for float labels."""
+    labels = list(dataset["label"])
+    dtype = getattr(dataset.features["label"], "dtype", None)
+    fix = "use integers 0..K-1 for classification or floats for regression"
+    if dtype is not None and dtype.startswith("float"):
+        for row, label in enumerate(labels):
+            if label is None or not math.isfinite(label):
+                raise ValueError(
+                    f"{path}, row {row}: label {label!r} is missing or not finite; {fix}."
+                )
+        return Value("float32")
+    if dtype is None or not dtype.startswith(("int", "uint")):
+        bad = next((x for x in labels if not isinstance(x, int) or isinstance(x, bool)), labels[0])
+        raise ValueError(f"{path}: label {bad!r} ({type(bad).__name__}) is not a number; {fix}.")
+    if None in labels:
+        raise ValueError(f"{path}, row {labels.index(None)}: the label is missing; {fix}.")
+    present = set(labels)
+    num_labels = max(present) + 1
+    if min(present) < 0:
+        raise ValueError(f"{path}: label {min(present)} is negative; {fix}.")
+    missing = sorted(set(range(num_labels)) - present)
+    if missing:
+        raise ValueError(
+            f"{path}: labels are {sorted(present)} but {missing} never occur; {fix} "
+            "(renumber them so that every class 0..K-1 occurs)."
+        )
+    if num_labels < 2:
+        raise ValueError(f"{path}: every label is {labels[0]}; classification needs two classes.")
+    return ClassLabel(num_classes=num_labels)
+
+
+def load_classification_files(
+    train_file: str | Path, validation_file: str | Path | None = None
+) -> DatasetDict:
+    """Classification or regression data from CSV or JSON (one object per line, or a list).
+
+    Columns: `sentence`, or `sentence1` and `sentence2`, and `label`. Integer labels must cover
+    0..K-1 in the train file (classification, K classes); float labels mean regression. The
+    validation split is present only when `validation_file` is given.
+    """
+    files, raw = _read_files(train_file, validation_file)
+    expected = "`label` and either `sentence` or `sentence1` and `sentence2`"
+    for split, dataset in raw.items():
+        columns = set(dataset.column_names)
+        if "label" not in columns or not (
+            "sentence" in columns or {"sentence1", "sentence2"} <= columns
+        ):
+            raise ValueError(
+                f"{files[split]} has columns {dataset.column_names}; expected {expected}. "
+                "Rename the columns in the file."
+            )
+        keys = sentence_keys(dataset)
+        _require_text(dataset, files[split], [k for k in keys if k is not None])
+
+    feature = _label_feature(raw["train"], files["train"])
+    num_labels = feature.num_classes if isinstance(feature, ClassLabel) else 1
+    if "validation" in raw:
+        invalid = _first_invalid_label(raw["validation"]["label"], num_labels)
+        if invalid:
+            row, label, expected = invalid
+            raise ValueError(
+                f"{files['validation']}, row {row}: label {label!r} is not among the labels of "
+                f"{files['train']}: expected {expected}. Fix the label, or add its class to the "
+                "train file."
+            )
+    return DatasetDict({split: ds.cast_column("label", feature) for split, ds in raw.items()})
+
+
+def load_instruction_files(
+    train_file: str | Path, validation_file: str | Path | None = None
+) -> DatasetDict:
+    """Instruction data from CSV or JSON: `instruction`, `output` and optional `input` columns.
+
+    Returns the columns `instruction`, `input` ("" where absent) and `output`; others are dropped.
+    """
+    files, raw = _read_files(train_file, validation_file)
+    expected = "`instruction` and `output`, and optionally `input`"
+    splits = {}
+    for split, dataset in raw.items():
+        _require_columns(dataset, files[split], ["instruction", "output"], expected)
+        _require_text(dataset, files[split], ["instruction", "output"])
+        inputs = dataset["input"] if "input" in dataset.column_names else [None] * len(dataset)
+        splits[split] = Dataset.from_dict(
+            {
+                "instruction": list(dataset["instruction"]),
+                "input": ["" if x is None else str(x) for x in inputs],
+                "output": list(dataset["output"]),
+            }
+        )
+    return DatasetDict(splits)
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+
+def _column_names(dataset: Dataset | DatasetDict) -> list[str]:
+    if isinstance(dataset, DatasetDict):
+        return sorted({c for names in dataset.column_names.values() for c in names})
+    return dataset.column_names
+
+
+def tokenize_classification(
+    dataset: Dataset | DatasetDict,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_length: int,
+    sentence1_key: str = "sentence",
+    sentence2_key: str | None = None,
+) -> Dataset | DatasetDict:
+    """Tokenize one or two text columns, truncated to `max_seq_length` tokens, unpadded.
+
+    Keeps `label`; the other columns are replaced by the tokenizer's (`input_ids`,
+    `attention_mask`). Pad per batch with `DataCollatorWithPadding`.
+    """
+
+    def encode(batch: dict) -> dict:
+        pair = () if sentence2_key is None else (batch[sentence2_key],)
+        return tokenizer(batch[sentence1_key], *pair, truncation=True, max_length=max_seq_length)
+
+    drop = [c for c in _column_names(dataset) if c != "label"]
+    return dataset.map(encode, batched=True, remove_columns=drop)
+
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+
+def format_prompt(
+    instruction: str, input_text: str, tokenizer: PreTrainedTokenizerBase, template: str = "auto"
+) -> str:
+    """The prompt text that precedes the answer, ending where the model starts to write.
+
+    `template`: "chat" (the tokenizer's chat template, one user turn), "alpaca" (the Stanford
+    Alpaca prompt), or "auto" (chat when the tokenizer has a chat template, else alpaca).
+    """
+    if template == "auto":
+        template = "chat" if tokenizer.chat_template else "alpaca"
+    if template == "chat":
+        content = f"{instruction}\n\n{input_text}" if input_text else instruction
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+    if template == "alpaca":
+        if input_text:
+            return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input_text)
+        return ALPACA_PROMPT.format(instruction=instruction)
+    raise ValueError(f"Unknown prompt template {template!r}; use 'auto', 'chat' or 'alpaca'.")
+
+
+def tokenize_instruction(
+    dataset: Dataset | DatasetDict,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_length: int,
+    template: str = "auto",
+) -> Dataset | DatasetDict:
+    """Tokenize prompt + answer + EOS for causal LM training; only the answer is learned.
+
+    `labels` equals `input_ids` on the answer and EOS, and -100 on the prompt (see
+    `format_prompt` for `template`). Prompt and answer are tokenized apart, so the prompt's
+    tokens are exactly those of the prompt alone. Sequences are cut at `max_seq_length`; an
+    example whose prompt fills it has no label to learn.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no EOS token; set `tokenizer.eos_token` first.")
+    use_chat = template == "chat" or (template == "auto" and bool(tokenizer.chat_template))
+
+    def encode(batch: dict) -> dict:
+        prompts = [
+            format_prompt(i, x, tokenizer, template)
+            for i, x in zip(batch["instruction"], batch["input"], strict=True)
+        ]
+        # The chat template writes its own special tokens; the alpaca prompt gets the
+        # tokenizer's usual ones (a BOS for LLaMA tokenizers).
+        prompt_ids = tokenizer(prompts, add_special_tokens=not use_chat)["input_ids"]
+        answer_ids = tokenizer(batch["output"], add_special_tokens=False)["input_ids"]
+        out = {"input_ids": [], "attention_mask": [], "labels": []}
+        for prompt, answer in zip(prompt_ids, answer_ids, strict=True):
+            answer = answer + [tokenizer.eos_token_id]
+            input_ids = (prompt + answer)[:max_seq_length]
+            out["input_ids"].append(input_ids)
+            out["attention_mask"].append([1] * len(input_ids))
+            out["labels"].append(([IGNORE_INDEX] * len(prompt) + answer)[:max_seq_length])
+        return out
+
+    return dataset.map(encode, batched=True, remove_columns=_column_names(dataset))

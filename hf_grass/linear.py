@@ -1,0 +1,314 @@
+"""Compressed-gradient linear layers: the full weight gradient is never formed on ordinary steps.
+
+For ``y = x Wᵀ + b`` with ``x`` (..., n), ``W`` (m, n) and ``dY`` (..., m) flattened to ``X``
+(T x n) and ``dY`` (T x m), the backward of :class:`GrassLinear` returns the usual input and
+bias gradients, but for the weight only the compressed gradient that
+:class:`~hf_grass.GrassAdamW` consumes::
+
+    dX = dY W                                    # T x n, unchanged
+    db = sum_t dY_t                              # m, dense
+    C  = rho[:, None] * dY[:, rows]ᵀ X            # rows side: r x n, cost r/m of dYᵀ X
+    C  = rho[:, None] * X[:, cols]ᵀ dY           # cols side: r x m, cost r/n of Xᵀ dY
+
+``C`` equals ``rho[:, None] * G_oriented[rows]`` with ``G = dYᵀ X`` (m x n), but costs r/m (r/n)
+of the dense weight-gradient matmul and is added to ``weight.compressed_grad``; ``weight.grad``
+stays ``None``. The rows come from ``weight.grass_projection`` (published by GrassAdamW).
+
+Selection steps. When ``grass_projection.needs_full_gradient()`` (before the first step and
+every ``update_proj_gap`` steps), the backward forms ``G`` for this layer only, hands it to
+``select``, adds ``compress(G)`` to ``compressed_grad`` and frees ``G`` before the next layer's
+backward runs: at most one full weight gradient is alive at a time.
+
+Gradient accumulation. Rows stay fixed within an accumulation window: the first micro-batch of a
+selection window selects (from its own gradient), every later micro-batch compresses with those
+rows, and the step consumes the sum. So with accumulation the rows are chosen from the first
+micro-batch's gradient rather than from the window's sum, which would need every full gradient
+alive until the last micro-batch. Without accumulation both are the same.
+
+Gradient checkpointing. All side effects (selection, accumulation) happen in the backward, which
+autograd runs once per use whether or not the forward is recomputed; the forward only saves
+tensors, so a recomputed forward changes nothing. The parameter itself is kept on ``ctx`` rather
+than through ``save_for_backward``: checkpointing (and ``save_on_cpu``) unpacks saved tensors as
+new, detached tensors that no longer carry ``grass_projection``.
+
+Autocast. Under autocast the forward casts ``x``, ``W`` and ``b`` to the autocast dtype, as
+autocast does for ``F.linear``, and the backward computes in that dtype with autocast off; the
+gradients are returned (and ``compressed_grad`` accumulated) in the dtypes of the original tensors.
+
+A weight without a live ``grass_projection`` (no GrassAdamW built yet, or a deep copy) gets the
+ordinary full ``.grad``.
+
+Data parallel (a later issue). Grassified weights never receive ``.grad``, so DDP's reducer must
+not wait for them: list their names in ``model._ddp_params_and_buffers_to_ignore`` (what
+``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model`` sets) before wrapping;
+DDP then all-reduces the dense parameters as usual. The compressed gradients (r x k each) are
+all-reduced with the same process group: per weight, with ``dist.all_reduce(async_op=True)`` from
+the grad-ready hook of :mod:`hf_grass.layerwise` (waited on before the step), or as one flat
+bucket after backward (``torch._utils._flatten_dense_tensors`` of every ``compressed_grad``, one
+``all_reduce``, unflatten). During accumulation (``no_sync()``), reduce on the last micro-batch
+only. Every rank must use the same rows: at a selection step (every K steps) all-reduce the layer's
+full gradient before ``select``, or select on rank 0 and broadcast ``rows`` and ``rho``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .optim import GrassProjection
+from .targets import TargetModules, grass_param_groups, match_target_modules
+
+_ANCHOR = "_grass_grad_anchor"
+
+
+def _live_projection(weight: torch.Tensor) -> GrassProjection | None:
+    """``weight.grass_projection`` if its optimizer still exists, else ``None``."""
+    projection = getattr(weight, "grass_projection", None)
+    if projection is None or projection._optimizer() is None:
+        return None
+    return projection
+
+
+def grad_ready_anchor(weight: torch.Tensor) -> torch.Tensor:
+    """A zero-size leaf that signals when ``weight``'s compressed gradient is complete.
+
+    :class:`GrassLinear` passes it to its backward, which returns an empty gradient for it; its
+    ``register_post_accumulate_grad_hook`` hooks then fire once per backward pass, after every
+    use of ``weight`` has added to ``compressed_grad`` (the autograd engine runs a leaf's
+    accumulation after all nodes that feed it). :mod:`hf_grass.layerwise` steps from there.
+    """
+    anchor = getattr(weight, _ANCHOR, None)
+    if anchor is None:
+        anchor = torch.empty(0, device=weight.device, requires_grad=True)
+        setattr(weight, _ANCHOR, anchor)
+    return anchor
+
+
+def has_grad_ready_anchor(weight: torch.Tensor) -> bool:
+    return hasattr(weight, _ANCHOR)
+
+
+def remove_grad_ready_anchor(weight: torch.Tensor) -> None:
+    """Drop the anchor made by :func:`grad_ready_anchor` (and every hook on it)."""
+    if hasattr(weight, _ANCHOR):
+        delattr(weight, _ANCHOR)
+
+
+def _autocast_off(device_type: str):
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _accumulate(weight: torch.Tensor, compressed: torch.Tensor) -> None:
+    compressed = compressed.to(weight.dtype)
+    if getattr(weight, "compressed_grad", None) is None:
+        weight.compressed_grad = compressed
+    else:
+        weight.compressed_grad.add_(compressed)
+
+
+class GrassLinearFunction(torch.autograd.Function):
+    """``y = x Wᵀ + b`` whose backward delivers the weight gradient compressed (see module doc).
+
+    Inputs: ``x`` (..., n), ``weight`` (m, n), ``bias`` (m) or None, ``anchor`` (from
+    :func:`grad_ready_anchor`) or None. Returns ``y`` (..., m).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, anchor):
+        device_type = x.device.type
+        dtype = (
+            torch.get_autocast_dtype(device_type)
+            if torch.is_autocast_enabled(device_type)
+            else None
+        )
+
+        def cast(t):
+            # Autocast's rule for linear: floating tensors other than float64 go to its dtype.
+            if t is None or dtype is None or not t.is_floating_point() or t.dtype == torch.float64:
+                return t
+            return t.to(dtype)
+
+        x_c, w_c, b_c = cast(x), cast(weight), cast(bias)
+        ctx.save_for_backward(x_c, w_c)
+        ctx.weight = weight  # the Parameter itself: it carries grass_projection
+        ctx.x_dtype = x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.has_anchor = anchor is not None
+        return F.linear(x_c, w_c, b_c)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, w = ctx.saved_tensors
+        weight = ctx.weight
+        m, n = w.shape
+        with _autocast_off(grad_out.device.type):
+            dy2 = grad_out.to(w.dtype).reshape(-1, m)  # T x m
+            x2 = x.reshape(-1, n)  # T x n
+            grad_x = grad_w = grad_b = grad_anchor = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (dy2 @ w).reshape(x.shape).to(ctx.x_dtype)
+            if ctx.needs_input_grad[2]:
+                grad_b = dy2.sum(0, dtype=ctx.bias_dtype)
+            if ctx.needs_input_grad[1]:
+                grad_w = _weight_gradient(weight, dy2, x2)
+            if ctx.has_anchor:
+                grad_anchor = torch.empty(0, device=grad_out.device)
+        return grad_x, grad_w, grad_b, grad_anchor
+
+
+def _weight_gradient(
+    weight: torch.Tensor, dy2: torch.Tensor, x2: torch.Tensor
+) -> torch.Tensor | None:
+    """Deliver the gradient of ``weight`` from ``dY`` (T x m) and ``X`` (T x n).
+
+    Returns the full gradient (m x n) for autograd to accumulate into ``.grad`` when the weight
+    has no live projection; otherwise adds the compressed gradient to ``weight.compressed_grad``
+    and returns ``None``.
+    """
+    projection = _live_projection(weight)
+    if projection is None:
+        return (dy2.t() @ x2).to(weight.dtype)
+    if projection.needs_full_gradient():
+        full = dy2.t() @ x2  # m x n, this layer only
+        projection.select(full)
+        compressed = projection.compress(full)
+        del full  # freed before the next layer's backward allocates its own
+    else:
+        rows, rho = projection.rows, projection.rho
+        if projection.side == "rows":
+            compressed = dy2.index_select(1, rows).t() @ x2  # (r x T)(T x n) = r x n
+        else:
+            compressed = x2.index_select(1, rows).t() @ dy2  # (r x T)(T x m) = r x m
+        compressed.mul_(rho.to(compressed.dtype)[:, None])
+    _accumulate(weight, compressed)
+    return None
+
+
+def grass_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Functional :class:`GrassLinear`: ``F.linear`` with the compressed weight gradient."""
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        return F.linear(x, weight, bias)
+    return GrassLinearFunction.apply(x, weight, bias, getattr(weight, _ANCHOR, None))
+
+
+class GrassLinear(nn.Linear):
+    """``nn.Linear`` whose backward delivers ``weight.compressed_grad`` instead of ``weight.grad``.
+
+    Same parameters (``weight``, ``bias``), same ``state_dict`` and same outputs as
+    ``nn.Linear``; only the backward differs (see the module docstring). Usually made by
+    :func:`grassify` rather than built directly.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        rank: int | None = None,
+    ):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.grass_rank = rank
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return grass_linear(input, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        projection = _live_projection(self.weight)
+        rank = projection.rank if projection is not None else getattr(self, "grass_rank", None)
+        text = super().extra_repr()
+        if rank is not None:
+            text += f", rank={rank}"
+        if projection is not None:
+            text += f", side={projection.side}"
+        return text
+
+
+def grassify(
+    model: nn.Module,
+    rank: int,
+    target_modules: TargetModules = "all-linear",
+    weight_decay: float = 0.0,
+    no_decay: Iterable[str] | None = None,
+    **grass_options,
+) -> list[dict]:
+    """Turn the ``nn.Linear`` modules selected by ``target_modules`` into :class:`GrassLinear`.
+
+    The modules change class in place: the module objects, their ``weight``/``bias`` Parameters,
+    hooks and ``state_dict`` keys stay the same, so outputs are unchanged and ``save_pretrained``
+    writes what the stock model class loads. Returns the param groups of
+    :func:`~hf_grass.grass_param_groups` (``rank``, ``weight_decay``, ``no_decay`` and
+    ``grass_options`` such as ``update_proj_gap``, ``selection``, ``proj_side``)::
+
+        opt = GrassAdamW(grassify(model, rank=64), lr=1e-3)
+
+    ``target_modules`` follows :func:`~hf_grass.match_target_modules` (``"all-linear"``, a regex
+    or module names); a selector that matches nothing or matches a non-linear module raises
+    ``ValueError``, as does a weight shared with a module left out (tied embeddings: its other
+    gradient would be lost) or a subclass of ``nn.Linear`` with a forward of its own.
+    :func:`ungrassify` undoes it.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"Invalid rank: {rank!r}; use an integer rank >= 1.")
+    modules = dict(model.named_modules())
+    targets = {name: modules[name] for name in match_target_modules(model, target_modules)}
+    for name, module in targets.items():
+        if type(module) not in (nn.Linear, GrassLinear):
+            raise ValueError(
+                f"target_modules selects {name!r}, a {type(module).__name__} (a subclass of "
+                "nn.Linear with its own forward); Grass replaces nn.Linear's forward only: "
+                "leave it out of target_modules."
+            )
+        if "forward" in vars(module):
+            raise ValueError(
+                f"Module {name!r} has its forward replaced on the instance (e.g. by accelerate's "
+                "device-map hooks): grassify the model before dispatching or wrapping it."
+            )
+    _check_not_shared(model, targets)
+    for module in targets.values():
+        module.__class__ = GrassLinear
+        module.grass_rank = rank
+    return grass_param_groups(model, rank, target_modules, weight_decay, no_decay, **grass_options)
+
+
+def _check_not_shared(model: nn.Module, targets: dict[str, nn.Module]) -> None:
+    """Refuse a targeted weight that a module outside the targets also uses."""
+    target_ids = {id(m) for m in targets.values()}
+    users: dict[int, list[str]] = defaultdict(list)
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            if id(module) not in target_ids:
+                users[id(p)].append(name)
+    for name, module in targets.items():
+        others = users.get(id(module.weight))
+        if others:
+            raise ValueError(
+                f"{name}.weight is shared with {others[0]!r}, which target_modules leaves out "
+                "(tied weights): its gradient there would be lost. Untie the weights or leave "
+                f"{name!r} out of target_modules."
+            )
+
+
+def ungrassify(model: nn.Module) -> nn.Module:
+    """Turn every :class:`GrassLinear` of ``model`` back into ``nn.Linear``, in place.
+
+    Same module objects and Parameters, so outputs and ``state_dict`` are unchanged. Returns
+    ``model``.
+    """
+    for module in model.modules():
+        if type(module) is GrassLinear:
+            module.__class__ = nn.Linear
+            vars(module).pop("grass_rank", None)
+    return model

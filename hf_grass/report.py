@@ -1,0 +1,180 @@
+"""Resource report of a training run: optimizer state, gradients, peak memory, tokens/s.
+
+Add :class:`ResourceReportCallback` to any ``Trainer``; at the end of ``train()`` it writes
+``resource_report.json`` to ``output_dir`` and logs it. What is counted:
+
+- ``optimizer_state_bytes``: bytes of every tensor reachable from ``optimizer.state`` (including
+  tensors held by objects in the state, such as GaLore's projection matrices), after training.
+- ``peak_grad_bytes``: the largest sum, over optimizer steps, of the bytes of all ``.grad`` and
+  ``.compressed_grad`` tensors alive right before ``optimizer.step()``. Layer-wise methods free
+  gradients inside the backward pass, so for them it reads (close to) zero.
+- ``tensor_peak_bytes``: parameters + peak gradients + optimizer state (the tensor accounting of
+  peak memory, activations left out).
+- ``peak_memory_bytes``: ``torch.cuda.max_memory_allocated`` on a GPU (reset at train start); on
+  a CPU the process's peak resident set size (``getrusage``; a lifetime peak that includes loading
+  the model and data).
+- ``tokens_per_s``: non-padding training tokens (``state.num_input_tokens_seen``; set
+  ``include_num_input_tokens_seen="non_padding"``) divided by the summed wall time of the
+  training steps (evaluation and checkpointing left out); ``train_wall_s`` includes everything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = "resource_report.json"
+
+
+def tensor_bytes(obj: Any, _seen: set[int] | None = None, _depth: int = 0) -> int:
+    """Bytes of the distinct tensors reachable from ``obj`` (dicts, sequences, object attributes)."""
+    seen = set() if _seen is None else _seen
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "meta":
+            return 0
+        key = hash((obj.data_ptr(), obj.numel(), obj.dtype)) if obj.numel() else id(obj)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.numel() * obj.element_size()
+    if _depth > 6 or isinstance(obj, (str, bytes, int, float, bool, type(None))):
+        return 0
+    if isinstance(obj, dict):
+        items: Iterable[Any] = obj.values()
+    elif isinstance(obj, (list, tuple, set)):
+        items = obj
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)):
+        items = vars(obj).values()
+    else:
+        return 0
+    return sum(tensor_bytes(x, seen, _depth + 1) for x in items)
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer under accelerate's ``AcceleratedOptimizer`` (and similar) wrappers."""
+    while hasattr(optimizer, "optimizer") and isinstance(
+        getattr(optimizer, "optimizer"), torch.optim.Optimizer
+    ):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def optimizer_state_bytes(optimizer: Any) -> int:
+    """Bytes of the optimizer's state tensors (layer-wise optimizer dicts included)."""
+    optimizer = unwrap_optimizer(optimizer)
+    seen: set[int] = set()
+    total = tensor_bytes(getattr(optimizer, "state", {}), seen)
+    # HF's layer-wise GaLore keeps one optimizer per parameter in `optimizer_dict`.
+    for inner in getattr(optimizer, "optimizer_dict", {}).values():
+        total += tensor_bytes(unwrap_optimizer(inner).state, seen)
+    return total
+
+
+def gradient_bytes(parameters: Iterable[torch.Tensor]) -> int:
+    """Bytes of the ``.grad`` and ``.compressed_grad`` tensors of ``parameters``."""
+    seen: set[int] = set()
+    total = 0
+    for p in parameters:
+        for g in (p.grad, getattr(p, "compressed_grad", None)):
+            if g is not None:
+                total += tensor_bytes(g, seen)
+    return total
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+class ResourceReportCallback(TrainerCallback):
+    """Measures a ``Trainer`` run and writes ``resource_report.json`` (see the module docstring)."""
+
+    def __init__(self, method: str | None = None) -> None:
+        self.method = method
+        self.report: dict[str, Any] = {}
+        self._peak_grad = 0
+        self._step_time = 0.0
+        self._steps = 0
+        self._t_step: float | None = None
+        self._t_train = 0.0
+        self._tokens0 = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._peak_grad, self._step_time, self._steps = 0, 0.0, 0
+        self._tokens0 = state.num_input_tokens_seen
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._t_train = time.perf_counter()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t_step = time.perf_counter()
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self._peak_grad = max(self._peak_grad, gradient_bytes(model.parameters()))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._t_step is not None:
+            self._step_time += time.perf_counter() - self._t_step
+            self._steps += 1
+            self._t_step = None
+
+    def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        wall = time.perf_counter() - self._t_train
+        params = list(model.parameters()) if model is not None else []
+        param_bytes = tensor_bytes(params)
+        opt_bytes = optimizer_state_bytes(optimizer) if optimizer is not None else 0
+        tokens = state.num_input_tokens_seen - self._tokens0
+        on_gpu = torch.cuda.is_available() and args.device.type == "cuda"
+        report = {
+            "method": self.method or str(getattr(args.optim, "value", args.optim)),
+            "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+            "world_size": args.world_size,
+            "steps": self._steps,
+            "param_bytes": param_bytes,
+            "trainable_param_bytes": tensor_bytes([p for p in params if p.requires_grad]),
+            "optimizer_state_bytes": opt_bytes,
+            "peak_grad_bytes": self._peak_grad,
+            "tensor_peak_bytes": param_bytes + self._peak_grad + opt_bytes,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated() if on_gpu else peak_rss_bytes(),
+            "peak_memory_kind": "cuda_max_memory_allocated" if on_gpu else "cpu_peak_rss",
+            "train_tokens": tokens or None,
+            "train_wall_s": round(wall, 3),
+            "s_per_step": round(self._step_time / self._steps, 4) if self._steps else None,
+            "tokens_per_s": round(tokens / self._step_time, 1)
+            if tokens and self._step_time
+            else None,
+        }
+        self.report = report
+        if state.is_world_process_zero:
+            os.makedirs(args.output_dir, exist_ok=True)
+            with open(os.path.join(args.output_dir, REPORT_NAME), "w") as f:
+                json.dump(report, f, indent=2)
+            logger.info("Resource report: %s", format_report(report))
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """One line of the headline numbers, in MiB and tokens/s."""
+
+    def mib(key: str) -> str:
+        value = report.get(key)
+        return "n/a" if value is None else f"{value / 2**20:,.1f} MiB"
+
+    return (
+        f"{report.get('method')}: optimizer state {mib('optimizer_state_bytes')}, peak gradients "
+        f"{mib('peak_grad_bytes')}, tensors at peak {mib('tensor_peak_bytes')}, peak memory "
+        f"{mib('peak_memory_bytes')} ({report.get('peak_memory_kind')}), "
+        f"{report.get('tokens_per_s')} tokens/s, {report.get('s_per_step')} s/step"
+    )

@@ -1,0 +1,484 @@
+#!/usr/bin/env python
+"""Finetune a LLaMA-family model with Grass or a baseline, on GLUE-style or Alpaca-style data.
+
+    python scripts/finetune.py --optim grass                 # SmolLM2-135M on Rotten Tomatoes
+    python scripts/finetune.py configs/lora.yaml             # a config file (JSON or YAML) ...
+    python scripts/finetune.py configs/default.yaml --max_steps 8   # ... with flags on top
+    python scripts/finetune.py --task_name rte --optim adamw_torch  # GLUE (needs the Hub)
+    python scripts/finetune.py --task_type instruction --optim grass  # AlpacaEval records
+
+Every flag of ModelArguments, DataArguments and GrassTrainingArguments (all of transformers'
+TrainingArguments plus the ``grass_*`` ones) is accepted. Without flags the run follows
+BENCHMARK-PROTOCOL.md section 1: max length 64, batch 16, 64 steps, linear schedule with 10%
+warm-up, weight decay 0, max grad norm 1.0, seed 42, one evaluation on the whole validation
+split. The learning rate defaults by method (see LEARNING_RATES). Writes eval metrics
+(``eval_results.json``), ``resource_report.json`` and, for instruction tuning,
+``generations.jsonl`` to ``output_dir`` (default ``outputs/<task>-<method>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import hf_grass  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+import yaml
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from hf_grass import data as grass_data
+from hf_grass.report import ResourceReportCallback, format_report
+from hf_grass.trainer import GrassTrainer, GrassTrainingArguments
+
+logger = logging.getLogger("finetune")
+
+DEFAULT_TASKS = {"classification": "rotten_tomatoes", "instruction": "alpaca_eval"}
+TASK_TYPES = ("classification", "instruction")
+# Learning rates when --learning_rate is not given (BENCHMARK-PROTOCOL.md section 1).
+LEARNING_RATES = {"grass": 2e-4, "adamw": 5e-5, "lora": 5e-4, "galore": 2e-4}
+# TrainingArguments defaults of this script (the protocol's), applied unless given.
+SCRIPT_DEFAULTS: dict[str, Any] = dict(
+    optim="grass",
+    per_device_train_batch_size=16,
+    per_device_eval_batch_size=32,
+    max_steps=64,
+    lr_scheduler_type="linear",
+    warmup_steps=0.1,
+    weight_decay=0.0,
+    max_grad_norm=1.0,
+    seed=42,
+    eval_strategy="no",
+    save_strategy="no",
+    logging_steps=8,
+    report_to="none",
+    include_num_input_tokens_seen="non_padding",
+)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local folder or Hub id of a causal LM (LLaMA family first). Default: "
+            "SmolLM2-135M-Instruct, converted once from the bundled GGUF (offline)."
+        },
+    )
+    model_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype the weights are loaded in; 'bfloat16' trains a pure-bf16 model "
+            "(no fp32 master copy; see --grass_stochastic_rounding).",
+            "choices": ["float32", "bfloat16", "float16"],
+        },
+    )
+    use_lora: bool = field(
+        default=False, metadata={"help": "Train LoRA adapters (peft) instead of all weights."}
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        metadata={"help": "Modules that get LoRA adapters."},
+    )
+    save_final_model: bool = field(
+        default=False,
+        metadata={"help": "Write the finetuned model (stock transformers format) to output_dir."},
+    )
+
+
+@dataclass
+class DataArguments:
+    task_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "'rotten_tomatoes' (offline sentiment, the default), 'alpaca_eval' (offline "
+            f"instructions) or a GLUE task ({', '.join(grass_data.GLUE_TASKS)}; needs the Hub "
+            "unless --train_file is given)."
+        },
+    )
+    task_type: str = field(
+        default="classification",
+        metadata={"help": "Sequence classification or instruction tuning.", "choices": TASK_TYPES},
+    )
+    train_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "CSV/JSON training data: sentence (or sentence1, sentence2) and label; or "
+            "instruction, input, output for --task_type instruction."
+        },
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "CSV/JSON validation data, same columns."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep the first N training examples."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Keep the first N validation examples."}
+    )
+    max_seq_length: int | None = field(
+        default=None,
+        metadata={"help": "Truncate to this many tokens (default 64 classification, 256 instruction)."},
+    )
+    prompt_template: str = field(
+        default="auto",
+        metadata={
+            "help": "Instruction prompt: the tokenizer's chat template, the Alpaca prompt, or auto.",
+            "choices": ["auto", "chat", "alpaca"],
+        },
+    )
+    num_generations: int = field(
+        default=4,
+        metadata={"help": "Instruction tuning: validation prompts answered into generations.jsonl."},
+    )
+    max_new_tokens: int = field(
+        default=64, metadata={"help": "Instruction tuning: tokens generated per answer."}
+    )
+
+
+# ---- arguments ---------------------------------------------------------------------------------
+
+
+def method_name(optim: str, use_lora: bool) -> str:
+    """'grass', 'lora', 'adamw', 'galore' or the optimizer's own name."""
+    optim = str(optim).lower()
+    if use_lora:
+        return "lora"
+    if optim.startswith("galore"):
+        return "galore"
+    if optim.startswith("adamw_torch"):
+        return "adamw"
+    return optim
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    text = Path(path).read_text()
+    data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of flag names to values, got {type(data).__name__}.")
+    return data
+
+
+def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, GrassTrainingArguments]:
+    """Flags, optionally after one .json/.yaml/.yml config file; flags win over the file."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, GrassTrainingArguments))
+    config: dict[str, Any] = {}
+    if argv and argv[0].endswith((".json", ".yaml", ".yml")):
+        if not os.path.isfile(argv[0]):
+            raise FileNotFoundError(f"Config file {argv[0]} does not exist; see configs/ for examples.")
+        config, argv = _read_config(argv[0]), argv[1:]
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown keys {unknown} in the config file: use flag names of "
+                "`python scripts/finetune.py --help` (without the dashes)."
+            )
+    # Pre-parse what the method-dependent defaults need.
+    pre = argparse.ArgumentParser(add_help=False)
+    for name in ("optim", "task_name", "task_type", "output_dir", "learning_rate", "use_lora"):
+        pre.add_argument(f"--{name}", f"--{name.replace('_', '-')}", default=None, nargs="?", const="true")
+    given, _ = pre.parse_known_args(argv)
+    given = {k: v for k, v in vars(given).items() if v is not None}
+    settings = {**config, **given}
+    use_lora = str(settings.get("use_lora", False)).lower() in ("true", "1", "yes")
+    optim = settings.get("optim", SCRIPT_DEFAULTS["optim"])
+    if use_lora and "optim" not in settings:
+        optim = "adamw_torch"
+    method = method_name(optim, use_lora)
+    task_type = settings.get("task_type", "classification")
+    task = settings.get("task_name") or DEFAULT_TASKS.get(task_type, "custom")
+    if settings.get("train_file") and not settings.get("task_name"):
+        task = Path(settings["train_file"]).stem
+
+    defaults = {**SCRIPT_DEFAULTS, "optim": optim, "output_dir": f"outputs/{task}-{method}"}
+    if method in LEARNING_RATES:
+        defaults["learning_rate"] = LEARNING_RATES[method]
+    if method == "galore":
+        # HF's GaLore needs target modules; all linear layers and r=64 as in the protocol.
+        defaults.update(optim_target_modules="all-linear", optim_args="rank=64")
+    parser.set_defaults(**{**defaults, **config})
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    return model_args, data_args, training_args
+
+
+# ---- data and model ----------------------------------------------------------------------------
+
+
+def resolve_model_path(model_args: ModelArguments) -> str:
+    """The model folder or Hub id; a missing local path fails here, before anything runs."""
+    name = model_args.model_name_or_path
+    if name is None:
+        from hf_grass.models import default_model_path
+
+        return str(default_model_path())
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") != 1
+    if looks_local and not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise FileNotFoundError(
+            f"--model_name_or_path {name} {what}: pass a folder written by save_pretrained, a "
+            "Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct (online), or leave the flag out "
+            "to use the bundled SmolLM2-135M-Instruct."
+        )
+    return str(path) if path.exists() else name
+
+
+def check_task(data_args: DataArguments) -> str:
+    """The task name, validated: fails before the model or data are loaded."""
+    if data_args.task_type not in TASK_TYPES:
+        raise ValueError(f"Unknown --task_type {data_args.task_type!r}: use one of {', '.join(TASK_TYPES)}.")
+    task = data_args.task_name
+    if task is None:
+        return "custom" if data_args.train_file else DEFAULT_TASKS[data_args.task_type]
+    known = (
+        [DEFAULT_TASKS["classification"], *grass_data.GLUE_TASKS]
+        if data_args.task_type == "classification"
+        else [DEFAULT_TASKS["instruction"]]
+    )
+    if task not in known:
+        raise ValueError(
+            f"Unknown --task_name {task!r} for --task_type {data_args.task_type}: use one of "
+            f"{', '.join(known)}, or pass --train_file/--validation_file."
+        )
+    if data_args.validation_file and not data_args.train_file:
+        raise ValueError("--validation_file needs --train_file too.")
+    return task
+
+
+def load_raw_data(task: str, data_args: DataArguments):
+    if data_args.train_file:
+        if data_args.task_type == "instruction":
+            return grass_data.load_instruction_files(data_args.train_file, data_args.validation_file)
+        raw = grass_data.load_classification_files(data_args.train_file, data_args.validation_file)
+        if task in grass_data.GLUE_TASKS:
+            for split in raw.values():
+                grass_data.validate_labels(split, grass_data.GLUE_TASKS[task].num_labels, task)
+        return raw
+    if task == "rotten_tomatoes":
+        return grass_data.load_rotten_tomatoes()
+    if task == "alpaca_eval":
+        return grass_data.load_alpaca_eval()
+    return grass_data.load_glue(task)
+
+
+def _truncate(raw, data_args: DataArguments):
+    for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
+        if limit is not None and split in raw:
+            raw[split] = raw[split].select(range(min(limit, len(raw[split]))))
+    return raw
+
+
+def _sort_by_length(dataset):
+    """Evaluation order by length, so that batches carry little padding."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return dataset.select(np.argsort(lengths, kind="stable"))
+
+
+def _metric(task: str, num_labels: int):
+    from hf_grass.metrics import load_glue_metric
+
+    if task in grass_data.GLUE_TASKS:
+        return load_glue_metric(task)
+    return load_glue_metric("stsb" if num_labels == 1 else "accuracy")
+
+
+def build_classification(task, raw, tokenizer, model_path, model_args, max_len, dtype):
+    num_labels = grass_data.infer_num_labels(raw["train"])
+    if task in grass_data.GLUE_TASKS and not (raw["train"].column_names and "sentence" in raw["train"].column_names or "sentence1" in raw["train"].column_names):
+        keys = grass_data.GLUE_TASKS[task][:2]
+    else:
+        keys = grass_data.sentence_keys(raw["train"])
+    datasets_ = grass_data.tokenize_classification(raw, tokenizer, max_len, *keys)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_path,
+        num_labels=num_labels,
+        dtype=dtype,
+        pad_token_id=tokenizer.pad_token_id,
+        problem_type="regression" if num_labels == 1 else "single_label_classification",
+    )
+    metric = _metric(task, num_labels)
+
+    def compute_metrics(prediction) -> dict[str, float]:
+        logits = prediction.predictions
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        preds = logits.squeeze(-1) if num_labels == 1 else logits.argmax(-1)
+        return metric.compute(predictions=preds, references=prediction.label_ids)
+
+    collator = DataCollatorWithPadding(tokenizer)
+    return model, datasets_, collator, compute_metrics, num_labels
+
+
+def build_instruction(raw, tokenizer, model_path, data_args, max_len, dtype):
+    datasets_ = grass_data.tokenize_instruction(raw, tokenizer, max_len, data_args.prompt_template)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=grass_data.IGNORE_INDEX, padding=True)
+    return model, datasets_, collator
+
+
+def apply_lora(model, model_args: ModelArguments, task_type: str):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        task_type="SEQ_CLS" if task_type == "classification" else "CAUSAL_LM",
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=list(model_args.lora_target_modules),
+    )
+    model = get_peft_model(model, config)
+    model.print_trainable_parameters()
+    return model
+
+
+@torch.no_grad()
+def write_generations(model, tokenizer, raw_validation, data_args, path: Path) -> list[dict]:
+    """Greedy answers to the first validation prompts, one JSON object per line."""
+    model.eval()
+    device = next(model.parameters()).device
+    records = []
+    for example in raw_validation.select(range(min(data_args.num_generations, len(raw_validation)))):
+        prompt = grass_data.format_prompt(
+            example["instruction"], example["input"], tokenizer, data_args.prompt_template
+        )
+        use_chat = data_args.prompt_template == "chat" or (
+            data_args.prompt_template == "auto" and bool(tokenizer.chat_template)
+        )
+        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=not use_chat).to(device)
+        out = model.generate(
+            **enc,
+            max_new_tokens=data_args.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        answer = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        records.append(
+            {"instruction": example["instruction"], "reference": example["output"], "generated": answer}
+        )
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return records
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    model_args, data_args, args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True
+    )
+    for name in ("transformers", "datasets", "evaluate"):
+        logging.getLogger(name).setLevel(args.get_process_log_level())
+    method = method_name(args.optim, model_args.use_lora)
+
+    # Bad input fails here, before the model is loaded or anything is written.
+    task = check_task(data_args)
+    if model_args.use_lora and args.use_grass:
+        raise ValueError(
+            "--use_lora with --optim grass: LoRA trains its adapters with AdamW. Choose one: "
+            "--use_lora --optim adamw_torch, or --optim grass without --use_lora."
+        )
+    resume = args.resume_from_checkpoint
+    if resume is not None and str(resume).lower() == "true":
+        resume = get_last_checkpoint(args.output_dir)
+        if resume is None:
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint true, but {args.output_dir} holds no checkpoint-* "
+                "folder: pass the checkpoint folder, or drop the flag."
+            )
+    elif resume is not None and not os.path.isdir(resume):
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume} does not exist; pass a checkpoint folder.")
+    model_path = resolve_model_path(model_args)
+    logger.info("Task %s (%s), model %s, method %s, output %s", task, data_args.task_type, model_path, method, args.output_dir)
+
+    raw = _truncate(load_raw_data(task, data_args), data_args)
+    if "validation" not in raw:
+        logger.warning("No validation split: training only (pass --validation_file to evaluate).")
+    max_len = data_args.max_seq_length or (64 if data_args.task_type == "classification" else 256)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = getattr(torch, model_args.model_dtype)
+    if data_args.task_type == "classification":
+        model, tokenized, collator, compute_metrics, _ = build_classification(
+            task, raw, tokenizer, model_path, model_args, max_len, dtype
+        )
+    else:
+        model, tokenized, collator = build_instruction(raw, tokenizer, model_path, data_args, max_len, dtype)
+        compute_metrics = None
+    if model_args.use_lora:
+        model = apply_lora(model, model_args, data_args.task_type)
+
+    eval_dataset = _sort_by_length(tokenized["validation"]) if "validation" in tokenized else None
+    report = ResourceReportCallback(method=method)
+    trainer = GrassTrainer(  # checks Grass targets and ranks against the model here
+        model=model,
+        args=args,
+        train_dataset=tokenized["train"],
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+        callbacks=[report],
+    )
+    if data_args.task_type == "classification":
+        # Classification heads average their loss per micro-batch: let the Trainer divide by the
+        # accumulation steps (it would otherwise expect a loss summed over the window's tokens).
+        trainer.model_accepts_loss_kwargs = False
+
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    results: dict[str, Any] = {"task": task, "method": method, "resources": report.report}
+    if eval_dataset is not None:
+        metrics = trainer.evaluate()
+        if data_args.task_type == "instruction":
+            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        results["eval"] = metrics
+        if data_args.task_type == "instruction" and data_args.num_generations > 0 and args.should_save:
+            path = Path(args.output_dir) / "generations.jsonl"
+            results["generations"] = write_generations(model, tokenizer, raw["validation"], data_args, path)
+            logger.info("Wrote %d generated answers to %s", len(results["generations"]), path)
+    if model_args.save_final_model:
+        trainer.save_model()
+        tokenizer.save_pretrained(args.output_dir)
+
+    if args.should_save:
+        print(f"\n== {task} / {method} ==")
+        for key, value in results.get("eval", {}).items():
+            if key.startswith("eval_") and not key.endswith(("runtime", "per_second")):
+                print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+        print(f"  resources: {format_report(report.report)}")
+        print(f"  written to {args.output_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,413 @@
+"""Compressed-gradient linear layers, grassify/ungrassify and their Hugging Face round trip."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import FlopCounterMode
+
+from hf_grass.linear import GrassLinear, grassify, ungrassify
+from hf_grass.optim import GrassAdamW
+from hf_grass.targets import grass_param_groups
+
+F64 = torch.float64
+
+
+def _layer_and_optimizer(m, n, rank, side, selection, bias, dtype=F64, gap=1000, seed=0):
+    torch.manual_seed(seed)
+    layer = GrassLinear(n, m, bias=bias, dtype=dtype)
+    groups = [
+        dict(
+            params=[layer.weight],
+            rank=rank,
+            proj_side=side,
+            selection=selection,
+            update_proj_gap=gap,
+        )
+    ]
+    if bias:
+        groups.append(dict(params=[layer.bias]))
+    return layer, GrassAdamW(groups, lr=1e-2)
+
+
+def _full_gradients(layer, x):
+    """Autograd's gradients of ``sum(F.linear(x, W, b) * probe)`` with plain tensors."""
+    w = layer.weight.detach().clone().requires_grad_()
+    b = None if layer.bias is None else layer.bias.detach().clone().requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    y = nn.functional.linear(xr, w, b)
+    probe = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(7))
+    (y * probe).sum().backward()
+    return xr.grad, w.grad, None if b is None else b.grad, probe
+
+
+def _backward(layer, x, probe):
+    x = x.detach().clone().requires_grad_()
+    (layer(x) * probe).sum().backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("side", ["rows", "cols"])
+@pytest.mark.parametrize("selection", ["top_r", "multinomial"])
+@pytest.mark.parametrize("shape", [(11, 24), (3, 5, 24)], ids=["2d", "3d"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_compressed_gradient_equals_rho_times_selected_rows_of_full_gradient(
+    side, selection, shape, bias
+):
+    m, n, rank = 10, 24, 7
+    if side == "cols":
+        m, n, shape = 24, 10, shape[:-1] + (10,)
+    layer, opt = _layer_and_optimizer(m, n, rank, side, selection, bias)
+    projection = layer.weight.grass_projection
+    for step in range(3):  # a selection step, then ordinary steps
+        x = torch.randn(shape, dtype=F64)
+        grad_x, full, grad_b, probe = _full_gradients(layer, x)
+        selecting = projection.needs_full_gradient()
+        got_x = _backward(layer, x, probe)
+        assert selecting == (step == 0)
+        assert layer.weight.grad is None
+        rows, rho = projection.rows, projection.rho
+        oriented = full if side == "rows" else full.t()
+        expected = rho.to(F64)[:, None] * oriented[rows]
+        torch.testing.assert_close(layer.weight.compressed_grad, expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(got_x, grad_x, rtol=0, atol=1e-12)
+        if bias:
+            torch.testing.assert_close(layer.bias.grad, grad_b, rtol=0, atol=1e-12)
+        opt.step()
+        opt.zero_grad()
+    if selection == "multinomial":
+        assert rows.unique().numel() < rows.numel(), "the test should exercise repeated rows"
+
+
+def test_weight_without_optimizer_gets_the_ordinary_full_gradient():
+    torch.manual_seed(0)
+    layer = GrassLinear(6, 5, dtype=F64)
+    x = torch.randn(4, 3, 6, dtype=F64)
+    grad_x, full, grad_b, probe = _full_gradients(layer, x)
+    got_x = _backward(layer, x, probe)
+    torch.testing.assert_close(layer.weight.grad, full, rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer.bias.grad, grad_b, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got_x, grad_x, rtol=0, atol=1e-12)
+    assert getattr(layer.weight, "compressed_grad", None) is None
+
+
+class _ShapeRecorder(TorchDispatchMode):
+    """Records the shape of every tensor an aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.add(tuple(t.shape))
+        return out
+
+
+def _mlp(dtype=F64, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 6, bias=False)
+    ).to(dtype)
+
+
+def test_ordinary_step_never_allocates_a_full_weight_gradient():
+    model = _mlp()
+    opt = GrassAdamW(grassify(model, rank=3, update_proj_gap=100), lr=1e-3)
+    weights = [m.weight for m in model if isinstance(m, GrassLinear)]
+    for step in range(2):
+        x = torch.randn(8, 12, dtype=F64)
+        loss = model(x).square().mean()
+        recorder = _ShapeRecorder()
+        with recorder:
+            loss.backward()
+        if step == 1:  # an ordinary step: no m x n tensor anywhere in the backward
+            for w in weights:
+                assert tuple(w.shape) not in recorder.shapes
+                assert w.grad is None
+                assert w.compressed_grad.shape[0] == 3
+                state = [v for v in opt.state[w].values() if isinstance(v, torch.Tensor)]
+                floats = [v for v in state if v.is_floating_point()]
+                assert all(tuple(v.shape) != tuple(w.shape) for v in state)
+                assert all(v.numel() <= w.compressed_grad.numel() for v in floats)
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("selection", ["top_r", "multinomial"])
+def test_grassified_training_equals_grass_adamw_on_full_gradients(selection):
+    reference = _mlp()
+    model = copy.deepcopy(reference)
+    options = dict(rank=4, update_proj_gap=3, selection=selection, weight_decay=0.1)
+    ref_opt = GrassAdamW(grass_param_groups(reference, **options), lr=1e-2)
+    opt = GrassAdamW(grassify(model, **options), lr=1e-2)
+    for _ in range(10):  # re-selections at steps 0, 3, 6, 9
+        x = torch.randn(2, 5, 12, dtype=F64)
+        for m, o in ((reference, ref_opt), (model, opt)):
+            m(x).square().mean().backward()
+            o.step()
+            o.zero_grad()
+        for p, q in zip(reference.parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
+
+
+def test_accumulation_selects_from_the_first_micro_batch_and_keeps_rows_for_the_window():
+    """Grassified accumulation = full-gradient Grass whose rows come from the first micro-batch."""
+    reference = _mlp()
+    model = copy.deepcopy(reference)
+    options = dict(rank=4, update_proj_gap=2, selection="multinomial")
+    ref_opt = GrassAdamW(grass_param_groups(reference, **options), lr=1e-2)
+    opt = GrassAdamW(grassify(model, **options), lr=1e-2)
+    weights = [m.weight for m in model if isinstance(m, GrassLinear)]
+    for _ in range(6):
+        batches = [torch.randn(3, 12, dtype=F64) for _ in range(3)]
+        for k, x in enumerate(batches):
+            reference(x).square().mean().backward()
+            if k == 0:
+                for p in reference.parameters():
+                    projection = getattr(p, "grass_projection", None)
+                    if projection is not None and projection.needs_full_gradient():
+                        projection.select(p.grad)
+            model(x).square().mean().backward()
+            if k == 0:
+                rows = [w.grass_projection.rows.clone() for w in weights]
+            assert all(
+                torch.equal(w.grass_projection.rows, r) for w, r in zip(weights, rows, strict=True)
+            )
+        for o in (ref_opt, opt):
+            o.step()
+            o.zero_grad()
+        for p, q in zip(reference.parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("side", ["rows", "cols"])
+def test_weight_gradient_matmul_costs_r_over_m_of_the_dense_one(side):
+    m, n, rank = 64, 48, 8
+    dense = nn.Linear(n, m)
+    layer, opt = _layer_and_optimizer(m, n, rank, side, "top_r", True, dtype=torch.float32)
+    selected = m if side == "rows" else n
+    x = torch.randn(4, 16, n)
+    layer(x).sum().backward()  # the selection step
+    opt.step()
+    opt.zero_grad()
+
+    def backward_flops(module, needs_input_grad):
+        y = module(x.clone().requires_grad_(needs_input_grad)).sum()
+        with FlopCounterMode(display=False) as counter:
+            y.backward()
+        return counter.get_total_flops()
+
+    tokens = x.shape[0] * x.shape[1]
+    assert backward_flops(dense, False) == 2 * tokens * m * n
+    assert backward_flops(layer, False) == 2 * tokens * m * n * rank // selected
+    assert layer.weight.grad is None
+    # With dX: 4 units of forward cost (2 T m n each) drop to 2 + 2 r / m.
+    assert backward_flops(dense, True) == 4 * tokens * m * n
+    assert backward_flops(layer, True) == 2 * tokens * m * n + 2 * tokens * m * n * rank // selected
+
+
+class _Blocks(nn.Module):
+    def __init__(self, checkpointing=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(10, 14), nn.GELU(), nn.Linear(14, 10)) for _ in range(3)
+        )
+        self.checkpointing = checkpointing
+
+    def forward(self, x):
+        for block in self.blocks:
+            if self.checkpointing is None:
+                x = x + block(x)
+            else:
+                x = x + checkpoint(block, x, use_reentrant=self.checkpointing)
+        return x
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_compressed_gradients(use_reentrant):
+    plain, ckpt = _Blocks().double(), _Blocks(checkpointing=use_reentrant).double()
+    ckpt.load_state_dict(plain.state_dict())
+    options = dict(rank=5, update_proj_gap=2, selection="multinomial")
+    opts = [GrassAdamW(grassify(m, **options), lr=1e-2) for m in (plain, ckpt)]
+    for _ in range(4):  # selection and ordinary steps
+        x = torch.randn(6, 10, dtype=F64, requires_grad=True)
+        for model in (plain, ckpt):
+            model(x).square().sum().backward()
+        for p, q in zip(plain.parameters(), ckpt.parameters(), strict=True):
+            if p.dim() == 2:
+                assert p.grad is None and q.grad is None
+                assert torch.equal(p.grass_projection.rows, q.grass_projection.rows)
+                torch.testing.assert_close(q.compressed_grad, p.compressed_grad, rtol=0, atol=1e-12)
+            else:
+                torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-12)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+
+
+def _tiny_llama(tie=False, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(config)
+
+
+def test_hf_gradient_checkpointing_gives_the_same_compressed_gradients():
+    plain = _tiny_llama().double()
+    ckpt = copy.deepcopy(plain)
+    ckpt.gradient_checkpointing_enable()
+    plain.train()
+    ckpt.train()
+    opts = [GrassAdamW(grassify(m, rank=8), lr=1e-3) for m in (plain, ckpt)]
+    ids = torch.randint(0, 64, (2, 12))
+    for model in (plain, ckpt):
+        model(input_ids=ids, labels=ids).loss.backward()
+    for opt in opts:
+        opt.step()
+        opt.zero_grad()
+    for model in (plain, ckpt):
+        model(input_ids=ids.flip(1), labels=ids.flip(1)).loss.backward()
+    compressed = 0
+    for p, q in zip(plain.parameters(), ckpt.parameters(), strict=True):
+        if getattr(p, "compressed_grad", None) is not None:
+            compressed += 1
+            torch.testing.assert_close(q.compressed_grad, p.compressed_grad, rtol=0, atol=1e-12)
+        else:
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-12)
+    assert compressed == 2 * 7
+
+
+def test_grassify_ungrassify_round_trip_keeps_outputs_and_state_dict():
+    model = _tiny_llama()
+    ids = torch.randint(0, 64, (2, 10))
+    before = model(input_ids=ids).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    groups = grassify(model, rank=4)
+    grassified = [n for n, m in model.named_modules() if isinstance(m, GrassLinear)]
+    assert len(grassified) == 2 * 7 and "lm_head" not in grassified
+    assert sum(len(g["params"]) for g in groups if "rank" in g) == len(grassified)
+    assert torch.equal(model(input_ids=ids).logits, before)
+    assert list(model.state_dict()) == list(state)
+    assert "rank=4" in repr(model.model.layers[0].mlp.up_proj)
+    GrassAdamW(groups, lr=1e-3)
+    ungrassify(model)
+    assert not any(isinstance(m, GrassLinear) for m in model.modules())
+    assert all(params[n] is p for n, p in model.named_parameters())
+    after = model.state_dict()
+    assert list(after) == list(state)
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+    assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_save_pretrained_of_a_grassified_llama_loads_into_the_stock_class(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model = _tiny_llama()
+    opt = GrassAdamW(grassify(model, rank=4), lr=1e-2)
+    ids = torch.randint(0, 64, (2, 10))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    model.save_pretrained(tmp_path)
+    loaded, info = LlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not any(isinstance(m, GrassLinear) for m in loaded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize(
+    "target_modules, message",
+    [
+        (["nonexistent_proj"], "match no module"),
+        (r".*\.nothing_here", "matches no module"),
+        (["input_layernorm"], "nn.Linear weights only"),
+        (r"model\.layers\.0\.mlp", "nn.Linear weights only"),
+    ],
+)
+def test_bad_target_modules_raise_a_clear_error(target_modules, message):
+    model = _tiny_llama()
+    with pytest.raises(ValueError, match=message):
+        grassify(model, rank=4, target_modules=target_modules)
+    assert not any(isinstance(m, GrassLinear) for m in model.modules())
+
+
+def test_grassify_refuses_tied_weights_and_bad_ranks():
+    with pytest.raises(ValueError, match="tied weights"):
+        grassify(_tiny_llama(tie=True), rank=4, target_modules=["lm_head", "q_proj"])
+    with pytest.raises(ValueError, match="Invalid rank"):
+        grassify(_tiny_llama(), rank=0)
+
+
+def test_bf16_autocast_matches_float32_and_keeps_dtypes():
+    torch.manual_seed(0)
+    layer = GrassLinear(32, 48)
+    opt = GrassAdamW([dict(params=[layer.weight], rank=8), dict(params=[layer.bias])], lr=1e-3)
+    x = torch.randn(2, 6, 32)
+    layer(x).sum().backward()  # select rows in float32
+    opt.step()
+    opt.zero_grad()
+
+    probe = torch.randn(2, 6, 48)
+    x32 = x.clone().requires_grad_()
+    (layer(x32) * probe).sum().backward()
+    reference = layer.weight.compressed_grad.clone()
+    opt.zero_grad()
+
+    dense = ungrassify(copy.deepcopy(layer))
+    x16 = x.clone().requires_grad_()
+    xd = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x16)
+        yd = dense(xd)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, yd)  # the same forward as autocast's own linear
+    (y.float() * probe).sum().backward()
+    (yd.float() * probe).sum().backward()
+    assert x16.grad.dtype == torch.float32 and layer.bias.grad.dtype == torch.float32
+    assert layer.weight.compressed_grad.dtype == torch.float32
+    torch.testing.assert_close(x16.grad, xd.grad, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(layer.bias.grad, dense.bias.grad, rtol=1e-2, atol=1e-2)
+    scale = reference.abs().max()
+    torch.testing.assert_close(
+        layer.weight.compressed_grad / scale, reference / scale, rtol=0, atol=2e-2
+    )
+
+
+def test_pure_bf16_weights_train_with_compressed_gradients():
+    model = _mlp(dtype=torch.bfloat16)
+    reference = _mlp(dtype=torch.float32)  # plain layers: full float32 gradients
+    opt = GrassAdamW(grassify(model, rank=4), lr=1e-3)
+    x = torch.randn(8, 12)
+    model(x.bfloat16()).float().square().mean().backward()
+    reference(x).square().mean().backward()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        if p.dim() == 2:
+            got, want = p.compressed_grad, p.grass_projection.compress(q.grad)
+        else:
+            got, want = p.grad, q.grad
+        assert got.dtype == torch.bfloat16
+        scale = want.abs().max()
+        torch.testing.assert_close(got.float() / scale, want / scale, rtol=0, atol=3e-2)
+    opt.step()
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())

@@ -1,0 +1,485 @@
+"""GrassTrainer / GrassTrainingArguments on a tiny random LLaMA (CPU, seconds)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import (
+    HfArgumentParser,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    TrainerCallback,
+)
+from transformers.training_args import OptimizerNames
+
+from hf_grass.report import REPORT_NAME, ResourceReportCallback, gradient_bytes
+from hf_grass.trainer import GrassTrainer, GrassTrainingArguments
+
+SEQ = 12
+
+
+def tiny_config(**kw) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        **kw,
+    )
+
+
+def tiny_classifier(seed: int = 0) -> LlamaForSequenceClassification:
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(tiny_config(num_labels=2))
+
+
+def tiny_lm(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_config())
+
+
+def classification_data(n: int = 64, seed: int = 0) -> Dataset:
+    """Label = which half of the vocabulary the first token is in: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 256, (n, SEQ), generator=g)
+    labels = (ids[:, 0] >= 128).long()
+    return Dataset.from_dict(
+        {
+            "input_ids": ids.tolist(),
+            "attention_mask": torch.ones_like(ids).tolist(),
+            "labels": labels.tolist(),
+        }
+    )
+
+
+def lm_data(n: int = 32, seed: int = 0) -> Dataset:
+    """Arithmetic progressions mod the vocabulary: the next token is predictable."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(1, 256, (n, 1), generator=g)
+    step = torch.randint(1, 4, (n, 1), generator=g)
+    ids = (start + step * torch.arange(SEQ)) % 255 + 1
+    return Dataset.from_dict(
+        {
+            "input_ids": ids.tolist(),
+            "attention_mask": torch.ones_like(ids).tolist(),
+            "labels": ids.tolist(),
+        }
+    )
+
+
+def make_args(tmp_path, **kw) -> GrassTrainingArguments:
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        optim="grass",
+        grass_rank=8,
+        grass_update_proj_gap=3,
+        learning_rate=1e-2,
+        per_device_train_batch_size=8,
+        max_steps=6,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=7,
+        lr_scheduler_type="linear",
+        warmup_steps=0.1,
+    )
+    defaults.update(kw)
+    return GrassTrainingArguments(**defaults)
+
+
+def losses(trainer) -> list[float]:
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def params_of(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ---- arguments ---------------------------------------------------------------------------------
+
+
+def test_optim_grass_accepted_and_stock_names_kept(tmp_path):
+    args = make_args(tmp_path)
+    assert args.optim == "grass" and args.use_grass
+    stock = make_args(tmp_path, optim="adamw_torch")
+    assert stock.optim == OptimizerNames.ADAMW_TORCH and not stock.use_grass
+    assert make_args(tmp_path, optim="galore_adamw").optim == OptimizerNames.GALORE_ADAMW
+    with pytest.raises(ValueError, match="not_an_optimizer"):
+        make_args(tmp_path, optim="not_an_optimizer")
+    assert stock.set_optimizer("grass", learning_rate=3e-4).optim == "grass"
+    assert json.loads(args.to_json_string())["optim"] == "grass"
+
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("grass_selection", "best_rows", "top_r"),
+        ("grass_reselect_state", "forget", "keep"),
+        ("grass_proj_side", "diagonal", "auto"),
+        ("grass_state_dtype", "int8", "bfloat16"),
+        ("grass_rank", 0, ">= 1"),
+        ("grass_update_proj_gap", 0, ">= 1"),
+    ],
+)
+def test_bad_grass_argument_names_value_and_choices(tmp_path, field, value, allowed):
+    with pytest.raises(ValueError) as err:
+        make_args(tmp_path, **{field: value})
+    assert repr(value) in str(err.value) and allowed in str(err.value)
+
+
+def test_target_modules_forms(tmp_path):
+    assert make_args(tmp_path).grass_targets() == "all-linear"
+    assert make_args(tmp_path, grass_target_modules=["all-linear"]).grass_targets() == "all-linear"
+    assert make_args(tmp_path, grass_target_modules="q_proj,v_proj").grass_targets() == [
+        "q_proj",
+        "v_proj",
+    ]
+    assert make_args(tmp_path, grass_target_modules=[".*mlp.*"]).grass_targets() == ".*mlp.*"
+    # optim_target_modules (GaLore's field) is the fallback when grass_target_modules is unset.
+    assert make_args(tmp_path, optim_target_modules=["q_proj"]).grass_targets() == ["q_proj"]
+
+
+def test_hf_argparser_reads_grass_flags_from_cli_json_yaml(tmp_path):
+    parser = HfArgumentParser(GrassTrainingArguments)
+    expected = dict(
+        optim="grass",
+        grass_rank=16,
+        grass_update_proj_gap=50,
+        grass_scale=0.5,
+        grass_selection="multinomial",
+        grass_reselect_state="reset",
+        grass_proj_side="rows",
+        grass_target_modules=["q_proj", "v_proj"],
+        grass_layerwise=False,
+        grass_compressed_backward=False,
+        grass_stochastic_rounding=True,
+        grass_state_dtype="float32",
+        grass_seed=3,
+    )
+    cli = [
+        "--output_dir", str(tmp_path), "--optim", "grass", "--grass_rank", "16",
+        "--grass_update_proj_gap", "50", "--grass_scale", "0.5", "--grass_selection", "multinomial",
+        "--grass_reselect_state", "reset", "--grass_proj_side", "rows",
+        "--grass_target_modules", "q_proj", "v_proj", "--no_grass_compressed_backward",
+        "--grass_stochastic_rounding", "--grass_state_dtype", "float32", "--grass_seed", "3",
+    ]  # fmt: skip
+    (from_cli,) = parser.parse_args_into_dataclasses(cli)
+    data = {"output_dir": str(tmp_path), **expected}
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    (from_json,) = parser.parse_json_file(str(tmp_path / "a.json"))
+    import yaml
+
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(data))
+    (from_yaml,) = parser.parse_yaml_file(str(tmp_path / "a.yaml"))
+    for args in (from_cli, from_json, from_yaml):
+        got = {k: getattr(args, k) for k in expected}
+        assert got == expected
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--grass_selection", "best"]
+        )
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_grass_trainer_loss_falls(tmp_path, compressed):
+    model = tiny_classifier()
+    args = make_args(tmp_path, max_steps=16, grass_compressed_backward=compressed)
+    trainer = GrassTrainer(model=model, args=args, train_dataset=classification_data())
+    trainer.train()
+    from hf_grass.optim import GrassAdamW
+
+    assert isinstance(trainer.optimizer.optimizer, GrassAdamW)
+    ls = losses(trainer)
+    assert len(ls) == 16 and all(torch.isfinite(torch.tensor(ls)))
+    assert sum(ls[-4:]) / 4 < 0.8 * sum(ls[:4]) / 4, ls
+
+
+class _PostClipNorm(TrainerCallback):
+    """Norm of every gradient the optimizer is about to use (after the Trainer clipped)."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [
+            g
+            for p in model.parameters()
+            for g in (p.grad, getattr(p, "compressed_grad", None))
+            if g is not None
+        ]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+
+def test_clipping_includes_compressed_gradients(tmp_path):
+    probe = _PostClipNorm()
+    args = make_args(tmp_path, max_steps=2, max_grad_norm=1e-3)
+    trainer = GrassTrainer(
+        model=tiny_classifier(), args=args, train_dataset=classification_data(), callbacks=[probe]
+    )
+    trainer.train()
+    logged = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    assert all(n > 1e-3 for n in logged)  # the pre-clip norm, compressed gradients included
+    assert probe.norms == pytest.approx([1e-3, 1e-3], rel=1e-3)
+
+
+def test_accumulation_and_layerwise_match_full_batch(tmp_path):
+    """Batch 8 == 2 micro-batches of 4 == the same in layer-wise mode (float64).
+
+    A causal LM, whose loss honours the Trainer's token count across micro-batches (stock
+    sequence-classification heads average per micro-batch, so they sum over accumulation), and
+    uniform selection, whose rows do not depend on which micro-batch selects them.
+    """
+    results = []
+    for bs, accum, layerwise in ((8, 1, False), (4, 2, False), (4, 2, True)):
+        model = tiny_lm().double()
+        args = make_args(
+            tmp_path,
+            max_steps=4,
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=accum,
+            max_grad_norm=0.0,
+            grass_selection="uniform",
+            grass_layerwise=layerwise,
+        )
+        trainer = GrassTrainer(model=model, args=args, train_dataset=lm_data(n=32))
+        trainer.train()
+        results.append(params_of(model))
+        assert len(losses(trainer)) == 4
+    for other in results[1:]:
+        for name, p in results[0].items():
+            torch.testing.assert_close(other[name], p, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_bf16_autocast_gradient_checkpointing_and_accumulation(tmp_path):
+    model = tiny_lm()
+    args = make_args(
+        tmp_path,
+        max_steps=2,
+        bf16=True,
+        gradient_checkpointing=True,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=4,
+    )
+    trainer = GrassTrainer(model=model, args=args, train_dataset=lm_data())
+    before = params_of(model)
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(losses(trainer))))
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert any("q_proj" in n for n in changed)
+
+
+def test_pure_bf16_model_with_stochastic_rounding(tmp_path):
+    model = tiny_lm().to(torch.bfloat16)
+    args = make_args(
+        tmp_path, max_steps=3, grass_stochastic_rounding=True, grass_state_dtype="float32"
+    )
+    trainer = GrassTrainer(model=model, args=args, train_dataset=lm_data())
+    trainer.train()
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    state = trainer.optimizer.optimizer.state
+    assert all(s["exp_avg"].dtype == torch.float32 for s in state.values() if "rows" in s)
+    assert all(torch.isfinite(torch.tensor(losses(trainer))))
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+
+def _resume_args(tmp_path, **kw):
+    return make_args(
+        tmp_path,
+        max_steps=6,
+        save_strategy="steps",
+        save_steps=3,
+        grass_selection="multinomial",
+        grass_update_proj_gap=2,
+        **kw,
+    )
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    data = classification_data()
+    full = GrassTrainer(
+        model=tiny_classifier(), args=_resume_args(tmp_path / "a"), train_dataset=data
+    )
+    full.train()
+    checkpoint = str(tmp_path / "a" / "out" / "checkpoint-3")
+    assert os.path.isfile(os.path.join(checkpoint, "grass_config.json"))
+
+    resumed = GrassTrainer(
+        model=tiny_classifier(seed=1), args=_resume_args(tmp_path / "b"), train_dataset=data
+    )
+    resumed.train(resume_from_checkpoint=checkpoint)
+    assert len(losses(full)) == 6 and losses(resumed)[3:] == losses(full)[3:]
+    expected = params_of(full.model)
+    for n, p in resumed.model.named_parameters():
+        assert torch.equal(p, expected[n]), n
+    rows = [
+        {n: t.optimizer.optimizer.state[p]["rows"] for n, p in t.model.named_parameters() if "proj" in n}
+        for t in (full, resumed)
+    ]
+    assert rows[0].keys() == rows[1].keys() and len(rows[0]) == 14
+    assert all(torch.equal(rows[0][n], rows[1][n]) for n in rows[0])
+
+
+def _digest(folder) -> dict[str, str]:
+    return {
+        f: hashlib.sha1(open(os.path.join(folder, f), "rb").read()).hexdigest()
+        for f in sorted(os.listdir(folder))
+    }
+
+
+@pytest.mark.parametrize(
+    "saved, resumed, match",
+    [
+        (dict(optim="adamw_torch"), dict(), "another optimizer or Grass setting"),
+        (dict(), dict(optim="adamw_torch"), "saved by Grass"),
+        (dict(), dict(grass_rank=4), "rank: checkpoint 8, now 4"),
+    ],
+)
+def test_resume_with_another_method_or_rank_fails_cleanly(tmp_path, saved, resumed, match):
+    data = classification_data(n=24)
+    args = make_args(tmp_path / "a", max_steps=2, save_strategy="steps", save_steps=2, **saved)
+    GrassTrainer(model=tiny_classifier(), args=args, train_dataset=data).train()
+    checkpoint = str(tmp_path / "a" / "out" / "checkpoint-2")
+    before = _digest(checkpoint)
+    args = make_args(tmp_path / "b", max_steps=4, save_strategy="steps", save_steps=2, **resumed)
+    trainer = GrassTrainer(model=tiny_classifier(), args=args, train_dataset=data)
+    with pytest.raises(ValueError, match=match) as err:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    assert "Resume with the flags it was trained with" in str(err.value)
+    assert _digest(checkpoint) == before
+
+
+def test_optimizer_load_state_dict_mismatch_is_reported(tmp_path):
+    """Without grass_config.json (e.g. removed), GrassAdamW's own check surfaces clearly."""
+    data = classification_data(n=24)
+    args = make_args(tmp_path / "a", max_steps=2, save_strategy="steps", save_steps=2)
+    GrassTrainer(model=tiny_classifier(), args=args, train_dataset=data).train()
+    checkpoint = tmp_path / "a" / "out" / "checkpoint-2"
+    (checkpoint / "grass_config.json").unlink()
+    args = make_args(tmp_path / "b", max_steps=4, grass_rank=4)
+    trainer = GrassTrainer(model=tiny_classifier(), args=args, train_dataset=data)
+    with pytest.raises(ValueError, match="another optimizer or Grass setting"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+@pytest.mark.parametrize("head", ["classifier", "lm"])
+def test_save_model_loads_in_stock_transformers(tmp_path, head):
+    model, data, cls = (
+        (tiny_classifier(), classification_data(n=16), LlamaForSequenceClassification)
+        if head == "classifier"
+        else (tiny_lm(), lm_data(n=16), LlamaForCausalLM)
+    )
+    trainer = GrassTrainer(model=model, args=make_args(tmp_path, max_steps=2), train_dataset=data)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    loaded, info = cls.from_pretrained(str(tmp_path / "saved"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    trained = dict(model.state_dict())
+    for n, t in loaded.state_dict().items():
+        assert torch.equal(t, trained[n]), n
+
+
+# ---- stock optimizers, bad setups, report -------------------------------------------------------
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "galore_adamw"])
+def test_stock_optimizers_unchanged(tmp_path, optim):
+    pytest.importorskip("galore_torch") if optim.startswith("galore") else None
+    extra = (
+        dict(optim_target_modules=["q_proj", "v_proj"], optim_args="rank=4")
+        if "galore" in optim
+        else {}
+    )
+    args = make_args(tmp_path, optim=optim, max_steps=2, **extra)
+    trainer = GrassTrainer(
+        model=tiny_classifier(), args=args, train_dataset=classification_data(n=16)
+    )
+    trainer.train()
+    expected = "AdamW"  # galore_torch's class is galore_torch.adamw.AdamW
+    optimizer = trainer.optimizer.optimizer
+    module = "galore_torch" if "galore" in optim else "torch.optim"
+    assert type(optimizer).__name__ == expected and type(optimizer).__module__.startswith(module)
+    assert not any(hasattr(p, "compressed_grad") for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(grass_target_modules=["no_such_proj"]), "no_such_proj"),
+        (dict(grass_target_modules=".*nothing.*"), "matches no module"),
+        (dict(grass_rank=1000, grass_proj_side="rows"), "rank 1000 is larger"),
+    ],
+)
+def test_bad_grass_setup_fails_at_construction(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        GrassTrainer(
+            model=tiny_classifier(),
+            args=make_args(tmp_path, **kw),
+            train_dataset=classification_data(n=8),
+        )
+
+
+def test_grass_needs_grass_arguments(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    assert issubclass(GrassTrainer, Trainer)
+    args = TrainingArguments(str(tmp_path), optim="adamw_torch", use_cpu=True, report_to="none")
+    args.optim = "grass"
+    with pytest.raises(TypeError, match="GrassTrainingArguments"):
+        GrassTrainer(model=tiny_classifier(), args=args)
+
+
+def test_resource_report(tmp_path):
+    reports = {}
+    for optim in ("grass", "adamw_torch"):
+        cb = ResourceReportCallback()
+        args = make_args(
+            tmp_path / optim, optim=optim, max_steps=2, include_num_input_tokens_seen="non_padding"
+        )
+        trainer = GrassTrainer(
+            model=tiny_classifier(),
+            args=args,
+            train_dataset=classification_data(n=16),
+            callbacks=[cb],
+        )
+        trainer.train()
+        path = tmp_path / optim / "out" / REPORT_NAME
+        reports[optim] = json.loads(path.read_text())
+        assert reports[optim] == cb.report
+        assert reports[optim]["train_tokens"] == 2 * 8 * SEQ
+        assert reports[optim]["tokens_per_s"] > 0 and reports[optim]["peak_memory_bytes"] > 0
+    grass, adamw = reports["grass"], reports["adamw_torch"]
+    assert grass["optimizer_state_bytes"] < adamw["optimizer_state_bytes"]
+    assert grass["peak_grad_bytes"] < adamw["peak_grad_bytes"]
+    assert adamw["peak_grad_bytes"] == adamw["trainable_param_bytes"]
+    assert adamw["optimizer_state_bytes"] == pytest.approx(
+        2 * adamw["trainable_param_bytes"], rel=0.01
+    )
+
+
+def test_gradient_bytes_counts_compressed_gradients():
+    p = torch.nn.Parameter(torch.zeros(4, 3))
+    p.grad = torch.zeros(4, 3)
+    p.compressed_grad = torch.zeros(2, 3)
+    assert gradient_bytes([p]) == (12 + 6) * 4
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
