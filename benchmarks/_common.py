@@ -28,14 +28,36 @@ RESULTS = REPO / "benchmarks" / "results"
 # timing: 20.3M parameters, 70% of them in the projected (attention/MLP) matrices, so that the
 # optimizers' and the backward's differences show rather than the embeddings' plain AdamW.
 LLAMA_CONFIGS = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, vocab_size=512),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=512,
+    ),
     "20m": dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_hidden_layers=4),
-    "20m-wide": dict(hidden_size=384, intermediate_size=1024, num_attention_heads=6, num_hidden_layers=8, vocab_size=8000),
-    "60m": dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_hidden_layers=8),
-    "130m": dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_hidden_layers=12),
-    "350m": dict(hidden_size=1024, intermediate_size=2736, num_attention_heads=16, num_hidden_layers=24),
-    "1b": dict(hidden_size=2048, intermediate_size=5461, num_attention_heads=32, num_hidden_layers=24),
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32),
+    "20m-wide": dict(
+        hidden_size=384,
+        intermediate_size=1024,
+        num_attention_heads=6,
+        num_hidden_layers=8,
+        vocab_size=8000,
+    ),
+    "60m": dict(
+        hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_hidden_layers=8
+    ),
+    "130m": dict(
+        hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_hidden_layers=12
+    ),
+    "350m": dict(
+        hidden_size=1024, intermediate_size=2736, num_attention_heads=16, num_hidden_layers=24
+    ),
+    "1b": dict(
+        hidden_size=2048, intermediate_size=5461, num_attention_heads=32, num_hidden_layers=24
+    ),
+    "7b": dict(
+        hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32
+    ),
 }
 GALORE_RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
 
@@ -112,11 +134,19 @@ def split_params(model) -> tuple[list[torch.nn.Parameter], list[torch.nn.Paramet
     return projected, other
 
 
-def galore_groups(projected, other, rank: int, update_proj_gap: int = 200, scale: float = 0.25) -> list[dict]:
+def galore_groups(
+    projected, other, rank: int, update_proj_gap: int = 200, scale: float = 0.25
+) -> list[dict]:
     """Param groups as GaLore's own training script builds them (``proj_type="std"``)."""
     return [
         {"params": list(other)},
-        {"params": list(projected), "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale, "proj_type": "std"},
+        {
+            "params": list(projected),
+            "rank": rank,
+            "update_proj_gap": update_proj_gap,
+            "scale": scale,
+            "proj_type": "std",
+        },
     ]
 
 
@@ -269,10 +299,14 @@ def env_info() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
+        # Other jobs on a shared machine slow every method alike only if they run throughout:
+        # keep the load average beside the numbers.
+        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     try:
-        import galore_torch  # noqa: F401
         from importlib.metadata import version
+
+        import galore_torch  # noqa: F401
 
         info["galore_torch"] = version("galore-torch")
     except Exception:
@@ -293,8 +327,16 @@ def write_json(name: str, payload: dict, out_dir: str | Path | None = None) -> P
 def fmt_table(headers: list[str], rows: list[list]) -> str:
     """A Markdown table (pastes straight into BENCHMARKS.md)."""
     cells = [[str(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda r: "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"  # noqa: E731
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
+    ]
+
+    def line(r: list[str]) -> str:
+        padded = (
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        return "| " + " | ".join(padded) + " |"
+
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(headers), sep, *(line(r) for r in cells)])
 

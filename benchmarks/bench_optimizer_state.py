@@ -24,9 +24,8 @@ import argparse
 import gc
 from collections import Counter
 
-import torch
-
 import _common as C
+import torch
 
 C.add_repo_to_path()
 from hf_grass import GrassAdamW, grass_param_groups  # noqa: E402
@@ -50,7 +49,9 @@ def measure_real(name: str, rank: int, batch: int = 2, seq: int = 128) -> dict:
     model = C.build_llama(name)
     projected, other = C.split_params(model)
     ids = {id(p) for p in projected}
-    tokens = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(
+        0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0)
+    )
     model(input_ids=tokens, labels=tokens).loss.backward()
 
     out = {}
@@ -71,7 +72,7 @@ def measure_real(name: str, rank: int, batch: int = 2, seq: int = 128) -> dict:
     expected = analytic(model, rank)
     del model
     gc.collect()
-    return {"measured": out, "analytic": expected, "params": None}
+    return {"measured": out, "analytic": expected}
 
 
 # ----------------------------------------------------------------------------------- meta models
@@ -133,9 +134,15 @@ def _count_other_shapes(other):
 # -------------------------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="60m,130m,350m,1b,7b", help="comma-separated names from _common.LLAMA_CONFIGS")
+    ap.add_argument(
+        "--models",
+        default="60m,130m,350m,1b,7b",
+        help="comma-separated names from _common.LLAMA_CONFIGS",
+    )
     ap.add_argument("--real", default="60m", help="model to run for real on the CPU ('' to skip)")
-    ap.add_argument("--out", default=None, help="output folder (default $OUT or benchmarks/results)")
+    ap.add_argument(
+        "--out", default=None, help="output folder (default $OUT or benchmarks/results)"
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -160,29 +167,46 @@ def main() -> None:
         m = entry["measured"][method]
         return m is not None and m[key] == entry["analytic"][method][key]
 
-    for key, title in (("total", "total (all parameters)"), ("projected", "projected matrices only")):
+    for key, title in (
+        ("total", "total (all parameters)"),
+        ("projected", "projected matrices only"),
+    ):
         rows = []
         for name, e in results["models"].items():
             a = e["analytic"]
             mm = {k: (v[key] if v else None) for k, v in e["measured"].items()}
             ok = all(agree(e, m, key) for m in METHODS if e["measured"][m] is not None)
             gal = mm["galore"]
-            rows.append([
-                name,
-                e["rank"],
-                C.mb(mm["adamw"]),
-                C.mb(gal) if gal else "n/a",
-                C.mb(mm["grass"]),
-                f"{gal / mm['adamw']:.3f}" if gal else "n/a",
-                f"{mm['grass'] / mm['adamw']:.3f}",
-                f"{mm['grass'] / gal:.3f}" if gal else "n/a",
-                "yes" if ok else f"NO (analytic {C.mb(a['grass'][key])})",
-            ])
+            rows.append(
+                [
+                    name,
+                    e["rank"],
+                    C.mb(mm["adamw"]),
+                    C.mb(gal) if gal else "n/a",
+                    C.mb(mm["grass"]),
+                    f"{gal / mm['adamw']:.3f}" if gal else "n/a",
+                    f"{mm['grass'] / mm['adamw']:.3f}",
+                    f"{mm['grass'] / gal:.3f}" if gal else "n/a",
+                    "yes" if ok else f"NO (analytic {C.mb(a['grass'][key])})",
+                ]
+            )
         print(f"\nOptimizer state, {title}, MB (1e6 bytes), fp32; measured (meta/probe steps)")
-        print(C.fmt_table(
-            ["model", "r", "AdamW", "GaLore", "Grass", "GaLore/AdamW", "Grass/AdamW", "Grass/GaLore", "= analytic"],
-            rows,
-        ))
+        print(
+            C.fmt_table(
+                [
+                    "model",
+                    "r",
+                    "AdamW",
+                    "GaLore",
+                    "Grass",
+                    "GaLore/AdamW",
+                    "Grass/AdamW",
+                    "Grass/GaLore",
+                    "= analytic",
+                ],
+                rows,
+            )
+        )
 
     for name, e in results["real"].items():
         rows = []
@@ -192,23 +216,40 @@ def main() -> None:
             if m is None:
                 rows.append([method, "n/a", C.mb(a["total"]), "", "n/a", C.mb(a["projected"]), ""])
                 continue
-            rows.append([
-                method,
-                f"{m['total']:,}",
-                f"{a['total']:,}",
-                f"{m['total'] - a['total']:+,}",
-                f"{m['projected']:,}",
-                f"{a['projected']:,}",
-                f"{m['projected'] - a['projected']:+,}",
-            ])
-        print(f"\nValidation: {name} (r={e['rank']}) on the CPU, real gradients, one real step; bytes")
-        print(C.fmt_table(
-            ["method", "real total", "analytic total", "diff", "real projected", "analytic projected", "diff"],
-            rows,
-        ))
+            rows.append(
+                [
+                    method,
+                    f"{m['total']:,}",
+                    f"{a['total']:,}",
+                    f"{m['total'] - a['total']:+,}",
+                    f"{m['projected']:,}",
+                    f"{a['projected']:,}",
+                    f"{m['projected'] - a['projected']:+,}",
+                ]
+            )
+        print(
+            f"\nValidation: {name} (r={e['rank']}) on the CPU, real gradients, one real step; bytes"
+        )
+        print(
+            C.fmt_table(
+                [
+                    "method",
+                    "real total",
+                    "analytic total",
+                    "diff",
+                    "real projected",
+                    "analytic projected",
+                    "diff",
+                ],
+                rows,
+            )
+        )
         g = e["measured"]["grass"]
         if g:
-            print(f"Grass state by key ({name}): " + ", ".join(f"{k} {C.mb(v)} MB" for k, v in g["by_key"].items()))
+            print(
+                f"Grass state by key ({name}): "
+                + ", ".join(f"{k} {C.mb(v)} MB" for k, v in g["by_key"].items())
+            )
 
     path = C.write_json("optimizer_state.json", results, args.out)
     print(f"\nwrote {path}")

@@ -20,7 +20,7 @@ backward (``hf_grass.grassify``: the full weight gradient is never formed), at t
 
 Model: "20m-wide" (hidden 384, FFN 1024, 6 heads, 8 layers, vocab 8000: 20.3M parameters, 70% in
 the projected matrices); r = hidden/8 = 48 and hidden/4 = 96, K = 200, fp32, batch 4 x 128
-tokens. Part A also runs on the package's "20m" preset (84% embeddings).
+tokens. ``--extra-model 20m`` also runs part A on the package's "20m" preset (84% embeddings).
 
 Run: ``.venv/bin/python benchmarks/bench_step_time.py`` (about 3-4 minutes on 2 cores).
 """
@@ -30,13 +30,13 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import os
 import statistics
 import time
 
+import _common as C
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-
-import _common as C
 
 C.add_repo_to_path()
 from hf_grass import GrassAdamW, grass_param_groups  # noqa: E402
@@ -120,13 +120,22 @@ def bench_optimizer_step(model_name: str, ranks: list[int], reps: int, refresh_r
         return m
 
     runs = [("adamw", None), ("adamw_fused", None)]
-    runs += [(meth, r) for r in ranks for meth in ("galore", "grass") if meth != "galore" or C.import_galore()]
+    runs += [
+        (meth, r)
+        for r in ranks
+        for meth in ("galore", "grass")
+        if meth != "galore" or C.import_galore()
+    ]
     opts = {(meth, r): make_optimizer(meth, with_grads(), r) for meth, r in runs}
     refresh = {
         (meth, r): make_optimizer(meth, with_grads(), r, gap=1) for meth, r in runs if r is not None
     }
-    for opt in [*opts.values(), *refresh.values()]:  # warm-up: state creation (+ first refresh)
+    for (
+        opt
+    ) in opts.values():  # warm-up: state creation and the first refresh, then one regular step
         opt.step()
+        opt.step()
+    for opt in refresh.values():
         opt.step()
     t_reg = interleaved({k: o.step for k, o in opts.items()}, reps)
     t_ref = interleaved({k: o.step for k, o in refresh.items()}, refresh_reps)
@@ -145,7 +154,7 @@ def bench_optimizer_step(model_name: str, ranks: list[int], reps: int, refresh_r
             "raw_step_s": t_reg[key],
             "raw_refresh_s": t_ref.get(key),
         }
-    del opts, refresh, base
+    del opts, refresh
     gc.collect()
     return {"model": model_name, "params": sum(g.numel() for g in grads.values()), "results": out}
 
@@ -191,9 +200,13 @@ def backward_flops(model, tokens) -> int:
     return counter.get_total_flops()
 
 
-def bench_train_step(model_name: str, ranks: list[int], reps: int, refresh_reps: int, batch: int, seq: int) -> dict:
+def bench_train_step(
+    model_name: str, ranks: list[int], reps: int, refresh_reps: int, batch: int, seq: int
+) -> dict:
     base = C.build_llama(model_name)
-    tokens = torch.randint(0, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(
+        0, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(2)
+    )
     runs = [("adamw", None)]
     notes = []
     for r in ranks:
@@ -239,7 +252,7 @@ def bench_train_step(model_name: str, ranks: list[int], reps: int, refresh_reps:
     dense_w = sum(a * b for a, b in projected_shapes)
 
     out = {}
-    for key, t in trainers.items():
+    for key in trainers:
         m, r = key
         reg = statistics.median(t_reg[key])
         ref = statistics.median(t_ref[key]) if key in t_ref else None
@@ -256,7 +269,9 @@ def bench_train_step(model_name: str, ranks: list[int], reps: int, refresh_reps:
             "backward_flops": f,
             "weight_grad_flops_projected": f - flops_frozen,
             "expected_weight_grad_ratio": (
-                sum(r * min(a, b) for a, b in projected_shapes) / dense_w if m == "grassify" else 1.0
+                sum(r * min(a, b) for a, b in projected_shapes) / dense_w
+                if m == "grassify"
+                else 1.0
             ),
             "raw_step_s": t_reg[key],
             "raw_refresh_s": t_ref.get(key),
@@ -279,44 +294,73 @@ def print_step_table(res: dict, title: str) -> None:
     rows = []
     base = res["results"]["AdamW"]["amortized_s"]
     for name, e in res["results"].items():
-        rows.append([
-            name,
-            f"{e['step_s'] * 1e3:.1f}",
-            f"{e['refresh_step_s'] * 1e3:.1f}" if e["refresh_step_s"] is not None else "-",
-            f"{e['amortized_s'] * 1e3:.1f}",
-            f"{e['step_s'] / res['results']['AdamW']['step_s']:.2f}",
-            f"{e['amortized_s'] / base:.2f}",
-        ])
+        rows.append(
+            [
+                name,
+                f"{e['step_s'] * 1e3:.1f}",
+                f"{e['refresh_step_s'] * 1e3:.1f}" if e["refresh_step_s"] is not None else "-",
+                f"{e['amortized_s'] * 1e3:.1f}",
+                f"{e['step_s'] / res['results']['AdamW']['step_s']:.2f}",
+                f"{e['amortized_s'] / base:.2f}",
+            ]
+        )
     print(f"\n{title}")
-    print(C.fmt_table(["method", "step ms", "refresh step ms", f"amortized ms (K={K})", "step / AdamW", "amortized / AdamW"], rows))
+    print(
+        C.fmt_table(
+            [
+                "method",
+                "step ms",
+                "refresh step ms",
+                f"amortized ms (K={K})",
+                "step / AdamW",
+                "amortized / AdamW",
+            ],
+            rows,
+        )
+    )
 
 
 def print_train_table(res: dict) -> None:
     rows = []
     a = res["results"]["AdamW"]
     for name, e in res["results"].items():
-        rows.append([
-            name,
-            f"{e['step_s']:.3f}",
-            f"{e['refresh_step_s']:.3f}" if e["refresh_step_s"] is not None else "-",
-            f"{e['amortized_s']:.3f}",
-            f"{e['amortized_s'] / a['amortized_s']:.2f}",
-            C.mb(e["grad_bytes_before_step"]),
-            f"{e['grad_bytes_before_step'] / a['grad_bytes_before_step']:.3f}",
-            f"{e['backward_flops'] / 1e9:.2f}",
-            f"{e['backward_flops'] / a['backward_flops']:.3f}",
-            f"{e['weight_grad_flops_projected'] / a['weight_grad_flops_projected']:.4f}",
-            f"{e['expected_weight_grad_ratio']:.4f}",
-        ])
+        rows.append(
+            [
+                name,
+                f"{e['step_s']:.3f}",
+                f"{e['refresh_step_s']:.3f}" if e["refresh_step_s"] is not None else "-",
+                f"{e['amortized_s']:.3f}",
+                f"{e['amortized_s'] / a['amortized_s']:.2f}",
+                C.mb(e["grad_bytes_before_step"]),
+                f"{e['grad_bytes_before_step'] / a['grad_bytes_before_step']:.3f}",
+                f"{e['backward_flops'] / 1e9:.2f}",
+                f"{e['backward_flops'] / a['backward_flops']:.3f}",
+                f"{e['weight_grad_flops_projected'] / a['weight_grad_flops_projected']:.4f}",
+                f"{e['expected_weight_grad_ratio']:.4f}",
+            ]
+        )
     print(
         f"\nPart B: training step (forward + backward + step), {res['model']}, fp32, batch "
         f"{res['batch']} x {res['seq']} tokens; grad MB = .grad + .compressed_grad right before step()"
     )
-    print(C.fmt_table(
-        ["method", "s/step", "refresh s", f"amortized s (K={K})", "vs AdamW", "grad MB", "vs AdamW",
-         "bwd GFLOP", "vs AdamW", "W-grad FLOP ratio", "expected"],
-        rows,
-    ))
+    print(
+        C.fmt_table(
+            [
+                "method",
+                "s/step",
+                "refresh s",
+                f"amortized s (K={K})",
+                "vs AdamW",
+                "grad MB",
+                "vs AdamW",
+                "bwd GFLOP",
+                "vs AdamW",
+                "W-grad FLOP ratio",
+                "expected",
+            ],
+            rows,
+        )
+    )
     for note in res["notes"]:
         print("NOTE:", note)
 
@@ -324,34 +368,64 @@ def print_train_table(res: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="20m-wide")
-    ap.add_argument("--extra-model", default="20m", help="also run part A on this preset ('' to skip)")
-    ap.add_argument("--ranks", default="", help="comma-separated ranks (default hidden/8, hidden/4)")
+    ap.add_argument(
+        "--extra-model", default="", help="also run part A on this model, e.g. the '20m' preset"
+    )
+    ap.add_argument(
+        "--ranks", default="", help="comma-separated ranks (default hidden/8, hidden/4)"
+    )
     ap.add_argument("--reps", type=int, default=7, help="timed rounds of part A")
     ap.add_argument("--train-reps", type=int, default=5, help="timed rounds of part B")
-    ap.add_argument("--refresh-reps", type=int, default=2)
+    ap.add_argument("--refresh-reps", type=int, default=2, help="timed refresh steps of part A")
+    ap.add_argument(
+        "--train-refresh-reps", type=int, default=1, help="timed refresh steps of part B"
+    )
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--parts", default="A,B", help="A: optimizer step() only, B: training step")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's, one per core)"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     t0 = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     hidden = C.LLAMA_CONFIGS[args.model]["hidden_size"]
     ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else [hidden // 8, hidden // 4]
 
-    results = {"env": C.env_info(), "K": K, "ranks": ranks, "optimizer_step": {}, "train_step": None}
-    for name in [args.model, *([args.extra_model] if args.extra_model else [])]:
+    results = {
+        "env": C.env_info(),
+        "K": K,
+        "ranks": ranks,
+        "optimizer_step": {},
+        "train_step": None,
+    }
+    parts = set(args.parts.upper().split(","))
+    for name in (
+        [args.model, *([args.extra_model] if args.extra_model else [])] if "A" in parts else []
+    ):
         h = C.LLAMA_CONFIGS[name]["hidden_size"]
         rk = ranks if name == args.model else [h // 8, h // 4]
-        results["optimizer_step"][name] = bench_optimizer_step(name, rk, args.reps, args.refresh_reps)
+        results["optimizer_step"][name] = bench_optimizer_step(
+            name, rk, args.reps, args.refresh_reps
+        )
         print(f"part A done on {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    if not args.skip_train:
-        results["train_step"] = bench_train_step(args.model, ranks, args.train_reps, args.refresh_reps, args.batch, args.seq)
+    if "B" in parts:
+        results["train_step"] = bench_train_step(
+            args.model, ranks, args.train_reps, args.train_refresh_reps, args.batch, args.seq
+        )
         print(f"part B done ({time.perf_counter() - t0:.0f} s)", flush=True)
     results["wall_s"] = time.perf_counter() - t0
+    results["env"]["torch_threads"] = torch.get_num_threads()
+    results["env"]["loadavg_at_end"] = os.getloadavg()
 
     for name, res in results["optimizer_step"].items():
-        print_step_table(res, f"Part A: optimizer step() only, {name} ({res['params'] / 1e6:.1f}M params), fp32, medians of {args.reps} interleaved rounds")
+        print_step_table(
+            res,
+            f"Part A: optimizer step() only, {name} ({res['params'] / 1e6:.1f}M params), fp32, medians of {args.reps} interleaved rounds",
+        )
     if results["train_step"]:
         print_train_table(results["train_step"])
     path = C.write_json("step_time.json", results, args.out)

@@ -1,17 +1,30 @@
 """hf-grass: Grass (structured sparse gradients) for PyTorch and the Hugging Face Trainer."""
 
+from .layerwise import LayerwiseHandle, enable_layerwise
+from .linear import GrassLinear, grass_linear, grassify, ungrassify
 from .optim import GrassAdamW, GrassProjection, clip_grad_norm_
 from .selection import SELECTIONS, select_rows
 from .targets import grass_param_groups, match_target_modules
+from .trainer import GrassArguments, GrassTrainer, GrassTrainerMixin, GrassTrainingArguments
 
 __all__ = [
     "SELECTIONS",
     "GrassAdamW",
+    "GrassArguments",
+    "GrassLinear",
     "GrassProjection",
+    "GrassTrainer",
+    "GrassTrainerMixin",
+    "GrassTrainingArguments",
+    "LayerwiseHandle",
     "clip_grad_norm_",
+    "enable_layerwise",
+    "grass_linear",
     "grass_param_groups",
+    "grassify",
     "match_target_modules",
     "select_rows",
+    "ungrassify",
 ]
 
 __version__ = "0.1.0"

@@ -151,7 +151,8 @@ def enable_layerwise(
     """Update each parameter during the backward pass, as soon as its gradient is complete.
 
     Args:
-        optimizer: a :class:`~hf_grass.GrassAdamW` (anything with ``step_param(p)``).
+        optimizer: a :class:`~hf_grass.GrassAdamW` (anything with ``step_param(p)``), or a
+            wrapper of one with an ``optimizer`` attribute (accelerate's ``AcceleratedOptimizer``).
         model_or_params: the model (its trainable parameters that ``optimizer`` holds) or an
             iterable of parameters, all in ``optimizer``; default: every parameter of
             ``optimizer``. Parameters left out keep their gradients until ``optimizer.step()``.
@@ -163,6 +164,8 @@ def enable_layerwise(
     its compressed gradients). Returns a :class:`LayerwiseHandle`; ``handle.remove()`` restores
     ordinary ``optimizer.step()`` training.
     """
+    while not hasattr(optimizer, "step_param") and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer and similar wrappers
     if not callable(getattr(optimizer, "step_param", None)):
         raise TypeError(
             f"enable_layerwise needs an optimizer with step_param(p), got {type(optimizer).__name__}: "

@@ -106,10 +106,23 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-def _accumulate(weight: torch.Tensor, compressed: torch.Tensor) -> None:
+def _accumulate(
+    weight: torch.Tensor, projection: GrassProjection, compressed: torch.Tensor
+) -> None:
+    """Add ``compressed`` to ``weight.compressed_grad``, or start it.
+
+    A compressed gradient left over from an earlier optimizer step is replaced, not added to:
+    its rows may no longer be the selected ones, and ``nn.Module.zero_grad`` (which HF
+    ``Trainer`` calls) clears ``.grad`` only, never ``compressed_grad``.
+    """
     compressed = compressed.to(weight.dtype)
-    if getattr(weight, "compressed_grad", None) is None:
+    step = int(projection._state["step"])
+    if (
+        getattr(weight, "compressed_grad", None) is None
+        or getattr(weight, "_grass_grad_step", None) != step
+    ):
         weight.compressed_grad = compressed
+        weight._grass_grad_step = step
     else:
         weight.compressed_grad.add_(compressed)
 
@@ -141,7 +154,7 @@ class GrassLinearFunction(torch.autograd.Function):
         ctx.weight = weight  # the Parameter itself: it carries grass_projection
         ctx.x_dtype = x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.has_anchor = anchor is not None
+        ctx.anchor_device = None if anchor is None else anchor.device
         return F.linear(x_c, w_c, b_c)
 
     @staticmethod
@@ -160,8 +173,8 @@ class GrassLinearFunction(torch.autograd.Function):
                 grad_b = dy2.sum(0, dtype=ctx.bias_dtype)
             if ctx.needs_input_grad[1]:
                 grad_w = _weight_gradient(weight, dy2, x2)
-            if ctx.has_anchor:
-                grad_anchor = torch.empty(0, device=grad_out.device)
+            if ctx.anchor_device is not None:
+                grad_anchor = torch.empty(0, device=ctx.anchor_device)
         return grad_x, grad_w, grad_b, grad_anchor
 
 
@@ -189,7 +202,7 @@ def _weight_gradient(
         else:
             compressed = x2.index_select(1, rows).t() @ dy2  # (r x T)(T x m) = r x m
         compressed.mul_(rho.to(compressed.dtype)[:, None])
-    _accumulate(weight, compressed)
+    _accumulate(weight, projection, compressed)
     return None
 
 

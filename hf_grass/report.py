@@ -64,7 +64,7 @@ def tensor_bytes(obj: Any, _seen: set[int] | None = None, _depth: int = 0) -> in
 def unwrap_optimizer(optimizer: Any) -> Any:
     """The optimizer under accelerate's ``AcceleratedOptimizer`` (and similar) wrappers."""
     while hasattr(optimizer, "optimizer") and isinstance(
-        getattr(optimizer, "optimizer"), torch.optim.Optimizer
+        optimizer.optimizer, torch.optim.Optimizer
     ):
         optimizer = optimizer.optimizer
     return optimizer

@@ -4,9 +4,9 @@ This layer only wires; the algorithm lives in :mod:`hf_grass.optim` (GrassAdamW)
 :mod:`hf_grass.targets` (which weights are projected) and :mod:`hf_grass.linear` (the
 compressed-gradient backward).
 
->>> args = GrassTrainingArguments("out", optim="grass", grass_rank=64, learning_rate=2e-4)
->>> trainer = GrassTrainer(model=model, args=args, train_dataset=ds)  # doctest: +SKIP
->>> trainer.train()  # doctest: +SKIP
+    args = GrassTrainingArguments("out", optim="grass", grass_rank=64, learning_rate=2e-4)
+    trainer = GrassTrainer(model=model, args=args, train_dataset=ds)
+    trainer.train()
 
 Other Trainer subclasses get Grass the same way::
 
@@ -32,12 +32,12 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
+from hf_grass.optim import PROJ_SIDES, PROJECTED_DEFAULTS, RESELECT_STATES
+from hf_grass.selection import SELECTIONS
+
 logger = logging.getLogger(__name__)
 
 GRASS = "grass"
-SELECTIONS = ("top_r", "multinomial", "multinomial_nr", "uniform")
-RESELECT_STATES = ("keep", "reset")
-PROJ_SIDES = ("auto", "rows", "cols")
 STATE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 # File written beside optimizer.pt in every checkpoint of a Grass run: what shaped its state.
 GRASS_CHECKPOINT_CONFIG = "grass_config.json"
@@ -59,9 +59,7 @@ class GrassArguments:
     ``__post_init__`` can let ``optim="grass"`` past transformers' check of optimizer names.
     """
 
-    optim: str = field(
-        default=TrainingArguments.default_optim, metadata={"help": _optim_help()}
-    )
+    optim: str = field(default=TrainingArguments.default_optim, metadata={"help": _optim_help()})
     grass_rank: int = field(
         default=64,
         metadata={
@@ -87,7 +85,8 @@ class GrassArguments:
         default=None,
         metadata={
             "help": "Adam moments when the selected rows change: 'keep' (carry rows selected "
-            "before and after) or 'reset'. Unset: the optimizer's default.",
+            "before and after) or 'reset'. Unset: the optimizer's default "
+            f"({PROJECTED_DEFAULTS['reselect_state']!r}).",
             "choices": RESELECT_STATES,
         },
     )
@@ -246,7 +245,9 @@ def normalize_target_modules(value: Any) -> list[str] | str | None:
         items = [str(v) for v in value]
         if len(items) != 1:
             if not items:
-                raise ValueError("grass_target_modules is empty: use 'all-linear', names or a regex.")
+                raise ValueError(
+                    "grass_target_modules is empty: use 'all-linear', names or a regex."
+                )
             return items
         value = items[0]
     if not isinstance(value, str):
@@ -302,7 +303,13 @@ class GrassTrainerMixin:
             )
         if self.model is not None:
             # A dry run of the grouping: bad target modules or a rank too large raise here.
-            self._grass_param_groups(self.model)
+            try:
+                self._grass_param_groups(self.model)
+            except ValueError as e:
+                raise ValueError(
+                    f"optim='grass' cannot be set up on {type(self.model).__name__}: {e} "
+                    "(flags: --grass_target_modules, --grass_rank, --grass_proj_side)"
+                ) from e
 
     def _grass_param_groups(self, model: nn.Module, install: bool = False) -> list[dict]:
         """GrassAdamW's param groups for ``model``, with HF's weight-decay grouping.
@@ -334,7 +341,9 @@ class GrassTrainerMixin:
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """GrassAdamW on the target modules when ``optim="grass"``; otherwise the stock optimizer."""
         if not _uses_grass(self.args) or self.optimizer is not None:
-            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+            return (
+                super().create_optimizer(model) if model is not None else super().create_optimizer()
+            )
         from hf_grass.optim import GrassAdamW
 
         args = self.args
@@ -405,11 +414,8 @@ class GrassTrainerMixin:
             super()._load_optimizer_and_scheduler(checkpoint)
         except (ValueError, KeyError, RuntimeError) as e:
             raise ValueError(
-                f"Cannot resume the optimizer from {checkpoint}: {e} The checkpoint was made with "
-                f"another optimizer or Grass setting than this run (optim={_describe(self.args)}). "
-                "Resume with the flags it was trained with, or start a new run from its weights "
-                f"(--model_name_or_path {checkpoint}) without --resume_from_checkpoint. The "
-                "checkpoint is left as it was."
+                f"Cannot resume the optimizer from {checkpoint}: {e} This run uses "
+                f"{_describe(self.args)}. {_resume_fix(checkpoint)}"
             ) from e
 
     def _check_checkpoint_method(self, checkpoint: str) -> None:
@@ -423,21 +429,19 @@ class GrassTrainerMixin:
             return
         with open(path) as f:
             saved = json.load(f)
-        fix = (
-            "Resume with the flags it was trained with, or start a new run from its weights "
-            f"(--model_name_or_path {checkpoint}) without --resume_from_checkpoint. The checkpoint "
-            "is left as it was."
-        )
+        fix = _resume_fix(checkpoint)
         if not _uses_grass(self.args):
             raise ValueError(
-                f"Cannot resume {checkpoint} with optim={_describe(self.args)}: its optimizer "
+                f"Cannot resume {checkpoint} with {_describe(self.args)}: its optimizer "
                 f"state was saved by Grass ({saved}). {fix}"
             )
         ours = _grass_fingerprint(self.args)
         diff = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
         if diff:
             changes = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"Cannot resume {checkpoint}: Grass setting differs ({changes}). {fix}")
+            raise ValueError(
+                f"Cannot resume {checkpoint}: Grass setting differs ({changes}). {fix}"
+            )
 
 
 class GrassTrainer(GrassTrainerMixin, Trainer):
@@ -462,7 +466,15 @@ def _grass_fingerprint(args: GrassArguments) -> dict[str, Any]:
 def _describe(args: Any) -> str:
     if _uses_grass(args):
         return f"optim='grass', grass_rank={args.grass_rank}, targets {args.grass_targets()!r}"
-    return repr(getattr(args.optim, "value", args.optim))
+    return f"optim={getattr(args.optim, 'value', args.optim)!r}"
+
+
+def _resume_fix(checkpoint: str) -> str:
+    return (
+        "Resume with the flags it was trained with, or start a new run from its weights "
+        f"(--model_name_or_path {checkpoint}) without --resume_from_checkpoint. The checkpoint is "
+        "left as it was."
+    )
 
 
 def _validate_groups(groups: list[dict], args: GrassArguments) -> None:
@@ -474,7 +486,7 @@ def _validate_groups(groups: list[dict], args: GrassArguments) -> None:
     try:
         GrassAdamW([dict(g) for g in groups], **args.grass_optimizer_kwargs())
     finally:
-        for p, value in zip(params, saved):
+        for p, value in zip(params, saved, strict=True):
             if value is _MISSING:
                 p.__dict__.pop("grass_projection", None)
             else:

@@ -33,8 +33,10 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import datasets
 import numpy as np
 import torch
+import transformers
 import yaml
 from transformers import (
     AutoModelForCausalLM,
@@ -71,7 +73,7 @@ SCRIPT_DEFAULTS: dict[str, Any] = dict(
     save_strategy="no",
     logging_steps=8,
     report_to="none",
-    include_num_input_tokens_seen="non_padding",
+    dataloader_pin_memory=torch.cuda.is_available(),
 )
 
 
@@ -140,7 +142,9 @@ class DataArguments:
     )
     max_seq_length: int | None = field(
         default=None,
-        metadata={"help": "Truncate to this many tokens (default 64 classification, 256 instruction)."},
+        metadata={
+            "help": "Truncate to this many tokens (default 64 classification, 256 instruction)."
+        },
     )
     prompt_template: str = field(
         default="auto",
@@ -151,7 +155,9 @@ class DataArguments:
     )
     num_generations: int = field(
         default=4,
-        metadata={"help": "Instruction tuning: validation prompts answered into generations.jsonl."},
+        metadata={
+            "help": "Instruction tuning: validation prompts answered into generations.jsonl."
+        },
     )
     max_new_tokens: int = field(
         default=64, metadata={"help": "Instruction tuning: tokens generated per answer."}
@@ -177,49 +183,64 @@ def _read_config(path: str) -> dict[str, Any]:
     text = Path(path).read_text()
     data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of flag names to values, got {type(data).__name__}.")
+        raise ValueError(
+            f"{path} must hold a mapping of flag names to values, got {type(data).__name__}."
+        )
     return data
+
+
+def _config_to_flags(config: dict[str, Any]) -> list[str]:
+    """A config mapping as command-line tokens, so argparse converts every value's type."""
+    tokens: list[str] = []
+    for key, value in config.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            tokens += [f"--{key}", *(str(v) for v in value)]
+        elif isinstance(value, dict):
+            tokens += [f"--{key}", json.dumps(value)]
+        else:
+            tokens += [f"--{key}", str(value)]
+    return tokens
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, GrassTrainingArguments]:
     """Flags, optionally after one .json/.yaml/.yml config file; flags win over the file."""
     parser = HfArgumentParser((ModelArguments, DataArguments, GrassTrainingArguments))
-    config: dict[str, Any] = {}
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
         if not os.path.isfile(argv[0]):
-            raise FileNotFoundError(f"Config file {argv[0]} does not exist; see configs/ for examples.")
-        config, argv = _read_config(argv[0]), argv[1:]
+            raise FileNotFoundError(
+                f"Config file {argv[0]} does not exist; see configs/ for examples."
+            )
+        config = _read_config(argv[0])
         known = {a.dest for a in parser._actions}
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(
-                f"Unknown keys {unknown} in the config file: use flag names of "
-                "`python scripts/finetune.py --help` (without the dashes)."
+                f"Unknown keys {unknown} in {argv[0]}: use the flag names of "
+                "`python scripts/finetune.py --help`, without the dashes."
             )
-    # Pre-parse what the method-dependent defaults need.
-    pre = argparse.ArgumentParser(add_help=False)
-    for name in ("optim", "task_name", "task_type", "output_dir", "learning_rate", "use_lora"):
-        pre.add_argument(f"--{name}", f"--{name.replace('_', '-')}", default=None, nargs="?", const="true")
-    given, _ = pre.parse_known_args(argv)
-    given = {k: v for k, v in vars(given).items() if v is not None}
-    settings = {**config, **given}
-    use_lora = str(settings.get("use_lora", False)).lower() in ("true", "1", "yes")
-    optim = settings.get("optim", SCRIPT_DEFAULTS["optim"])
-    if use_lora and "optim" not in settings:
-        optim = "adamw_torch"
+        argv = _config_to_flags(config) + list(argv[1:])
+    # Pre-parse what the method-dependent defaults need (the last occurrence wins, as in argparse).
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for name in ("optim", "task_name", "task_type", "train_file", "use_lora"):
+        pre.add_argument(
+            f"--{name}", f"--{name.replace('_', '-')}", default=None, nargs="?", const="true"
+        )
+    given = vars(pre.parse_known_args(argv)[0])
+    use_lora = str(given["use_lora"] or False).lower() in ("true", "1", "yes", "y")
+    optim = given["optim"] or ("adamw_torch" if use_lora else SCRIPT_DEFAULTS["optim"])
     method = method_name(optim, use_lora)
-    task_type = settings.get("task_type", "classification")
-    task = settings.get("task_name") or DEFAULT_TASKS.get(task_type, "custom")
-    if settings.get("train_file") and not settings.get("task_name"):
-        task = Path(settings["train_file"]).stem
+    task_type = given["task_type"] or "classification"
+    task = given["task_name"] or ("custom" if given["train_file"] else DEFAULT_TASKS.get(task_type))
 
     defaults = {**SCRIPT_DEFAULTS, "optim": optim, "output_dir": f"outputs/{task}-{method}"}
     if method in LEARNING_RATES:
         defaults["learning_rate"] = LEARNING_RATES[method]
     if method == "galore":
-        # HF's GaLore needs target modules; all linear layers and r=64 as in the protocol.
+        # HF's GaLore needs target modules: all linear layers at r=64, as in the protocol.
         defaults.update(optim_target_modules="all-linear", optim_args="rank=64")
-    parser.set_defaults(**{**defaults, **config})
+    parser.set_defaults(**defaults)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     return model_args, data_args, training_args
 
@@ -249,7 +270,9 @@ def resolve_model_path(model_args: ModelArguments) -> str:
 def check_task(data_args: DataArguments) -> str:
     """The task name, validated: fails before the model or data are loaded."""
     if data_args.task_type not in TASK_TYPES:
-        raise ValueError(f"Unknown --task_type {data_args.task_type!r}: use one of {', '.join(TASK_TYPES)}.")
+        raise ValueError(
+            f"Unknown --task_type {data_args.task_type!r}: use one of {', '.join(TASK_TYPES)}."
+        )
     task = data_args.task_name
     if task is None:
         return "custom" if data_args.train_file else DEFAULT_TASKS[data_args.task_type]
@@ -271,7 +294,9 @@ def check_task(data_args: DataArguments) -> str:
 def load_raw_data(task: str, data_args: DataArguments):
     if data_args.train_file:
         if data_args.task_type == "instruction":
-            return grass_data.load_instruction_files(data_args.train_file, data_args.validation_file)
+            return grass_data.load_instruction_files(
+                data_args.train_file, data_args.validation_file
+            )
         raw = grass_data.load_classification_files(data_args.train_file, data_args.validation_file)
         if task in grass_data.GLUE_TASKS:
             for split in raw.values():
@@ -285,7 +310,10 @@ def load_raw_data(task: str, data_args: DataArguments):
 
 
 def _truncate(raw, data_args: DataArguments):
-    for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
+    for split, limit in (
+        ("train", data_args.max_train_samples),
+        ("validation", data_args.max_eval_samples),
+    ):
         if limit is not None and split in raw:
             raw[split] = raw[split].select(range(min(limit, len(raw[split]))))
     return raw
@@ -307,10 +335,11 @@ def _metric(task: str, num_labels: int):
 
 def build_classification(task, raw, tokenizer, model_path, model_args, max_len, dtype):
     num_labels = grass_data.infer_num_labels(raw["train"])
-    if task in grass_data.GLUE_TASKS and not (raw["train"].column_names and "sentence" in raw["train"].column_names or "sentence1" in raw["train"].column_names):
-        keys = grass_data.GLUE_TASKS[task][:2]
+    glue = grass_data.GLUE_TASKS.get(task)
+    if glue is not None and glue.sentence1_key in raw["train"].column_names:
+        keys = (glue.sentence1_key, glue.sentence2_key)  # the Hub's GLUE columns
     else:
-        keys = grass_data.sentence_keys(raw["train"])
+        keys = grass_data.sentence_keys(raw["train"])  # sentence or sentence1/sentence2
     datasets_ = grass_data.tokenize_classification(raw, tokenizer, max_len, *keys)
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path,
@@ -335,7 +364,9 @@ def build_instruction(raw, tokenizer, model_path, data_args, max_len, dtype):
     datasets_ = grass_data.tokenize_instruction(raw, tokenizer, max_len, data_args.prompt_template)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     model.config.pad_token_id = tokenizer.pad_token_id
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=grass_data.IGNORE_INDEX, padding=True)
+    collator = DataCollatorForSeq2Seq(
+        tokenizer, label_pad_token_id=grass_data.IGNORE_INDEX, padding=True
+    )
     return model, datasets_, collator
 
 
@@ -360,7 +391,9 @@ def write_generations(model, tokenizer, raw_validation, data_args, path: Path) -
     model.eval()
     device = next(model.parameters()).device
     records = []
-    for example in raw_validation.select(range(min(data_args.num_generations, len(raw_validation)))):
+    for example in raw_validation.select(
+        range(min(data_args.num_generations, len(raw_validation)))
+    ):
         prompt = grass_data.format_prompt(
             example["instruction"], example["input"], tokenizer, data_args.prompt_template
         )
@@ -376,7 +409,11 @@ def write_generations(model, tokenizer, raw_validation, data_args, path: Path) -
         )
         answer = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         records.append(
-            {"instruction": example["instruction"], "reference": example["output"], "generated": answer}
+            {
+                "instruction": example["instruction"],
+                "reference": example["output"],
+                "generated": answer,
+            }
         )
     with open(path, "w") as f:
         for r in records:
@@ -389,12 +426,17 @@ def write_generations(model, tokenizer, raw_validation, data_args, path: Path) -
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_args, data_args, args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True
-    )
-    for name in ("transformers", "datasets", "evaluate"):
-        logging.getLogger(name).setLevel(args.get_process_log_level())
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    log_level = args.get_process_log_level()
+    transformers.utils.logging.set_verbosity(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    for name in ("finetune", "hf_grass"):  # our own progress and the resource report
+        logging.getLogger(name).setLevel(
+            min(logging.INFO, log_level) if args.should_log else log_level
+        )
     method = method_name(args.optim, model_args.use_lora)
+    if args.include_num_input_tokens_seen == "no":
+        args.include_num_input_tokens_seen = "non_padding"  # tokens/s in the resource report
 
     # Bad input fails here, before the model is loaded or anything is written.
     task = check_task(data_args)
@@ -412,15 +454,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "folder: pass the checkpoint folder, or drop the flag."
             )
     elif resume is not None and not os.path.isdir(resume):
-        raise FileNotFoundError(f"--resume_from_checkpoint {resume} does not exist; pass a checkpoint folder.")
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {resume} does not exist; pass a checkpoint folder."
+        )
     model_path = resolve_model_path(model_args)
-    logger.info("Task %s (%s), model %s, method %s, output %s", task, data_args.task_type, model_path, method, args.output_dir)
+    logger.info(
+        "Task %s (%s), model %s, method %s, output %s",
+        task,
+        data_args.task_type,
+        model_path,
+        method,
+        args.output_dir,
+    )
 
     raw = _truncate(load_raw_data(task, data_args), data_args)
     if "validation" not in raw:
         logger.warning("No validation split: training only (pass --validation_file to evaluate).")
     max_len = data_args.max_seq_length or (64 if data_args.task_type == "classification" else 256)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except OSError as e:
+        raise OSError(
+            f"Cannot load {model_path}: {e}. Offline, pass a local folder to "
+            "--model_name_or_path, or leave it out to use the bundled SmolLM2-135M-Instruct."
+        ) from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = getattr(torch, model_args.model_dtype)
@@ -429,7 +486,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             task, raw, tokenizer, model_path, model_args, max_len, dtype
         )
     else:
-        model, tokenized, collator = build_instruction(raw, tokenizer, model_path, data_args, max_len, dtype)
+        model, tokenized, collator = build_instruction(
+            raw, tokenizer, model_path, data_args, max_len, dtype
+        )
         compute_metrics = None
     if model_args.use_lora:
         model = apply_lora(model, model_args, data_args.task_type)
@@ -462,9 +521,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         results["eval"] = metrics
-        if data_args.task_type == "instruction" and data_args.num_generations > 0 and args.should_save:
+        if (
+            data_args.task_type == "instruction"
+            and data_args.num_generations > 0
+            and args.should_save
+        ):
             path = Path(args.output_dir) / "generations.jsonl"
-            results["generations"] = write_generations(model, tokenizer, raw["validation"], data_args, path)
+            results["generations"] = write_generations(
+                model, tokenizer, raw["validation"], data_args, path
+            )
             logger.info("Wrote %d generated answers to %s", len(results["generations"]), path)
     if model_args.save_final_model:
         trainer.save_model()

@@ -14,6 +14,7 @@ from hf_grass.linear import GrassLinear, grassify
 from hf_grass.optim import GrassAdamW, clip_grad_norm_
 
 F64 = torch.float64
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 class _Net(nn.Module):
@@ -38,8 +39,8 @@ class _Net(nn.Module):
         return self.head(self.norm(h))
 
 
-def _setup(layerwise, accumulation=1, max_grad_norm=None, checkpointing=False):
-    model = _Net(checkpointing).double()
+def _setup(layerwise, accumulation=1, max_grad_norm=None, checkpointing=False, device="cpu"):
+    model = _Net(checkpointing).double().to(device)
     groups = grassify(
         model,
         rank=5,
@@ -210,6 +211,55 @@ def test_layerwise_on_a_grassified_llama_matches_ordinary_training():
     assert sum(isinstance(m, GrassLinear) for m in model.modules()) == 14
 
 
+def test_hf_trainer_with_accumulation_and_scheduler_matches_ordinary_training(tmp_path):
+    """Trainer: backward x N, optimizer.step(), scheduler.step(), model.zero_grad()."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(16):
+        ids = torch.randint(0, 64, (8,), generator=g)
+        data.append({"input_ids": ids, "labels": ids})
+
+    def train(layerwise):
+        model = copy.deepcopy(base)
+        opt = GrassAdamW(grassify(model, rank=8, update_proj_gap=2), lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + step))
+        if layerwise:
+            enable_layerwise(opt, model, gradient_accumulation_steps=2)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / str(layerwise)),
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            max_steps=4,
+            max_grad_norm=0.0,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+        )
+        Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, scheduler)).train()
+        return model
+
+    ref, model = train(False), train(True)
+    for p, q in zip(ref.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
+    assert not any(
+        torch.equal(p, q) for p, q in zip(base.parameters(), model.parameters(), strict=True)
+    )
+
+
 def test_bad_arguments_raise_clear_errors():
     model, opt, _, _ = _setup(True)
     with pytest.raises(ValueError, match="already enabled"):
@@ -223,3 +273,21 @@ def test_bad_arguments_raise_clear_errors():
         enable_layerwise(opt, model, max_grad_norm=-1.0)
     with pytest.raises(ValueError, match="not in the optimizer"):
         enable_layerwise(opt, [nn.Parameter(torch.zeros(2))])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_on_each_device_layerwise_with_accumulation_equals_stepping_after_backward(device):
+    ref, ref_opt, _, _ = _setup(False, device=device)
+    model, opt, _, _ = _setup(True, accumulation=2, max_grad_norm=0.05, device=device)
+    for window in _batches(4, 2):
+        for ids, target in window:
+            batch = ids.to(device), target.to(device)
+            _loss(ref, batch).backward()
+            _loss(model, batch).backward()
+        for p in ref.parameters():
+            clip_grad_norm_([p], 0.05)
+        for o in (ref_opt, opt):
+            o.step()
+            o.zero_grad()
+        for p, q in zip(ref.parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(q, p, rtol=0, atol=1e-10)

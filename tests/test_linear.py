@@ -16,6 +16,7 @@ from hf_grass.optim import GrassAdamW
 from hf_grass.targets import grass_param_groups
 
 F64 = torch.float64
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _layer_and_optimizer(m, n, rank, side, selection, bias, dtype=F64, gap=1000, seed=0):
@@ -42,6 +43,7 @@ def _full_gradients(layer, x):
     xr = x.detach().clone().requires_grad_()
     y = nn.functional.linear(xr, w, b)
     probe = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(7))
+    probe = probe.to(y.device)
     (y * probe).sum().backward()
     return xr.grad, w.grad, None if b is None else b.grad, probe
 
@@ -154,6 +156,23 @@ def test_grassified_training_equals_grass_adamw_on_full_gradients(selection):
             m(x).square().mean().backward()
             o.step()
             o.zero_grad()
+        for p, q in zip(reference.parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
+
+
+def test_module_zero_grad_is_enough_between_steps():
+    """HF Trainer calls model.zero_grad(), which leaves compressed_grad alone: it must not leak."""
+    reference = _mlp()
+    model = copy.deepcopy(reference)
+    options = dict(rank=4, update_proj_gap=2)
+    ref_opt = GrassAdamW(grass_param_groups(reference, **options), lr=1e-2)
+    opt = GrassAdamW(grassify(model, **options), lr=1e-2)
+    for _ in range(5):
+        x = torch.randn(4, 12, dtype=F64)
+        for m, o in ((reference, ref_opt), (model, opt)):
+            m(x).square().mean().backward()
+            o.step()
+            m.zero_grad()
         for p, q in zip(reference.parameters(), model.parameters(), strict=True):
             torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
 
@@ -411,3 +430,37 @@ def test_pure_bf16_weights_train_with_compressed_gradients():
         torch.testing.assert_close(got.float() / scale, want / scale, rtol=0, atol=3e-2)
     opt.step()
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("side", ["rows", "cols"])
+def test_on_each_device_compressed_gradient_and_bf16_autocast(side, device):
+    layer, opt = _layer_and_optimizer(48, 32, 8, side, "multinomial", True)
+    layer.to(device)
+    projection = layer.weight.grass_projection
+    for _ in range(2):  # a selection step, then an ordinary one
+        x = torch.randn(2, 5, 32, dtype=F64, device=device)
+        grad_x, full, grad_b, probe = _full_gradients(layer, x)
+        got_x = _backward(layer, x, probe)
+        oriented = full if side == "rows" else full.t()
+        expected = projection.rho.to(F64)[:, None] * oriented[projection.rows]
+        torch.testing.assert_close(layer.weight.compressed_grad, expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(got_x, grad_x, rtol=0, atol=1e-12)
+        torch.testing.assert_close(layer.bias.grad, grad_b, rtol=0, atol=1e-12)
+        opt.step()
+        opt.zero_grad()
+
+    layer.float()
+    x = torch.randn(2, 5, 32, device=device, requires_grad=True)
+    probe = torch.randn(2, 5, 48, device=device)
+    (layer(x) * probe).sum().backward()
+    reference = layer.weight.compressed_grad.clone()
+    opt.zero_grad()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    (y.float() * probe).sum().backward()
+    got = layer.weight.compressed_grad
+    assert got.dtype == torch.float32 and layer.bias.grad.dtype == torch.float32
+    scale = reference.abs().max()
+    torch.testing.assert_close(got / scale, reference / scale, rtol=0, atol=2e-2)

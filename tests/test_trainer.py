@@ -330,11 +330,34 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     for n, p in resumed.model.named_parameters():
         assert torch.equal(p, expected[n]), n
     rows = [
-        {n: t.optimizer.optimizer.state[p]["rows"] for n, p in t.model.named_parameters() if "proj" in n}
+        {
+            n: t.optimizer.optimizer.state[p]["rows"]
+            for n, p in t.model.named_parameters()
+            if "proj" in n
+        }
         for t in (full, resumed)
     ]
     assert rows[0].keys() == rows[1].keys() and len(rows[0]) == 14
     assert all(torch.equal(rows[0][n], rows[1][n]) for n in rows[0])
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    """A Grass checkpoint, an AdamW one, and a Grass one without grass_config.json."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    paths = {}
+    for name, optim in (("grass", "grass"), ("adamw", "adamw_torch")):
+        args = make_args(root / name, optim=optim, max_steps=2, save_strategy="steps", save_steps=2)
+        GrassTrainer(
+            model=tiny_classifier(), args=args, train_dataset=classification_data(n=24)
+        ).train()
+        paths[name] = str(root / name / "out" / "checkpoint-2")
+    paths["bare"] = str(root / "bare")
+    shutil.copytree(paths["grass"], paths["bare"])
+    os.remove(os.path.join(paths["bare"], "grass_config.json"))
+    return paths
 
 
 def _digest(folder) -> dict[str, str]:
@@ -347,36 +370,27 @@ def _digest(folder) -> dict[str, str]:
 @pytest.mark.parametrize(
     "saved, resumed, match",
     [
-        (dict(optim="adamw_torch"), dict(), "another optimizer or Grass setting"),
-        (dict(), dict(optim="adamw_torch"), "saved by Grass"),
-        (dict(), dict(grass_rank=4), "rank: checkpoint 8, now 4"),
+        # AdamW state into GrassAdamW: GrassAdamW.load_state_dict's own check, surfaced clearly.
+        ("adamw", dict(), "another optimizer or Grass setting"),
+        ("grass", dict(optim="adamw_torch"), "saved by Grass"),
+        ("grass", dict(grass_rank=4), "rank: checkpoint 8, now 4"),
+        ("bare", dict(grass_rank=4), "another optimizer or Grass setting"),
     ],
 )
-def test_resume_with_another_method_or_rank_fails_cleanly(tmp_path, saved, resumed, match):
-    data = classification_data(n=24)
-    args = make_args(tmp_path / "a", max_steps=2, save_strategy="steps", save_steps=2, **saved)
-    GrassTrainer(model=tiny_classifier(), args=args, train_dataset=data).train()
-    checkpoint = str(tmp_path / "a" / "out" / "checkpoint-2")
+def test_resume_with_another_method_or_rank_fails_cleanly(
+    tmp_path, checkpoints, saved, resumed, match
+):
+    checkpoint = checkpoints[saved]
     before = _digest(checkpoint)
-    args = make_args(tmp_path / "b", max_steps=4, save_strategy="steps", save_steps=2, **resumed)
-    trainer = GrassTrainer(model=tiny_classifier(), args=args, train_dataset=data)
+    args = make_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, **resumed)
+    trainer = GrassTrainer(
+        model=tiny_classifier(), args=args, train_dataset=classification_data(n=24)
+    )
     with pytest.raises(ValueError, match=match) as err:
         trainer.train(resume_from_checkpoint=checkpoint)
     assert "Resume with the flags it was trained with" in str(err.value)
     assert _digest(checkpoint) == before
-
-
-def test_optimizer_load_state_dict_mismatch_is_reported(tmp_path):
-    """Without grass_config.json (e.g. removed), GrassAdamW's own check surfaces clearly."""
-    data = classification_data(n=24)
-    args = make_args(tmp_path / "a", max_steps=2, save_strategy="steps", save_steps=2)
-    GrassTrainer(model=tiny_classifier(), args=args, train_dataset=data).train()
-    checkpoint = tmp_path / "a" / "out" / "checkpoint-2"
-    (checkpoint / "grass_config.json").unlink()
-    args = make_args(tmp_path / "b", max_steps=4, grass_rank=4)
-    trainer = GrassTrainer(model=tiny_classifier(), args=args, train_dataset=data)
-    with pytest.raises(ValueError, match="another optimizer or Grass setting"):
-        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert not os.path.exists(tmp_path / "out" / "checkpoint-4")
 
 
 @pytest.mark.parametrize("head", ["classifier", "lm"])
