@@ -3,9 +3,13 @@
 Part A, optimizer ``step()`` only (issue 2): fixed random gradients on every parameter, the same
 tensors for every optimizer; each optimizer owns a copy of the model. Steps are interleaved
 (one step of each optimizer per round, medians over the rounds) so that load on a shared machine
-hits all of them alike. The re-selection step (Grass: row norms + top-r + moment re-mapping;
-GaLore: one SVD per matrix) is timed separately with ``update_proj_gap=1`` (every step refreshes)
-and amortized over K = 200: ``amortized = regular + (refresh - regular) / K``.
+hits all of them alike. A refresh step (every K-th: Grass re-selects rows from the gradient's row
+norms, GaLore runs one SVD per matrix) is timed separately and amortized over K = 200:
+``amortized = regular + (refresh - regular) / K``. Grass's refresh is forced (step counters set
+to the next multiple of K); GaLore's is its step 0 (an SVD step; a throw-away SVD at start-up
+keeps LAPACK's first-call cost out of it), so that the slow SVD runs once per rank only.
+"Grass, dense path" is GrassAdamW with no projected group: its plain-AdamW code on every
+parameter, which is what embeddings and lm_head cost inside Grass.
 
 Part B, the whole training step, forward + backward + step (issue 3): AdamW, GaLore, Grass on
 full gradients (``.grad``, compressed by the optimizer) and Grass with the compressed-gradient
@@ -22,7 +26,12 @@ Model: "20m-wide" (hidden 384, FFN 1024, 6 heads, 8 layers, vocab 8000: 20.3M pa
 the projected matrices); r = hidden/8 = 48 and hidden/4 = 96, K = 200, fp32, batch 4 x 128
 tokens. ``--extra-model 20m`` also runs part A on the package's "20m" preset (84% embeddings).
 
-Run: ``.venv/bin/python benchmarks/bench_step_time.py`` (about 3-4 minutes on 2 cores).
+Threads: one by default. On a machine shared with other jobs, torch's two OpenMP threads stall at
+every barrier whenever the other core is busy, and steps of 0.6 s became 5-10 s at random, which
+interleaving cannot average out; one thread is slowed at most by the share of its core. Pass
+``--threads 2`` on a quiet machine.
+
+Run: ``.venv/bin/python benchmarks/bench_step_time.py`` (about 4 minutes on a quiet 2-core CPU).
 """
 
 from __future__ import annotations
@@ -64,6 +73,8 @@ def make_optimizer(method: str, model, rank: int | None, gap: int = K, lr: float
         return C.new_galore(C.galore_groups(projected, other, rank, update_proj_gap=gap), lr=lr)
     if method == "grass":
         return GrassAdamW(grass_param_groups(model, rank=rank, update_proj_gap=gap), lr=lr)
+    if method == "grass_dense":
+        return GrassAdamW(model.parameters(), lr=lr)
     if method == "grassify":
         return GrassAdamW(grassify(model, rank=rank, update_proj_gap=gap), lr=lr)
     raise ValueError(method)
@@ -91,6 +102,7 @@ def label(method: str, rank: int | None) -> str:
         "adamw_fused": "AdamW (fused)",
         "galore": "GaLore",
         "grass": "Grass, full grad",
+        "grass_dense": "Grass, dense path (no projection)",
         "grassify": "Grass, compressed bwd",
     }
     return names[method] + (f" r={rank}" if rank else "")
@@ -119,26 +131,28 @@ def bench_optimizer_step(model_name: str, ranks: list[int], reps: int, refresh_r
             p.grad = grads[n]
         return m
 
-    runs = [("adamw", None), ("adamw_fused", None)]
+    runs = [("adamw", None), ("adamw_fused", None), ("grass_dense", None)]
     runs += [
-        (meth, r)
-        for r in ranks
-        for meth in ("galore", "grass")
-        if meth != "galore" or C.import_galore()
+        (m, r) for r in ranks for m in ("galore", "grass") if m != "galore" or C.import_galore()
     ]
-    opts = {(meth, r): make_optimizer(meth, with_grads(), r) for meth, r in runs}
-    refresh = {
-        (meth, r): make_optimizer(meth, with_grads(), r, gap=1) for meth, r in runs if r is not None
-    }
-    for (
-        opt
-    ) in opts.values():  # warm-up: state creation and the first refresh, then one regular step
+    opts = {(m, r): make_optimizer(m, with_grads(), r) for m, r in runs}
+    t_first = {}
+    for key, opt in opts.items():  # warm-up: step 0 (state creation, first refresh), step 1
+        t0 = time.perf_counter()
         opt.step()
-        opt.step()
-    for opt in refresh.values():
+        t_first[key] = time.perf_counter() - t0
         opt.step()
     t_reg = interleaved({k: o.step for k, o in opts.items()}, reps)
-    t_ref = interleaved({k: o.step for k, o in refresh.items()}, refresh_reps)
+
+    def forced(key):
+        def run():
+            force_refresh(key[0], opts[key])
+            opts[key].step()
+
+        return run
+
+    t_ref = interleaved({k: forced(k) for k in opts if k[0] == "grass"}, refresh_reps)
+    t_ref.update({k: [t_first[k]] for k in opts if k[0] == "galore"})
 
     out = {}
     for key in opts:
@@ -149,13 +163,12 @@ def bench_optimizer_step(model_name: str, ranks: list[int], reps: int, refresh_r
             "method": key[0],
             "rank": key[1],
             "step_s": reg,
+            "min_step_s": min(t_reg[key]),
             "refresh_step_s": ref,
             "amortized_s": amort,
             "raw_step_s": t_reg[key],
             "raw_refresh_s": t_ref.get(key),
         }
-    del opts, refresh
-    gc.collect()
     return {"model": model_name, "params": sum(g.numel() for g in grads.values()), "results": out}
 
 
@@ -176,13 +189,18 @@ class Trainer:
         self.opt = make_optimizer(method, self.model, rank)
         self.tokens = tokens
         self.grad_bytes: list[int] = []
+        self.phases: list[tuple[float, float, float]] = []  # forward, backward, step (s)
 
     def step(self) -> None:
+        t0 = time.perf_counter()
         loss = self.model(input_ids=self.tokens, labels=self.tokens).loss
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
         self.grad_bytes.append(grad_bytes(self.model))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        self.phases.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
 
     def refresh_step(self) -> None:
         force_refresh(self.method, self.opt)
@@ -221,13 +239,22 @@ def bench_train_step(
         notes.append("Grass compressed backward skipped: hf_grass.grassify does not exist yet.")
 
     trainers = {(m, r): Trainer(m, r, base, tokens) for m, r in runs}
-    for t in trainers.values():  # warm-up: step 0 selects rows / runs the SVD
+    t_first = {}
+    for key, t in trainers.items():  # warm-up: step 0 selects rows / runs the SVD
+        t0 = time.perf_counter()
         t.step()
+        t_first[key] = time.perf_counter() - t0
     t_reg = interleaved({k: t.step for k, t in trainers.items()}, reps)
+    phases = {
+        k: [statistics.median(x) for x in zip(*t.phases[1:], strict=True)]
+        for k, t in trainers.items()
+    }
     regular_grad_bytes = {k: t.grad_bytes[-1] for k, t in trainers.items()}
-    projected_runs = {k: t for k, t in trainers.items() if k[1] is not None}
-    t_ref = interleaved({k: t.refresh_step for k, t in projected_runs.items()}, refresh_reps)
-    refresh_grad_bytes = {k: t.grad_bytes[-1] for k, t in projected_runs.items()}
+    # Refresh: forced for Grass (cheap); GaLore's step 0 (its SVD) stands for its refresh step.
+    grass_runs = {k: t for k, t in trainers.items() if k[0] in ("grass", "grassify")}
+    t_ref = interleaved({k: t.refresh_step for k, t in grass_runs.items()}, refresh_reps)
+    t_ref.update({k: [t_first[k]] for k in trainers if k[0] == "galore"})
+    refresh_grad_bytes = {k: t.grad_bytes[-1] for k, t in grass_runs.items()}
 
     # FLOPs: one backward of each distinct kind, on a regular (non-refresh) step.
     frozen = copy.deepcopy(base)
@@ -262,6 +289,10 @@ def bench_train_step(
             "method": m,
             "rank": r,
             "step_s": reg,
+            "min_step_s": min(t_reg[key]),
+            "forward_s": phases[key][0],
+            "backward_s": phases[key][1],
+            "optimizer_s": phases[key][2],
             "refresh_step_s": ref,
             "amortized_s": amort,
             "grad_bytes_before_step": regular_grad_bytes[key],
@@ -282,6 +313,7 @@ def bench_train_step(
         "model": model_name,
         "batch": batch,
         "seq": seq,
+        "reps": reps,
         "backward_flops_dense": flops_dense,
         "backward_flops_frozen_projected": flops_frozen,
         "notes": notes,
@@ -328,39 +360,40 @@ def print_train_table(res: dict) -> None:
             [
                 name,
                 f"{e['step_s']:.3f}",
-                f"{e['refresh_step_s']:.3f}" if e["refresh_step_s"] is not None else "-",
+                f"{e['forward_s']:.3f} / {e['backward_s']:.3f} / {e['optimizer_s']:.3f}",
+                f"{e['refresh_step_s']:.2f}" if e["refresh_step_s"] is not None else "-",
                 f"{e['amortized_s']:.3f}",
                 f"{e['amortized_s'] / a['amortized_s']:.2f}",
+                f"{e['backward_s'] / a['backward_s']:.2f}",
                 C.mb(e["grad_bytes_before_step"]),
                 f"{e['grad_bytes_before_step'] / a['grad_bytes_before_step']:.3f}",
                 f"{e['backward_flops'] / 1e9:.2f}",
                 f"{e['backward_flops'] / a['backward_flops']:.3f}",
-                f"{e['weight_grad_flops_projected'] / a['weight_grad_flops_projected']:.4f}",
-                f"{e['expected_weight_grad_ratio']:.4f}",
+                f"{e['weight_grad_flops_projected'] / a['weight_grad_flops_projected']:.4f}"
+                f" ({e['expected_weight_grad_ratio']:.4f})",
             ]
         )
     print(
         f"\nPart B: training step (forward + backward + step), {res['model']}, fp32, batch "
-        f"{res['batch']} x {res['seq']} tokens; grad MB = .grad + .compressed_grad right before step()"
+        f"{res['batch']} x {res['seq']} tokens, medians of {res['reps']} interleaved rounds; "
+        "grad MB = .grad + .compressed_grad right before step(); W-grad = weight-gradient "
+        "FLOPs of the projected layers (expected r-ratio in brackets)"
     )
-    print(
-        C.fmt_table(
-            [
-                "method",
-                "s/step",
-                "refresh s",
-                f"amortized s (K={K})",
-                "vs AdamW",
-                "grad MB",
-                "vs AdamW",
-                "bwd GFLOP",
-                "vs AdamW",
-                "W-grad FLOP ratio",
-                "expected",
-            ],
-            rows,
-        )
-    )
+    headers = [
+        "method",
+        "s/step",
+        "fwd / bwd / opt s",
+        "refresh s",
+        f"amortized s (K={K})",
+        "vs AdamW",
+        "bwd time vs AdamW",
+        "grad MB",
+        "vs AdamW",
+        "bwd GFLOP",
+        "vs AdamW",
+        "W-grad FLOP ratio",
+    ]
+    print(C.fmt_table(headers, rows))
     for note in res["notes"]:
         print("NOTE:", note)
 
@@ -384,13 +417,13 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--parts", default="A,B", help="A: optimizer step() only, B: training step")
     ap.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: torch's, one per core)"
+        "--threads", type=int, default=1, help="torch threads (default 1: see the module docstring)"
     )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     t0 = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    torch.linalg.svd(torch.randn(256, 128))  # LAPACK's first-call set-up, not GaLore's refresh
     torch.manual_seed(0)
     hidden = C.LLAMA_CONFIGS[args.model]["hidden_size"]
     ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else [hidden // 8, hidden // 4]
@@ -428,7 +461,7 @@ def main() -> None:
         )
     if results["train_step"]:
         print_train_table(results["train_step"])
-    path = C.write_json("step_time.json", results, args.out)
+    path = C.write_json(f"step_time_{args.model}.json", results, args.out)
     print(f"\nwrote {path} (total {results['wall_s']:.0f} s)")
 
 

@@ -468,6 +468,7 @@ def main() -> None:
         if left < 15:
             results[method] = {"method": method, "status": "skipped", "note": "time budget spent"}
             continue
+        print(f"{method}: running ({time.perf_counter() - t0:.0f} s elapsed)", flush=True)
         r = run_method(method, args, timeout=min(args.method_timeout_s, left))
         results[method] = r
         if r.get("status") == "ok":

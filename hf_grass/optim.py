@@ -29,6 +29,7 @@ from collections.abc import Iterable
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.adamw import adamw as torch_adamw
 
 from .selection import SELECTIONS, select_rows
 
@@ -195,7 +196,9 @@ class GrassAdamW(Optimizer):
         return self._group_index[id(p)]
 
     def _param_index(self, p: torch.Tensor) -> int:
-        return next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
+        return next(
+            i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p
+        )
 
     # ------------------------------------------------------------------------------------ steps
     @torch.no_grad()
@@ -206,20 +209,62 @@ class GrassAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                self._step_param(p, group)
+            if "rank" in group:
+                for p in group["params"]:
+                    self._projected_step(p, group)
+            else:
+                self._dense_steps([p for p in group["params"] if p.grad is not None], group)
         return loss
 
     @torch.no_grad()
     def step_param(self, p: torch.Tensor) -> None:
         """Update one parameter from its gradient (used by layer-wise training)."""
-        self._step_param(p, self._group_of(p))
-
-    def _step_param(self, p: torch.Tensor, group: dict) -> None:
+        group = self._group_of(p)
         if "rank" in group:
             self._projected_step(p, group)
         elif p.grad is not None:
-            self._dense_step(p, p.grad, group)
+            self._dense_steps([p], group)
+
+    def _dense_steps(self, params: list[torch.Tensor], group: dict) -> None:
+        """Plain AdamW. Parameters whose state has their own dtype go through torch's own
+        (foreach/fused-capable) AdamW kernel; low-precision ones with float32 state or
+        stochastic rounding through :meth:`_dense_step`."""
+        fast = []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                sdt = group["state_dtype"] or p.dtype
+                state["exp_avg"] = torch.zeros_like(
+                    p, dtype=sdt, memory_format=torch.preserve_format
+                )
+                state["exp_avg_sq"] = torch.zeros_like(
+                    p, dtype=sdt, memory_format=torch.preserve_format
+                )
+            plain = state["exp_avg"].dtype == p.dtype and not (
+                group["stochastic_rounding"] and p.dtype == torch.bfloat16
+            )
+            if plain and not p.grad.is_sparse:
+                fast.append(p)
+            else:
+                self._dense_step(p, p.grad, group)
+        if fast:
+            beta1, beta2 = group["betas"]
+            torch_adamw(
+                fast,
+                [p.grad for p in fast],
+                [self.state[p]["exp_avg"] for p in fast],
+                [self.state[p]["exp_avg_sq"] for p in fast],
+                [],
+                [self.state[p]["step"] for p in fast],
+                amsgrad=False,
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=False,
+            )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
@@ -230,11 +275,6 @@ class GrassAdamW(Optimizer):
 
     def _dense_step(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            sdt = group["state_dtype"] or p.dtype
-            state["exp_avg"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
         state["step"] += 1
         cdt = _compute_dtype(p)
         direction = _adam_direction(grad.to(cdt), state, group, state["step"].to(cdt))
@@ -263,11 +303,15 @@ class GrassAdamW(Optimizer):
         state["step"] += 1
         state["row_step"] += 1
         cdt = _compute_dtype(p)
-        direction = _adam_direction(compressed.to(cdt), state, group, state["row_step"].to(cdt)[:, None])
+        direction = _adam_direction(
+            compressed.to(cdt), state, group, state["row_step"].to(cdt)[:, None]
+        )
         update = direction.mul_(state["rho"].to(cdt)[:, None] * (-group["lr"] * group["scale"]))
         rows = state["unique_rows"]
         if rows.numel() != state["rows"].numel():
-            update = update.new_zeros(rows.numel(), update.shape[1]).index_add_(0, state["inverse"], update)
+            update = update.new_zeros(rows.numel(), update.shape[1]).index_add_(
+                0, state["inverse"], update
+            )
         view = _oriented(p, projection.side)
         w = view[rows].to(cdt)
         if group["weight_decay"]:
@@ -350,7 +394,9 @@ class GrassAdamW(Optimizer):
             if pid not in saved_state:
                 continue
             state = {
-                k: v.to(p.device) if isinstance(v, torch.Tensor) and k not in ("step", "rng", "selected_step") else v
+                k: v.to(p.device)
+                if isinstance(v, torch.Tensor) and k not in ("step", "rng", "selected_step")
+                else v
                 for k, v in saved_state[pid].items()
             }
             _check_state_shapes(p, state, self._group_of(p))
@@ -362,7 +408,9 @@ def _compute_dtype(p: torch.Tensor) -> torch.dtype:
     return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
 
 
-def _adam_direction(grad: torch.Tensor, state: dict, group: dict, step: torch.Tensor) -> torch.Tensor:
+def _adam_direction(
+    grad: torch.Tensor, state: dict, group: dict, step: torch.Tensor
+) -> torch.Tensor:
     """Update Adam's moments with ``grad`` and return the bias-corrected direction.
 
     ``step`` is a scalar or a per-row column (r x 1) of step counts, in the compute dtype.
@@ -402,15 +450,21 @@ def _validate_projected_group(group: dict) -> None:
         raise ValueError(f"Invalid rank: {rank!r}; use an integer rank >= 1.")
     gap = group["update_proj_gap"]
     if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
-        raise ValueError(f"Invalid update_proj_gap: {gap!r}; use an integer >= 1 (steps between re-selections).")
+        raise ValueError(
+            f"Invalid update_proj_gap: {gap!r}; use an integer >= 1 (steps between re-selections)."
+        )
     if group["selection"] not in SELECTIONS:
-        raise ValueError(f"Unknown selection {group['selection']!r}: use one of {', '.join(SELECTIONS)}.")
+        raise ValueError(
+            f"Unknown selection {group['selection']!r}: use one of {', '.join(SELECTIONS)}."
+        )
     if group["reselect_state"] not in RESELECT_STATES:
         raise ValueError(
             f"Unknown reselect_state {group['reselect_state']!r}: use one of {', '.join(RESELECT_STATES)}."
         )
     if group["proj_side"] not in PROJ_SIDES:
-        raise ValueError(f"Unknown proj_side {group['proj_side']!r}: use one of {', '.join(PROJ_SIDES)}.")
+        raise ValueError(
+            f"Unknown proj_side {group['proj_side']!r}: use one of {', '.join(PROJ_SIDES)}."
+        )
     if not group["scale"] > 0:
         raise ValueError(f"Invalid scale: {group['scale']!r}; use scale > 0.")
     for p in group["params"]:
@@ -445,7 +499,9 @@ def _check_state_shapes(p: torch.Tensor, state: dict, group: dict) -> None:
         )
 
 
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+def clip_grad_norm_(
+    parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0
+) -> torch.Tensor:
     """:func:`torch.nn.utils.clip_grad_norm_` over ``.grad`` and ``.compressed_grad`` alike.
 
     The compressed gradients of a grassified model live in ``param.compressed_grad``; stock
