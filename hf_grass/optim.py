@@ -210,8 +210,7 @@ class GrassAdamW(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             if "rank" in group:
-                for p in group["params"]:
-                    self._projected_step(p, group)
+                self._projected_steps(group["params"], group)
             else:
                 self._dense_steps([p for p in group["params"] if p.grad is not None], group)
         return loss
@@ -221,7 +220,7 @@ class GrassAdamW(Optimizer):
         """Update one parameter from its gradient (used by layer-wise training)."""
         group = self._group_of(p)
         if "rank" in group:
-            self._projected_step(p, group)
+            self._projected_steps([p], group)
         elif p.grad is not None:
             self._dense_steps([p], group)
 
@@ -284,40 +283,92 @@ class GrassAdamW(Optimizer):
         w = w.add(direction, alpha=-group["lr"])
         p.copy_(_round_to(w, p.dtype, group["stochastic_rounding"]))
 
-    def _projected_step(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
+    def _compressed_gradient(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The step's compressed gradient of ``p``: ``p.compressed_grad``, or ``.grad`` compressed
+        (selecting rows first when the schedule says so)."""
         projection: GrassProjection = p.grass_projection
         compressed = getattr(p, "compressed_grad", None)
         if compressed is None:
             if p.grad is None:
-                return
+                return None
             if projection.needs_full_gradient():
                 self._select(p, p.grad)
-            compressed = projection.compress(p.grad)
-        elif projection.needs_full_gradient():
+            return projection.compress(p.grad)
+        if projection.needs_full_gradient():
             raise RuntimeError(
                 "GrassAdamW got a compressed gradient on a step that re-selects rows, before the "
                 "rows were selected: deliver a full gradient when "
                 "param.grass_projection.needs_full_gradient() is True (or call its select())."
             )
-        state["step"] += 1
-        state["row_step"] += 1
-        cdt = _compute_dtype(p)
-        direction = _adam_direction(
-            compressed.to(cdt), state, group, state["row_step"].to(cdt)[:, None]
+        return compressed
+
+    def _projected_steps(self, params: list[torch.Tensor], group: dict) -> None:
+        """Grass steps for the projected ``params`` of ``group``.
+
+        The Adam arithmetic on the compressed (r x k) tensors runs as ``torch._foreach_*`` ops
+        over all parameters of one dtype at once: a model has hundreds of projected matrices and
+        per-matrix kernel launches would dominate the step on a GPU.
+        """
+        batches: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for p in params:
+            compressed = self._compressed_gradient(p)
+            if compressed is not None:
+                batches.setdefault(_compute_dtype(p), []).append((p, compressed))
+        for cdt, batch in batches.items():
+            self._projected_batch([p for p, _ in batch], [c.to(cdt) for _, c in batch], group, cdt)
+
+    def _projected_batch(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict, cdt: torch.dtype
+    ) -> None:
+        beta1, beta2 = group["betas"]
+        states = [self.state[p] for p in params]
+        torch._foreach_add_([s["step"] for s in states], 1)
+        counts = [s["row_step"] for s in states]
+        torch._foreach_add_(counts, 1)
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        ms = [m.to(cdt) for m in exp_avgs]
+        vs = [v.to(cdt) for v in exp_avg_sqs]
+        torch._foreach_lerp_(ms, grads, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+        if ms[0] is not exp_avgs[0]:
+            torch._foreach_copy_(exp_avgs, ms)
+            torch._foreach_copy_(exp_avg_sqs, vs)
+        # Per-row bias correction: rows kept across a re-selection have seen more steps.
+        t = [c.to(cdt)[:, None] for c in counts]
+        bias_correction1 = torch._foreach_pow(beta1, t)
+        torch._foreach_neg_(bias_correction1)
+        torch._foreach_add_(bias_correction1, 1)
+        bias_correction2_sqrt = torch._foreach_pow(beta2, t)
+        torch._foreach_neg_(bias_correction2_sqrt)
+        torch._foreach_add_(bias_correction2_sqrt, 1)
+        torch._foreach_sqrt_(bias_correction2_sqrt)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, group["eps"])
+        updates = torch._foreach_div(ms, bias_correction1)
+        torch._foreach_div_(updates, denom)
+        factors = torch._foreach_mul(
+            [s["rho"].to(cdt)[:, None] for s in states], -group["lr"] * group["scale"]
         )
-        update = direction.mul_(state["rho"].to(cdt)[:, None] * (-group["lr"] * group["scale"]))
-        rows = state["unique_rows"]
-        if rows.numel() != state["rows"].numel():
-            update = update.new_zeros(rows.numel(), update.shape[1]).index_add_(
-                0, state["inverse"], update
-            )
-        view = _oriented(p, projection.side)
-        w = view[rows].to(cdt)
-        if group["weight_decay"]:
-            w.mul_(1 - group["lr"] * group["weight_decay"])
-        w.add_(update)
-        view[rows] = _round_to(w, p.dtype, group["stochastic_rounding"])
+        torch._foreach_mul_(updates, factors)
+        decay = 1 - group["lr"] * group["weight_decay"]
+        for p, state, update in zip(params, states, updates, strict=True):
+            view = _oriented(p, p.grass_projection.side)
+            if p.dtype == cdt and decay == 1:
+                view.index_add_(0, state["rows"], update)  # repeated rows add up
+                continue
+            rows = state["unique_rows"]
+            if rows.numel() != state["rows"].numel():
+                update = update.new_zeros(rows.numel(), update.shape[1]).index_add_(
+                    0, state["inverse"], update
+                )
+            w = view[rows].to(cdt)
+            if decay != 1:
+                w.mul_(decay)
+            w.add_(update)
+            view[rows] = _round_to(w, p.dtype, group["stochastic_rounding"])
 
     # -------------------------------------------------------------------------------- selection
     @torch.no_grad()
