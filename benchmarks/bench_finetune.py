@@ -35,18 +35,32 @@ def main() -> None:
     results = {}
     for name in args.methods:
         out_dir = ROOT / "outputs" / f"bench-{name}"
-        cmd = [sys.executable, str(ROOT / "scripts/finetune.py"), *METHODS[name], "--output_dir", str(out_dir), *extra]
+        cmd = [
+            sys.executable,
+            str(ROOT / "scripts/finetune.py"),
+            *METHODS[name],
+            "--output_dir",
+            str(out_dir),
+            *extra,
+        ]
         print("$", " ".join(cmd[1:]), flush=True)
         start = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=ROOT)
         wall = time.perf_counter() - start
         metrics = json.loads((out_dir / "eval_results.json").read_text())
         report = json.loads((out_dir / "resource_report.json").read_text())
-        results[name] = {"command": " ".join(cmd[1:]), "wall_s": wall, "eval": metrics, "report": report}
+        results[name] = {
+            "command": " ".join(cmd[1:]),
+            "wall_s": wall,
+            "eval": metrics,
+            "report": report,
+        }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))
     base = results.get("adamw")
-    print("\n| method | val acc | optimizer state MB | peak grad MB | peak RSS MiB | s/step | tokens/s | wall s |")
+    print(
+        "\n| method | val acc | optimizer state MB | peak grad MB | peak RSS MiB | s/step | tokens/s | wall s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         rep = r["report"]
@@ -60,8 +74,10 @@ def main() -> None:
         print("\nratios to AdamW (state, peak grad, s/step):")
         for name, r in results.items():
             rep = r["report"]
-            print(f"  {name}: {rep['optimizer_state_bytes'] / b['optimizer_state_bytes']:.3f}, "
-                  f"{rep['peak_grad_bytes'] / b['peak_grad_bytes']:.3f}, {rep['s_per_step'] / b['s_per_step']:.3f}")
+            print(
+                f"  {name}: {rep['optimizer_state_bytes'] / b['optimizer_state_bytes']:.3f}, "
+                f"{rep['peak_grad_bytes'] / b['peak_grad_bytes']:.3f}, {rep['s_per_step'] / b['s_per_step']:.3f}"
+            )
 
 
 if __name__ == "__main__":

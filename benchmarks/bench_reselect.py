@@ -65,8 +65,16 @@ def train(method: dict, args, train_data, eval_data) -> dict:
     elapsed = time.perf_counter() - start
     model.eval()
     with torch.no_grad():
-        losses = [model(input_ids=ids, labels=ids).loss.item() for ids in batches(eval_data, 20, args.batch, args.seq, seed=2)]
-    return {**method, "eval_loss": sum(losses) / len(losses), "train_loss": loss.item(), "seconds": elapsed}
+        losses = [
+            model(input_ids=ids, labels=ids).loss.item()
+            for ids in batches(eval_data, 20, args.batch, args.seq, seed=2)
+        ]
+    return {
+        **method,
+        "eval_loss": sum(losses) / len(losses),
+        "train_loss": loss.item(),
+        "seconds": elapsed,
+    }
 
 
 def main() -> None:
@@ -91,10 +99,15 @@ def main() -> None:
     for method in methods:
         results.append(train(method, args, data[:split], data[split:]))
         r = results[-1]
-        print(f"{r['name']:6} {r['selection']:15} {r['reselect_state']:6} eval loss {r['eval_loss']:.4f}  ({r['seconds']:.0f} s)", flush=True)
+        print(
+            f"{r['name']:6} {r['selection']:15} {r['reselect_state']:6} eval loss {r['eval_loss']:.4f}  ({r['seconds']:.0f} s)",
+            flush=True,
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    print(f"\nrank {args.rank} of 128/344, K={args.gap}, {args.steps} steps; eval loss (nats/byte):")
+    print(
+        f"\nrank {args.rank} of 128/344, K={args.gap}, {args.steps} steps; eval loss (nats/byte):"
+    )
     print("| selection | keep | reset |\n|---|---|---|")
     by = {(r["selection"], r["reselect_state"]): r["eval_loss"] for r in results}
     for selection in args.selections:

@@ -13,7 +13,9 @@ _HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs")
 TargetModules = str | Sequence[str]
 
 
-def match_target_modules(model: nn.Module, target_modules: TargetModules = "all-linear") -> list[str]:
+def match_target_modules(
+    model: nn.Module, target_modules: TargetModules = "all-linear"
+) -> list[str]:
     """Names of the ``nn.Linear`` modules of ``model`` that ``target_modules`` selects.
 
     ``target_modules`` is ``"all-linear"`` (every ``nn.Linear`` except output heads such as

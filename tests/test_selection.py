@@ -162,7 +162,9 @@ def test_sampling_is_reproducible_from_the_generator_seed():
 
 @pytest.mark.parametrize("bad", [torch.zeros(16), torch.full((16,), float("nan"))])
 @pytest.mark.parametrize("selection", SELECTIONS)
-def test_zero_or_nonfinite_norms_fall_back_to_uniform_rows_with_a_warning(bad, selection, fresh_warning):
+def test_zero_or_nonfinite_norms_fall_back_to_uniform_rows_with_a_warning(
+    bad, selection, fresh_warning
+):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rows, rho = select_rows(bad, 4, selection, torch.Generator().manual_seed(15))

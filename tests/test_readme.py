@@ -1,0 +1,20 @@
+"""The README's Python usage example runs as written."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_training_loop_example_runs_and_updates_the_model():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    example = next(b for b in blocks if "grassify(" in b and "opt.step()" in b)
+    assert len(example.strip().splitlines()) <= 10
+    scope: dict = {}
+    exec(compile(example, "README.md", "exec"), scope)
+    model, opt = scope["model"], scope["opt"]
+    projected = [p for g in opt.param_groups if "rank" in g for p in g["params"]]
+    assert projected and all(opt.state[p]["exp_avg"].shape[0] == 32 for p in projected)
+    assert all(
+        p.grad is None and getattr(p, "compressed_grad", None) is None for p in model.parameters()
+    )
