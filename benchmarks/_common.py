@@ -21,42 +21,23 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 
-# GaLore's LLaMA configs (vocab 32000): hidden, intermediate (FFN), heads, layers; the same values
-# as hf_grass.models.LLAMA_PRESETS (repeated here so that the GPU suite depends on nothing but
-# torch and transformers to build its model). "20m" and "tiny" are the package's presets; "20m"
-# holds 84% of its parameters in the embedding and output matrices. "20m-wide" is ours, for CPU
-# timing: 20.3M parameters, 70% of them in the projected (attention/MLP) matrices, so that the
-# optimizers' and the backward's differences show rather than the embeddings' plain AdamW.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # import hf_grass from a bare checkout (the GPU machine)
+
+from hf_grass.models import LLAMA_PRESETS  # noqa: E402
+
+# GaLore's LLaMA configs and the package's "tiny"/"20m" presets. "20m" holds 84% of its parameters
+# in the embedding and output matrices; "20m-wide" is for CPU timing: 20.3M parameters, 70% of them
+# in the projected (attention/MLP) matrices, so that the optimizers' and the backward's
+# differences show rather than the embeddings' plain AdamW.
 LLAMA_CONFIGS = {
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=512,
-    ),
-    "20m": dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_hidden_layers=4),
+    **LLAMA_PRESETS,
     "20m-wide": dict(
         hidden_size=384,
         intermediate_size=1024,
         num_attention_heads=6,
         num_hidden_layers=8,
         vocab_size=8000,
-    ),
-    "60m": dict(
-        hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_hidden_layers=8
-    ),
-    "130m": dict(
-        hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_hidden_layers=12
-    ),
-    "350m": dict(
-        hidden_size=1024, intermediate_size=2736, num_attention_heads=16, num_hidden_layers=24
-    ),
-    "1b": dict(
-        hidden_size=2048, intermediate_size=5461, num_attention_heads=32, num_hidden_layers=24
-    ),
-    "7b": dict(
-        hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32
     ),
 }
 GALORE_RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
