@@ -169,7 +169,7 @@ class DataArguments:
 
 def method_name(optim: str, use_lora: bool) -> str:
     """'grass', 'lora', 'adamw', 'galore' or the optimizer's own name."""
-    optim = str(optim).lower()
+    optim = str(getattr(optim, "value", optim)).lower()
     if use_lora:
         return "lora"
     if optim.startswith("galore"):
