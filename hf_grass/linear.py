@@ -70,7 +70,7 @@ _ANCHOR = "_grass_grad_anchor"
 def _live_projection(weight: torch.Tensor) -> GrassProjection | None:
     """``weight.grass_projection`` if its optimizer still exists, else ``None``."""
     projection = getattr(weight, "grass_projection", None)
-    if projection is None or projection._optimizer() is None:
+    if projection is None or not projection.alive:
         return None
     return projection
 
@@ -116,7 +116,7 @@ def _accumulate(
     ``Trainer`` calls) clears ``.grad`` only, never ``compressed_grad``.
     """
     compressed = compressed.to(weight.dtype)
-    step = int(projection._state["step"])
+    step = projection.step
     if (
         getattr(weight, "compressed_grad", None) is None
         or getattr(weight, "_grass_grad_step", None) != step

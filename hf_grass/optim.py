@@ -81,6 +81,16 @@ class GrassProjection:
     def _state(self) -> dict:
         return self._optimizer().state[self._param()]
 
+    @property
+    def alive(self) -> bool:
+        """False once the optimizer that published this projection is gone."""
+        return self._optimizer() is not None
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps this weight has taken (identifies the accumulation window)."""
+        return int(self._state.get("step", 0))
+
     def needs_full_gradient(self) -> bool:
         """True when the next step re-selects rows and they have not been chosen yet.
 
