@@ -324,3 +324,20 @@ def fmt_table(headers: list[str], rows: list[list]) -> str:
 
 def mb(n: int) -> str:
     return f"{n / 1e6:,.1f}"
+
+
+def force_refresh(opt, galore: bool) -> None:
+    """Make the next step a refresh step (Grass re-selection / GaLore SVD), as every K-th step is:
+    set each projected parameter's step counter to the next multiple of K."""
+    for group in opt.param_groups:
+        if "rank" not in group:
+            continue
+        gap = group["update_proj_gap"]
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if not st or "step" not in st:
+                continue
+            if galore:
+                st["step"] = gap * (st["step"] // gap + 1)
+            else:
+                st["step"].fill_(gap * (int(st["step"]) // gap + 1))

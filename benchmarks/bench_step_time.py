@@ -80,22 +80,6 @@ def make_optimizer(method: str, model, rank: int | None, gap: int = K, lr: float
     raise ValueError(method)
 
 
-def force_refresh(method: str, opt) -> None:
-    """Make the next step a re-selection (Grass) / SVD (GaLore) step, as every K-th step is."""
-    for group in opt.param_groups:
-        if "rank" not in group:
-            continue
-        gap = group["update_proj_gap"]
-        for p in group["params"]:
-            st = opt.state.get(p)
-            if not st or "step" not in st:
-                continue
-            if method == "galore":
-                st["step"] = gap * (st["step"] // gap + 1)
-            else:
-                st["step"].fill_(gap * (int(st["step"]) // gap + 1))
-
-
 def label(method: str, rank: int | None) -> str:
     names = {
         "adamw": "AdamW",
@@ -146,7 +130,7 @@ def bench_optimizer_step(model_name: str, ranks: list[int], reps: int, refresh_r
 
     def forced(key):
         def run():
-            force_refresh(key[0], opts[key])
+            C.force_refresh(opts[key], galore=key[0] == "galore")
             opts[key].step()
 
         return run
@@ -203,7 +187,7 @@ class Trainer:
         self.phases.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
 
     def refresh_step(self) -> None:
-        force_refresh(self.method, self.opt)
+        C.force_refresh(self.opt, galore=self.method == "galore")
         self.step()
 
 

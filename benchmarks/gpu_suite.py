@@ -210,7 +210,7 @@ def worker(args) -> dict:
             refresh_s = result["warmup_s"]
             result["refresh_from_warmup"] = True
         else:
-            _force_refresh(opt, galore=args.worker == "galore")
+            C.force_refresh(opt, galore=args.worker == "galore")
             refresh_s = timed(step)
             result["refresh_from_warmup"] = False
     peak_all = max(peak_warmup, torch.cuda.max_memory_allocated() if cuda else 0)
@@ -239,22 +239,6 @@ def worker(args) -> dict:
 
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
-
-
-def _force_refresh(opt, galore: bool) -> None:
-    """Set each projected parameter's step counter to the next multiple of K."""
-    for group in opt.param_groups:
-        if "rank" not in group:
-            continue
-        gap = group["update_proj_gap"]
-        for p in group["params"]:
-            st = opt.state.get(p)
-            if not st or "step" not in st:
-                continue
-            if galore:
-                st["step"] = gap * (st["step"] // gap + 1)
-            else:
-                st["step"].fill_(gap * (int(st["step"]) // gap + 1))
 
 
 # ------------------------------------------------------------------------------- orchestrator
