@@ -1,8 +1,10 @@
 """hf-grass: Grass (structured sparse gradients) for PyTorch and the Hugging Face Trainer."""
 
+from .config import GrassConfig
 from .layerwise import LayerwiseHandle, enable_layerwise
 from .linear import GrassLinear, grass_linear, grassify, ungrassify
-from .optim import GrassAdamW, GrassProjection, clip_grad_norm_
+from .optim import GrassAdamW, clip_grad_norm_
+from .projection import GrassProjection, projection_of
 from .selection import SELECTIONS, select_rows
 from .targets import grass_param_groups, match_target_modules
 from .trainer import GrassArguments, GrassTrainer, GrassTrainerMixin, GrassTrainingArguments
@@ -11,6 +13,7 @@ __all__ = [
     "SELECTIONS",
     "GrassAdamW",
     "GrassArguments",
+    "GrassConfig",
     "GrassLinear",
     "GrassProjection",
     "GrassTrainer",
@@ -23,6 +26,7 @@ __all__ = [
     "grass_param_groups",
     "grassify",
     "match_target_modules",
+    "projection_of",
     "select_rows",
     "ungrassify",
 ]

@@ -7,8 +7,9 @@ at a time instead of the whole model's. "Complete" is signalled by autograd:
 
 - a full ``.grad``: ``p.register_post_accumulate_grad_hook``;
 - a compressed gradient (a :class:`~hf_grass.GrassLinear` weight): the post-accumulate-grad
-  hook of the weight's zero-size anchor (:func:`hf_grass.linear.grad_ready_anchor`), which the
-  engine runs once per backward, after every use of the weight has added to ``compressed_grad``.
+  hook of the zero-size anchor of the weight's projection
+  (:meth:`hf_grass.projection.GrassProjection.grad_ready_anchor`), which the engine runs once per
+  backward, after every use of the weight has added to the compressed gradient.
 
 Gradient accumulation. Each parameter counts the backward passes that delivered it a gradient;
 the one that brings its count to ``gradient_accumulation_steps`` steps it (the last micro-batch
@@ -46,8 +47,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .linear import grad_ready_anchor, has_grad_ready_anchor, remove_grad_ready_anchor
 from .optim import clip_grad_norm_
+from .projection import projection_of
 
 
 class LayerwiseHandle:
@@ -66,14 +67,14 @@ class LayerwiseHandle:
         self.max_grad_norm = max_grad_norm
         self._counts: dict[int, int] = {id(p): 0 for p in params}
         self._hooks = []
-        self._anchored: list[torch.Tensor] = []
-        projected = {id(p) for g in optimizer.param_groups if "rank" in g for p in g["params"]}
+        self._anchored = []
         for p in params:
             self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook))
-            if id(p) in projected:
-                if not has_grad_ready_anchor(p):
-                    self._anchored.append(p)
-                anchor = grad_ready_anchor(p)
+            projection = projection_of(p)
+            if projection is not None:
+                if projection.anchor is None:
+                    self._anchored.append(projection)
+                anchor = projection.grad_ready_anchor()
                 self._hooks.append(anchor.register_post_accumulate_grad_hook(self._anchor_hook(p)))
         self._hooks.append(optimizer.register_step_pre_hook(self._before_step))
         self._hooks.append(optimizer.register_step_post_hook(self._after_step))
@@ -123,8 +124,8 @@ class LayerwiseHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        for p in self._anchored:
-            remove_grad_ready_anchor(p)
+        for projection in self._anchored:
+            projection.anchor = None
         self._anchored.clear()
         if getattr(self.optimizer, "_grass_layerwise", None) is self:
             del self.optimizer._grass_layerwise
@@ -138,8 +139,9 @@ class LayerwiseHandle:
 
 def _free_gradient(p: torch.Tensor) -> None:
     p.grad = None
-    if getattr(p, "compressed_grad", None) is not None:
-        p.compressed_grad = None
+    projection = projection_of(p)
+    if projection is not None:
+        projection.grad = None
 
 
 def enable_layerwise(

@@ -11,13 +11,14 @@ bias gradients, but for the weight only the compressed gradient that
     C  = rho[:, None] * X[:, cols]ᵀ dY           # cols side: r x m, cost r/n of Xᵀ dY
 
 ``C`` equals ``rho[:, None] * G_oriented[rows]`` with ``G = dYᵀ X`` (m x n), but costs r/m (r/n)
-of the dense weight-gradient matmul and is added to ``weight.compressed_grad``; ``weight.grad``
-stays ``None``. The rows come from ``weight.grass_projection`` (published by GrassAdamW).
+of the dense weight-gradient matmul and is added to the weight's compressed gradient
+(``projection_of(weight).grad``); ``weight.grad`` stays ``None``. The rows come from the weight's
+:class:`~hf_grass.projection.GrassProjection`, which GrassAdamW owns.
 
-Selection steps. When ``grass_projection.needs_full_gradient()`` (before the first step and
-every ``update_proj_gap`` steps), the backward forms ``G`` for this layer only, hands it to
-``select``, adds ``compress(G)`` to ``compressed_grad`` and frees ``G`` before the next layer's
-backward runs: at most one full weight gradient is alive at a time.
+Selection steps. When ``needs_full_gradient()`` (before the first step and every
+``update_proj_gap`` steps), the backward forms ``G`` for this layer only, hands it to ``select``,
+adds ``compress(G)`` to the compressed gradient and frees ``G`` before the next layer's backward
+runs: at most one full weight gradient is alive at a time.
 
 Gradient accumulation. Rows stay fixed within an accumulation window: the first micro-batch of a
 selection window selects (from its own gradient), every later micro-batch compresses with those
@@ -29,25 +30,15 @@ Gradient checkpointing. All side effects (selection, accumulation) happen in the
 autograd runs once per use whether or not the forward is recomputed; the forward only saves
 tensors, so a recomputed forward changes nothing. The parameter itself is kept on ``ctx`` rather
 than through ``save_for_backward``: checkpointing (and ``save_on_cpu``) unpacks saved tensors as
-new, detached tensors that no longer carry ``grass_projection``.
+new tensors, which are not the weight its projection is registered for.
 
 Autocast. Under autocast the forward casts ``x``, ``W`` and ``b`` to the autocast dtype, as
 autocast does for ``F.linear``, and the backward computes in that dtype with autocast off; the
-gradients are returned (and ``compressed_grad`` accumulated) in the dtypes of the original tensors.
+gradients are returned (and the compressed gradient accumulated) in the dtypes of the original
+tensors.
 
-A weight without a live ``grass_projection`` (no GrassAdamW built yet, or a deep copy) gets the
-ordinary full ``.grad``.
-
-Data parallel (a later issue). Grassified weights never receive ``.grad``, so DDP's reducer must
-not wait for them: list their names in ``model._ddp_params_and_buffers_to_ignore`` (what
-``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model`` sets) before wrapping;
-DDP then all-reduces the dense parameters as usual. The compressed gradients (r x k each) are
-all-reduced with the same process group: per weight, with ``dist.all_reduce(async_op=True)`` from
-the grad-ready hook of :mod:`hf_grass.layerwise` (waited on before the step), or as one flat
-bucket after backward (``torch._utils._flatten_dense_tensors`` of every ``compressed_grad``, one
-``all_reduce``, unflatten). During accumulation (``no_sync()``), reduce on the last micro-batch
-only. Every rank must use the same rows: at a selection step (every K steps) all-reduce the layer's
-full gradient before ``select``, or select on rank 0 and broadcast ``rows`` and ``rho``.
+A weight without a live projection (no GrassAdamW built yet, or a deep copy) gets the ordinary
+full ``.grad``. Data parallelism is applied from outside: :mod:`hf_grass.distributed`.
 """
 
 from __future__ import annotations
@@ -61,43 +52,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .optim import GrassProjection
+from .config import check_option
+from .projection import projection_of
 from .targets import TargetModules, grass_param_groups, match_target_modules
-
-_ANCHOR = "_grass_grad_anchor"
-
-
-def _live_projection(weight: torch.Tensor) -> GrassProjection | None:
-    """``weight.grass_projection`` if its optimizer still exists, else ``None``."""
-    projection = getattr(weight, "grass_projection", None)
-    if projection is None or not projection.alive:
-        return None
-    return projection
-
-
-def grad_ready_anchor(weight: torch.Tensor) -> torch.Tensor:
-    """A zero-size leaf that signals when ``weight``'s compressed gradient is complete.
-
-    :class:`GrassLinear` passes it to its backward, which returns an empty gradient for it; its
-    ``register_post_accumulate_grad_hook`` hooks then fire once per backward pass, after every
-    use of ``weight`` has added to ``compressed_grad`` (the autograd engine runs a leaf's
-    accumulation after all nodes that feed it). :mod:`hf_grass.layerwise` steps from there.
-    """
-    anchor = getattr(weight, _ANCHOR, None)
-    if anchor is None:
-        anchor = torch.empty(0, device=weight.device, requires_grad=True)
-        setattr(weight, _ANCHOR, anchor)
-    return anchor
-
-
-def has_grad_ready_anchor(weight: torch.Tensor) -> bool:
-    return hasattr(weight, _ANCHOR)
-
-
-def remove_grad_ready_anchor(weight: torch.Tensor) -> None:
-    """Drop the anchor made by :func:`grad_ready_anchor` (and every hook on it)."""
-    if hasattr(weight, _ANCHOR):
-        delattr(weight, _ANCHOR)
 
 
 def _autocast_off(device_type: str):
@@ -106,32 +63,11 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-def _accumulate(
-    weight: torch.Tensor, projection: GrassProjection, compressed: torch.Tensor
-) -> None:
-    """Add ``compressed`` to ``weight.compressed_grad``, or start it.
-
-    A compressed gradient left over from an earlier optimizer step is replaced, not added to:
-    its rows may no longer be the selected ones, and ``nn.Module.zero_grad`` (which HF
-    ``Trainer`` calls) clears ``.grad`` only, never ``compressed_grad``.
-    """
-    compressed = compressed.to(weight.dtype)
-    step = projection.step
-    if (
-        getattr(weight, "compressed_grad", None) is None
-        or getattr(weight, "_grass_grad_step", None) != step
-    ):
-        weight.compressed_grad = compressed
-        weight._grass_grad_step = step
-    else:
-        weight.compressed_grad.add_(compressed)
-
-
 class GrassLinearFunction(torch.autograd.Function):
     """``y = x Wᵀ + b`` whose backward delivers the weight gradient compressed (see module doc).
 
-    Inputs: ``x`` (..., n), ``weight`` (m, n), ``bias`` (m) or None, ``anchor`` (from
-    :func:`grad_ready_anchor`) or None. Returns ``y`` (..., m).
+    Inputs: ``x`` (..., n), ``weight`` (m, n), ``bias`` (m) or None, ``anchor`` (the
+    projection's grad-ready anchor, see :mod:`hf_grass.layerwise`) or None. Returns ``y`` (..., m).
     """
 
     @staticmethod
@@ -151,7 +87,7 @@ class GrassLinearFunction(torch.autograd.Function):
 
         x_c, w_c, b_c = cast(x), cast(weight), cast(bias)
         ctx.save_for_backward(x_c, w_c)
-        ctx.weight = weight  # the Parameter itself: it carries grass_projection
+        ctx.weight = weight  # the Parameter itself: its projection is registered for it
         ctx.x_dtype = x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.anchor_device = None if anchor is None else anchor.device
@@ -184,10 +120,10 @@ def _weight_gradient(
     """Deliver the gradient of ``weight`` from ``dY`` (T x m) and ``X`` (T x n).
 
     Returns the full gradient (m x n) for autograd to accumulate into ``.grad`` when the weight
-    has no live projection; otherwise adds the compressed gradient to ``weight.compressed_grad``
+    has no live projection; otherwise adds the compressed gradient to ``projection_of(weight).grad``
     and returns ``None``.
     """
-    projection = _live_projection(weight)
+    projection = projection_of(weight)
     if projection is None:
         return (dy2.t() @ x2).to(weight.dtype)
     if projection.needs_full_gradient():
@@ -202,7 +138,7 @@ def _weight_gradient(
         else:
             compressed = x2.index_select(1, rows).t() @ dy2  # (r x T)(T x m) = r x m
         compressed.mul_(rho.to(compressed.dtype)[:, None])
-    _accumulate(weight, projection, compressed)
+    projection.accumulate(compressed)
     return None
 
 
@@ -212,11 +148,13 @@ def grass_linear(
     """Functional :class:`GrassLinear`: ``F.linear`` with the compressed weight gradient."""
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return F.linear(x, weight, bias)
-    return GrassLinearFunction.apply(x, weight, bias, getattr(weight, _ANCHOR, None))
+    projection = projection_of(weight)
+    anchor = None if projection is None else projection.anchor
+    return GrassLinearFunction.apply(x, weight, bias, anchor)
 
 
 class GrassLinear(nn.Linear):
-    """``nn.Linear`` whose backward delivers ``weight.compressed_grad`` instead of ``weight.grad``.
+    """``nn.Linear`` whose backward delivers a compressed weight gradient instead of ``weight.grad``.
 
     Same parameters (``weight``, ``bias``), same ``state_dict`` and same outputs as
     ``nn.Linear``; only the backward differs (see the module docstring). Usually made by
@@ -239,7 +177,7 @@ class GrassLinear(nn.Linear):
         return grass_linear(input, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        projection = _live_projection(self.weight)
+        projection = projection_of(self.weight)
         rank = projection.rank if projection is not None else getattr(self, "grass_rank", None)
         text = super().extra_repr()
         if rank is not None:
@@ -273,8 +211,7 @@ def grassify(
     gradient would be lost) or a subclass of ``nn.Linear`` with a forward of its own.
     :func:`ungrassify` undoes it.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"Invalid rank: {rank!r}; use an integer rank >= 1.")
+    check_option("rank", rank)
     modules = dict(model.named_modules())
     targets = {name: modules[name] for name in match_target_modules(model, target_modules)}
     for name, module in targets.items():

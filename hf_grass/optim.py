@@ -15,116 +15,42 @@ included). ``reselect_state="keep"`` carries the moments (and bias-correction co
 selected both times and starts new rows from zero; ``"reset"`` zeroes all of them. With
 ``rank = m``, ``top_r``, ``scale = 1`` and ``"keep"`` this is exactly AdamW.
 
-A projected weight's gradient can arrive in two ways, through one entry point: a full ``.grad``
-(compressed by the optimizer) or ``param.compressed_grad`` (r x n, already equal to
-``rho[:, None] * G[rows]``), which the compressed-gradient backward of :mod:`hf_grass.linear`
-accumulates without ever forming ``G``. To do that it reads ``param.grass_projection``
-(:class:`GrassProjection`), which says which rows are selected and when a full gradient is needed.
+The class keeps the bookkeeping (groups, state, selection, checkpoints); the arithmetic is the
+functional core of :mod:`hf_grass.functional`. Each projected weight has a
+:class:`~hf_grass.projection.GrassProjection` that this optimizer owns: it holds the weight's
+compressed gradient (r x n, ``rho[:, None] * G[rows]``), which the compressed-gradient backward
+of :mod:`hf_grass.linear` accumulates without ever forming ``G``; a full ``.grad`` is compressed
+here instead. :func:`hf_grass.projection_of` finds a weight's projection.
 """
 
 from __future__ import annotations
 
-import weakref
+import logging
 from collections.abc import Iterable
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw as torch_adamw
 
-from .selection import SELECTIONS, select_rows
+from .config import GrassConfig, group_defaults, resume_conflicts, validate_group_options
+from .functional import grass_adamw, remap_moments
+from .projection import GrassProjection, oriented, projection_of, projection_side
+from .selection import select_rows
 
-PROJECTED_DEFAULTS = {
-    "update_proj_gap": 200,
-    "scale": 1.0,
-    "selection": "top_r",
-    "reselect_state": "keep",
-    "proj_side": "auto",
-    "seed": 0,
-}
-RESELECT_STATES = ("keep", "reset")
-PROJ_SIDES = ("auto", "rows", "cols")
+logger = logging.getLogger(__name__)
 
-
-def projection_side(shape: torch.Size | tuple[int, ...], proj_side: str = "auto") -> str:
-    """``"rows"`` or ``"cols"``: the dimension selected for a weight of ``shape`` (m, n).
-
-    ``"auto"`` selects the larger dimension, which leaves the smaller state r x min(m, n).
-    """
-    if proj_side != "auto":
-        return proj_side
-    return "rows" if shape[0] >= shape[1] else "cols"
-
-
-def _oriented(t: torch.Tensor, side: str) -> torch.Tensor:
-    """A view of ``t`` with the selected dimension first."""
-    return t if side == "rows" else t.t()
-
-
-class GrassProjection:
-    """The selection of one projected weight, as the compressed-gradient backward sees it.
-
-    Published by :class:`GrassAdamW` as ``param.grass_projection``. It reads the optimizer's state,
-    so it stays valid across ``load_state_dict``.
-    """
-
-    def __init__(self, optimizer: GrassAdamW, param: torch.Tensor, group: dict):
-        self._optimizer = weakref.ref(optimizer)
-        self._param = weakref.ref(param)
-        self.rank: int = group["rank"]
-        self.side: str = projection_side(param.shape, group["proj_side"])
-
-    def __reduce__(self):
-        # A pickled or deep-copied parameter does not drag its optimizer along.
-        return (_no_projection, ())
-
-    @property
-    def _state(self) -> dict:
-        return self._optimizer().state[self._param()]
-
-    @property
-    def alive(self) -> bool:
-        """False once the optimizer that published this projection is gone."""
-        return self._optimizer() is not None
-
-    @property
-    def step(self) -> int:
-        """Optimizer steps this weight has taken (identifies the accumulation window)."""
-        return int(self._state.get("step", 0))
-
-    def needs_full_gradient(self) -> bool:
-        """True when the next step re-selects rows and they have not been chosen yet.
-
-        Then the backward must deliver the full gradient (or call :meth:`select` with it).
-        """
-        state = self._state
-        if "rows" not in state:
-            return True
-        step = int(state["step"])
-        gap = self._optimizer()._group_of(self._param())["update_proj_gap"]
-        return step % gap == 0 and int(state["selected_step"]) != step
-
-    @property
-    def rows(self) -> torch.Tensor:
-        """Selected indices (int64, r, sorted; repeats possible with ``multinomial``)."""
-        return self._state["rows"]
-
-    @property
-    def rho(self) -> torch.Tensor:
-        """Scales of the selected indices (float32, r)."""
-        return self._state["rho"]
-
-    def select(self, grad: torch.Tensor) -> None:
-        """Choose new rows from a full gradient (m x n, the parameter's own layout)."""
-        self._optimizer()._select(self._param(), grad)
-
-    def compress(self, grad: torch.Tensor) -> torch.Tensor:
-        """``rho[:, None] * G[rows]`` for a full gradient in the parameter's layout."""
-        g = _oriented(grad, self.side)
-        return g[self.rows] * self.rho.to(g.dtype)[:, None]
-
-
-def _no_projection() -> None:
-    return None
+# Group keys a resumed run takes from its own arguments rather than from the checkpoint (which is
+# what torch.optim does for every key). lr and initial_lr stay the checkpoint's: the LR scheduler
+# owns them. The keys fixed on resume are checked to be equal.
+_RESUME_TAKES_NEW = (
+    *(k for k in GrassConfig.GROUP_KEYS),
+    "betas",
+    "eps",
+    "weight_decay",
+    "state_dtype",
+    "stochastic_rounding",
+    "foreach",
+)
 
 
 class GrassAdamW(Optimizer):
@@ -149,6 +75,8 @@ class GrassAdamW(Optimizer):
             training. The arithmetic always runs in float32 at least. The noise comes from
             the global torch RNG (seed it with ``torch.manual_seed``); it is not part of the
             optimizer state, so a resumed run is exact only without stochastic rounding.
+        foreach: batch the projected arithmetic with ``torch._foreach_*`` ops (default); False
+            runs the single-tensor reference implementation.
     """
 
     def __init__(
@@ -161,6 +89,7 @@ class GrassAdamW(Optimizer):
         *,
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
+        foreach: bool = True,
     ):
         if isinstance(lr, torch.Tensor):
             lr = float(lr)
@@ -179,14 +108,16 @@ class GrassAdamW(Optimizer):
             weight_decay=weight_decay,
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
+            foreach=foreach,
         )
         self._group_index: dict[int, dict] = {}
+        self._projections: dict[int, GrassProjection] = {}
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------- param groups
     def add_param_group(self, param_group: dict) -> None:
         if "rank" in param_group:
-            for key, value in PROJECTED_DEFAULTS.items():
+            for key, value in group_defaults().items():
                 param_group.setdefault(key, value)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -196,14 +127,36 @@ class GrassAdamW(Optimizer):
             except ValueError:
                 self.param_groups.pop()  # leave the optimizer as it was, as torch.optim does
                 raise
+        self._index_group(group)
+
+    def _index_group(self, group: dict) -> None:
         for p in group["params"]:
             self._group_index[id(p)] = group
-        if "rank" in group:
-            for p in group["params"]:
-                p.grass_projection = GrassProjection(self, p, group)
+            if "rank" in group and id(p) not in self._projections:
+                side = projection_side(p.shape, group["proj_side"])
+                self._projections[id(p)] = GrassProjection(self, p, group["rank"], side)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # groups saved before a key existed get its default
+            if "rank" in group:
+                for key, value in group_defaults().items():
+                    group.setdefault(key, value)
+            group.setdefault("state_dtype", None)
+            group.setdefault("stochastic_rounding", False)
+            group.setdefault("foreach", True)
+        self._group_index = {}
+        if not hasattr(self, "_projections"):  # unpickled
+            self._projections = {}
+        for group in self.param_groups:
+            self._index_group(group)
 
     def _group_of(self, p: torch.Tensor) -> dict:
         return self._group_index[id(p)]
+
+    def projection(self, p: torch.Tensor) -> GrassProjection | None:
+        """The :class:`GrassProjection` of ``p`` (``None`` for a plain AdamW parameter)."""
+        return self._projections.get(id(p))
 
     def _param_index(self, p: torch.Tensor) -> int:
         return next(
@@ -234,11 +187,16 @@ class GrassAdamW(Optimizer):
         elif p.grad is not None:
             self._dense_steps([p], group)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        for projection in self._projections.values():
+            projection.grad = None
+
     def _dense_steps(self, params: list[torch.Tensor], group: dict) -> None:
-        """Plain AdamW. Parameters whose state has their own dtype go through torch's own
-        (foreach/fused-capable) AdamW kernel; low-precision ones with float32 state or
-        stochastic rounding through :meth:`_dense_step`."""
-        fast = []
+        """Plain AdamW. Parameters whose moments have their own dtype go through torch's own
+        (foreach/fused-capable) AdamW kernel; low-precision ones with float32 moments or
+        stochastic rounding through the Grass core with every row selected."""
+        fast, core = [], []
         for p in params:
             state = self.state[p]
             if not state:
@@ -253,12 +211,16 @@ class GrassAdamW(Optimizer):
             plain = state["exp_avg"].dtype == p.dtype and not (
                 group["stochastic_rounding"] and p.dtype == torch.bfloat16
             )
-            if plain and not p.grad.is_sparse:
-                fast.append(p)
-            else:
-                self._dense_step(p, p.grad, group)
+            (fast if plain and not p.grad.is_sparse else core).append(p)
+        beta1, beta2 = group["betas"]
+        hyper = dict(
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+        )
         if fast:
-            beta1, beta2 = group["betas"]
             torch_adamw(
                 fast,
                 [p.grad for p in fast],
@@ -267,118 +229,59 @@ class GrassAdamW(Optimizer):
                 [],
                 [self.state[p]["step"] for p in fast],
                 amsgrad=False,
-                beta1=beta1,
-                beta2=beta2,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
                 maximize=False,
+                **hyper,
             )
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none=set_to_none)
-        for group in self.param_groups:
-            if "rank" in group:
-                for p in group["params"]:
-                    p.compressed_grad = None
-
-    def _dense_step(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        state["step"] += 1
-        cdt = _compute_dtype(p)
-        direction = _adam_direction(grad.to(cdt), state, group, state["step"].to(cdt))
-        w = p.to(cdt)
-        if group["weight_decay"]:
-            w = w * (1 - group["lr"] * group["weight_decay"])
-        w = w.add(direction, alpha=-group["lr"])
-        p.copy_(_round_to(w, p.dtype, group["stochastic_rounding"]))
-
-    def _compressed_gradient(self, p: torch.Tensor) -> torch.Tensor | None:
-        """The step's compressed gradient of ``p``: ``p.compressed_grad``, or ``.grad`` compressed
-        (selecting rows first when the schedule says so)."""
-        projection: GrassProjection = p.grass_projection
-        compressed = getattr(p, "compressed_grad", None)
-        if compressed is None:
-            if p.grad is None:
-                return None
-            if projection.needs_full_gradient():
-                self._select(p, p.grad)
-            return projection.compress(p.grad)
-        if projection.needs_full_gradient():
-            raise RuntimeError(
-                "GrassAdamW got a compressed gradient on a step that re-selects rows, before the "
-                "rows were selected: deliver a full gradient when "
-                "param.grass_projection.needs_full_gradient() is True (or call its select())."
+        if core:
+            grass_adamw(
+                core,
+                [p.grad for p in core],
+                [self.state[p]["exp_avg"] for p in core],
+                [self.state[p]["exp_avg_sq"] for p in core],
+                [self.state[p]["step"] for p in core],
+                [None] * len(core),
+                [None] * len(core),
+                [None] * len(core),
+                stochastic_rounding=group["stochastic_rounding"],
+                foreach=group["foreach"],
+                **hyper,
             )
-        return compressed
 
     def _projected_steps(self, params: list[torch.Tensor], group: dict) -> None:
-        """Grass steps for the projected ``params`` of ``group``.
+        """Grass steps for the projected ``params`` of ``group`` (see :mod:`hf_grass.functional`).
 
-        The Adam arithmetic on the compressed (r x k) tensors runs as ``torch._foreach_*`` ops
-        over all parameters of one dtype at once: a model has hundreds of projected matrices and
-        per-matrix kernel launches would dominate the step on a GPU.
+        Each weight's compressed gradient is consumed (and freed) by the step.
         """
-        batches: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        stepped, grads = [], []
         for p in params:
-            compressed = self._compressed_gradient(p)
-            if compressed is not None:
-                batches.setdefault(_compute_dtype(p), []).append((p, compressed))
-        for cdt, batch in batches.items():
-            self._projected_batch([p for p, _ in batch], [c.to(cdt) for _, c in batch], group, cdt)
-
-    def _projected_batch(
-        self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict, cdt: torch.dtype
-    ) -> None:
-        beta1, beta2 = group["betas"]
-        states = [self.state[p] for p in params]
+            grad = self._projections[id(p)].take_grad()
+            if grad is not None:
+                stepped.append(p)
+                grads.append(grad)
+        if not stepped:
+            return
+        states = [self.state[p] for p in stepped]
+        projections = [self._projections[id(p)] for p in stepped]
         torch._foreach_add_([s["step"] for s in states], 1)
-        counts = [s["row_step"] for s in states]
-        torch._foreach_add_(counts, 1)
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        ms = [m.to(cdt) for m in exp_avgs]
-        vs = [v.to(cdt) for v in exp_avg_sqs]
-        torch._foreach_lerp_(ms, grads, 1 - beta1)
-        torch._foreach_mul_(vs, beta2)
-        torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
-        if ms[0] is not exp_avgs[0]:
-            torch._foreach_copy_(exp_avgs, ms)
-            torch._foreach_copy_(exp_avg_sqs, vs)
-        # Per-row bias correction: rows kept across a re-selection have seen more steps.
-        t = [c.to(cdt)[:, None] for c in counts]
-        bias_correction1 = torch._foreach_pow(beta1, t)
-        torch._foreach_neg_(bias_correction1)
-        torch._foreach_add_(bias_correction1, 1)
-        bias_correction2_sqrt = torch._foreach_pow(beta2, t)
-        torch._foreach_neg_(bias_correction2_sqrt)
-        torch._foreach_add_(bias_correction2_sqrt, 1)
-        torch._foreach_sqrt_(bias_correction2_sqrt)
-        denom = torch._foreach_sqrt(vs)
-        torch._foreach_div_(denom, bias_correction2_sqrt)
-        torch._foreach_add_(denom, group["eps"])
-        updates = torch._foreach_div(ms, bias_correction1)
-        torch._foreach_div_(updates, denom)
-        factors = torch._foreach_mul(
-            [s["rho"].to(cdt)[:, None] for s in states], -group["lr"] * group["scale"]
+        beta1, beta2 = group["betas"]
+        grass_adamw(
+            [oriented(p, pr.side) for p, pr in zip(stepped, projections, strict=True)],
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["row_step"] for s in states],
+            [s["rows"] for s in states],
+            [s["rho"] for s in states],
+            [pr.unique for pr in projections],
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            scale=group["scale"],
+            stochastic_rounding=group["stochastic_rounding"],
+            foreach=group["foreach"],
         )
-        torch._foreach_mul_(updates, factors)
-        decay = 1 - group["lr"] * group["weight_decay"]
-        for p, state, update in zip(params, states, updates, strict=True):
-            view = _oriented(p, p.grass_projection.side)
-            if p.dtype == cdt and decay == 1:
-                view.index_add_(0, state["rows"], update)  # repeated rows add up
-                continue
-            rows = state["unique_rows"]
-            if rows.numel() != state["rows"].numel():
-                update = update.new_zeros(rows.numel(), update.shape[1]).index_add_(
-                    0, state["inverse"], update
-                )
-            w = view[rows].to(cdt)
-            if decay != 1:
-                w.mul_(decay)
-            w.add_(update)
-            view[rows] = _round_to(w, p.dtype, group["stochastic_rounding"])
 
     # -------------------------------------------------------------------------------- selection
     @torch.no_grad()
@@ -386,49 +289,41 @@ class GrassAdamW(Optimizer):
         """Choose rows from the full gradient ``grad`` and re-map the moments."""
         group = self._group_of(p)
         state = self.state[p]
-        side = p.grass_projection.side
-        g = _oriented(grad, side)
-        r, k = group["rank"], g.shape[1]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            generator = torch.Generator().manual_seed(group["seed"] + self._param_index(p))
+        g = oriented(grad, self._projections[id(p)].side)
+        generator = torch.Generator()
+        if "rng" in state:
+            generator.set_state(_rng_tensor(state["rng"]))
         else:
-            generator = torch.Generator()
-            generator.set_state(state["rng"])
+            generator.manual_seed(group["seed"] + self._param_index(p))
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
         norms = g.to(torch.promote_types(g.dtype, torch.float32)).norm(dim=1)  # fp64 stays fp64
-        rows, rho = select_rows(norms, r, group["selection"], generator)
-        state["rng"] = generator.get_state()
-
-        sdt = group["state_dtype"] or p.dtype
-        new_m = torch.zeros(r, k, dtype=sdt, device=p.device)
-        new_v = torch.zeros_like(new_m)
-        new_count = torch.zeros(r, dtype=torch.float32, device=p.device)
-        if "rows" in state and group["reselect_state"] == "keep":
-            old = state["rows"]
-            pos = torch.searchsorted(old, rows).clamp_(max=old.numel() - 1)
-            kept = old[pos] == rows
-            new_m[kept] = state["exp_avg"][pos[kept]]
-            new_v[kept] = state["exp_avg_sq"][pos[kept]]
-            new_count[kept] = state["row_step"][pos[kept]]
-        unique_rows, inverse = torch.unique_consecutive(rows, return_inverse=True)
-        state.update(
-            rows=rows,
-            rho=rho,
-            unique_rows=unique_rows,
-            inverse=inverse,
-            exp_avg=new_m,
-            exp_avg_sq=new_v,
-            row_step=new_count,
-            selected_step=state["step"].clone(),
+        rows, rho = select_rows(norms, group["rank"], group["selection"], generator)
+        state["rng"] = _rng_bytes(generator.get_state())
+        remap_moments(
+            state,
+            rows,
+            group["rank"],
+            g.shape[1],
+            group["state_dtype"] or p.dtype,
+            keep=group["reselect_state"] == "keep",
         )
+        state.update(rows=rows, rho=rho, selected_step=state["step"].clone())
 
     # ------------------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by :meth:`state_dict`, keeping every tensor's saved dtype.
 
-        ``torch.optim.Optimizer.load_state_dict`` casts state tensors to the parameter's dtype,
-        which would turn row indices and RNG states into floats; here they come back exactly.
-        A state saved with another rank, side or method raises ``ValueError``.
+        ``torch.optim.Optimizer.load_state_dict`` (whose load hooks run as usual) casts state
+        tensors to the parameter's dtype and device, which would turn row indices into floats
+        and move the RNG state off the CPU; here each comes back exactly. Moments take this
+        optimizer's ``state_dtype``.
+
+        Group settings: those of :data:`~hf_grass.config.FIXED_ON_RESUME` (rank, side,
+        selection, seed) must equal the checkpoint's (``ValueError`` otherwise); the other Grass
+        keys and ``betas``/``eps``/``weight_decay`` keep this optimizer's values (a change is
+        logged); ``lr`` comes from the checkpoint, as in ``torch.optim`` (the LR scheduler owns
+        it). Checkpoints of hf-grass 0.1 load unchanged.
         """
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
@@ -438,96 +333,88 @@ class GrassAdamW(Optimizer):
                 "target_modules setting; resume with the same settings or start a new run."
             )
         for i, (saved, current) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
-            keys = ("rank", "proj_side", "selection")
-            if any(saved.get(k) != current.get(k) for k in keys):
-                was = ", ".join(f"{k}={saved.get(k)!r}" for k in keys)
-                now = ", ".join(f"{k}={current.get(k)!r}" for k in keys)
-                raise ValueError(
-                    f"Parameter group {i} was saved with {was} but this optimizer uses {now}: "
-                    "resume with the settings of the checkpoint, or start a new run."
+            conflicts = resume_conflicts(saved, current)
+            if ("rank" in saved) != ("rank" in current):
+                conflicts.insert(
+                    0, f"rank: checkpoint {saved.get('rank')!r}, now {current.get('rank')!r}"
                 )
+            if conflicts:
+                raise ValueError(
+                    f"Parameter group {i} of the checkpoint differs from this optimizer "
+                    f"({'; '.join(conflicts)}): resume with the settings of the checkpoint, "
+                    "or start a new run."
+                )
+        ours = [{k: g[k] for k in _RESUME_TAKES_NEW if k in g} for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for i, (group, keep) in enumerate(zip(self.param_groups, ours, strict=True)):
+            for key, value in keep.items():
+                if group.get(key, value) != value:
+                    logger.warning(
+                        "Grass: resuming parameter group %d with %s=%r (the checkpoint had %r).",
+                        i,
+                        key,
+                        value,
+                        group[key],
+                    )
+                group[key] = value
         saved_state = state_dict["state"]
-        super().load_state_dict({**state_dict, "state": {}})
         ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        self._group_index = {id(p): g for g in self.param_groups for p in g["params"]}
         for pid, p in zip(ids, params, strict=True):
-            if pid not in saved_state:
-                continue
-            state = {
-                k: v.to(p.device)
-                if isinstance(v, torch.Tensor) and k not in ("step", "rng", "selected_step")
-                else v
-                for k, v in saved_state[pid].items()
-            }
-            _check_state_shapes(p, state, self._group_of(p))
-            self.state[p] = state
+            if pid in saved_state:
+                state = _restore_state(p, saved_state[pid], self._group_of(p))
+                _check_state_shapes(p, state, self._group_of(p))
+                self.state[p] = state
 
 
-# ----------------------------------------------------------------------------------- functional
-def _compute_dtype(p: torch.Tensor) -> torch.dtype:
-    return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+def _rng_bytes(state: torch.Tensor) -> bytes:
+    """A generator state as bytes: untouched by ``map_location`` and by dtype casts."""
+    return bytes(state.cpu().numpy())
 
 
-def _adam_direction(
-    grad: torch.Tensor, state: dict, group: dict, step: torch.Tensor
-) -> torch.Tensor:
-    """Update Adam's moments with ``grad`` and return the bias-corrected direction.
+def _rng_tensor(state: bytes | torch.Tensor) -> torch.Tensor:
+    if isinstance(state, torch.Tensor):  # hf-grass 0.1 saved a uint8 tensor
+        return state.to("cpu", torch.uint8)
+    return torch.frombuffer(bytearray(state), dtype=torch.uint8)
 
-    ``step`` is a scalar or a per-row column (r x 1) of step counts, in the compute dtype.
+
+def _restore_state(p: torch.Tensor, saved: dict, group: dict) -> dict:
+    """One parameter's saved state with the dtypes and devices it needs here.
+
+    Step counters stay float32 scalars on the CPU (as torch's AdamW keeps them), the RNG state
+    bytes, row indices int64 and counts float32 on the parameter's device, moments in the
+    group's ``state_dtype`` (or the parameter's dtype). Derived tensors of hf-grass 0.1
+    (``unique_rows``, ``inverse``) are dropped: they are recomputed.
     """
-    beta1, beta2 = group["betas"]
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    m, v = exp_avg.to(grad.dtype), exp_avg_sq.to(grad.dtype)
-    m.lerp_(grad, 1 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    if m is not exp_avg:
-        exp_avg.copy_(m)
-        exp_avg_sq.copy_(v)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2_sqrt = (1 - beta2**step).sqrt()
-    denom = (v.sqrt() / bias_correction2_sqrt).add_(group["eps"])
-    return (m / bias_correction1).div_(denom)
-
-
-def _round_to(x: torch.Tensor, dtype: torch.dtype, stochastic: bool) -> torch.Tensor:
-    """Cast float32 ``x`` to ``dtype``; to bfloat16 stochastically if asked.
-
-    Stochastic rounding adds uniform noise below bf16's last bit to the float32 bit pattern and
-    truncates, so a value rounds up with probability equal to its distance from the lower
-    neighbour: ``E[round(x)] = x``, and small updates survive on average.
-    """
-    if not stochastic or dtype != torch.bfloat16 or x.dtype != torch.float32:
-        return x.to(dtype)
-    bits = x.contiguous().view(torch.int32)
-    noise = torch.randint_like(bits, 0, 1 << 16)
-    return ((bits + noise) & -65536).view(torch.float32).to(dtype)
+    state = {}
+    moments_dtype = group["state_dtype"] or p.dtype
+    for key, value in saved.items():
+        if key in ("unique_rows", "inverse"):
+            continue
+        if key == "rng":
+            state[key] = value if isinstance(value, bytes) else _rng_bytes(_rng_tensor(value))
+        elif key in ("step", "selected_step"):
+            state[key] = value.to("cpu", torch.float32)
+        elif key in ("exp_avg", "exp_avg_sq"):
+            state[key] = value.to(p.device, moments_dtype)
+        elif isinstance(value, torch.Tensor):
+            state[key] = value.to(p.device)
+        else:
+            state[key] = value
+    return state
 
 
 # ----------------------------------------------------------------------------------- validation
+def validate_param_groups(groups: list[dict]) -> None:
+    """Check param groups as :class:`GrassAdamW` would (``ValueError``), without building one."""
+    for group in groups:
+        if "rank" in group:
+            _validate_projected_group({**group_defaults(), **group})
+
+
 def _validate_projected_group(group: dict) -> None:
+    validate_group_options(group)
     rank = group["rank"]
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"Invalid rank: {rank!r}; use an integer rank >= 1.")
-    gap = group["update_proj_gap"]
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
-        raise ValueError(
-            f"Invalid update_proj_gap: {gap!r}; use an integer >= 1 (steps between re-selections)."
-        )
-    if group["selection"] not in SELECTIONS:
-        raise ValueError(
-            f"Unknown selection {group['selection']!r}: use one of {', '.join(SELECTIONS)}."
-        )
-    if group["reselect_state"] not in RESELECT_STATES:
-        raise ValueError(
-            f"Unknown reselect_state {group['reselect_state']!r}: use one of {', '.join(RESELECT_STATES)}."
-        )
-    if group["proj_side"] not in PROJ_SIDES:
-        raise ValueError(
-            f"Unknown proj_side {group['proj_side']!r}: use one of {', '.join(PROJ_SIDES)}."
-        )
-    if not group["scale"] > 0:
-        raise ValueError(f"Invalid scale: {group['scale']!r}; use scale > 0.")
     for p in group["params"]:
         if p.dim() != 2:
             raise ValueError(
@@ -537,16 +424,19 @@ def _validate_projected_group(group: dict) -> None:
         side = projection_side(p.shape, group["proj_side"])
         size = p.shape[0] if side == "rows" else p.shape[1]
         if rank > size:
+            fix = f"use rank <= {size}"
+            if group["proj_side"] != "auto":
+                fix += ", or proj_side='auto' (the larger dimension)"
             raise ValueError(
                 f"rank {rank} is larger than the selected dimension ({side}, size {size}) of a "
-                f"weight of shape {tuple(p.shape)}: use rank <= {size}, or proj_side='auto'."
+                f"weight of shape {tuple(p.shape)}: {fix}."
             )
 
 
 def _check_state_shapes(p: torch.Tensor, state: dict, group: dict) -> None:
     if "rank" in group:
         side = projection_side(p.shape, group["proj_side"])
-        expected = (group["rank"], _oriented(p, side).shape[1])
+        expected = (group["rank"], oriented(p, side).shape[1])
     else:
         expected = tuple(p.shape)
     found = tuple(state["exp_avg"].shape) if "exp_avg" in state else expected
@@ -563,20 +453,27 @@ def _check_state_shapes(p: torch.Tensor, state: dict, group: dict) -> None:
 def clip_grad_norm_(
     parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0
 ) -> torch.Tensor:
-    """:func:`torch.nn.utils.clip_grad_norm_` over ``.grad`` and ``.compressed_grad`` alike.
+    """:func:`torch.nn.utils.clip_grad_norm_` over the gradients GrassAdamW steps with.
 
-    The compressed gradients of a grassified model live in ``param.compressed_grad``; stock
-    clipping would not see them. Returns the total norm before clipping.
+    That is ``.grad`` for plain parameters and the compressed gradient ``rho * G[rows]`` for
+    projected weights (a full ``.grad`` of a projected weight is compressed first, selecting
+    rows when due), so a run clips the same quantity with or without the compressed backward.
+    Returns the total norm before clipping, on the first gradient's device.
     """
     grads = []
     for p in parameters:
-        for g in (p.grad, getattr(p, "compressed_grad", None)):
-            if g is not None:
-                grads.append(g)
+        projection = projection_of(p)
+        if projection is not None:
+            projection.absorb_full_grad()
+            if projection.grad is not None:
+                grads.append(projection.grad)
+        elif p.grad is not None:
+            grads.append(p.grad)
     if not grads:
         return torch.tensor(0.0)
-    norms = torch.stack([torch.linalg.vector_norm(g.detach(), norm_type).float() for g in grads])
-    total = torch.linalg.vector_norm(norms, norm_type)
+    device = grads[0].device
+    norms = [torch.linalg.vector_norm(g.detach(), norm_type).float().to(device) for g in grads]
+    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.detach().mul_(coef.to(g.device, g.dtype))

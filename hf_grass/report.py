@@ -6,7 +6,7 @@ Add :class:`ResourceReportCallback` to any ``Trainer``; at the end of ``train()`
 - ``optimizer_state_bytes``: bytes of every tensor reachable from ``optimizer.state`` (including
   tensors held by objects in the state, such as GaLore's projection matrices), after training.
 - ``peak_grad_bytes``: the largest sum, over optimizer steps, of the bytes of all ``.grad`` and
-  ``.compressed_grad`` tensors alive right before ``optimizer.step()``. Layer-wise methods free
+  compressed-gradient tensors alive right before ``optimizer.step()``. Layer-wise methods free
   gradients inside the backward pass, so for them it reads (close to) zero.
 - ``tensor_peak_bytes``: parameters + peak gradients + optimizer state (the tensor accounting of
   peak memory, activations left out).
@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+
+from .projection import projection_of
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +84,12 @@ def optimizer_state_bytes(optimizer: Any) -> int:
 
 
 def gradient_bytes(parameters: Iterable[torch.Tensor]) -> int:
-    """Bytes of the ``.grad`` and ``.compressed_grad`` tensors of ``parameters``."""
+    """Bytes of the ``.grad`` and compressed gradients (``projection_of(p).grad``) of ``parameters``."""
     seen: set[int] = set()
     total = 0
     for p in parameters:
-        for g in (p.grad, getattr(p, "compressed_grad", None)):
+        projection = projection_of(p)
+        for g in (p.grad, None if projection is None else projection.grad):
             if g is not None:
                 total += tensor_bytes(g, seen)
     return total

@@ -7,8 +7,21 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-# Modules excluded from "all-linear": output heads whose rows are the vocabulary or the labels.
+# Modules excluded from "all-linear": output heads whose rows are the vocabulary or the labels,
+# wherever they sit in a module's path (PEFT wraps a trained head as
+# `score.modules_to_save.default`), and PEFT's adapter layers (`q_proj.lora_A.default`).
 _HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs")
+_ADAPTER_PREFIXES = ("lora_",)
+
+
+def is_adapter_module(name: str) -> bool:
+    """True for a module inside a PEFT adapter (a path component ``lora_A``, ``lora_B``, ...)."""
+    return any(part.startswith(_ADAPTER_PREFIXES) for part in name.split("."))
+
+
+def _is_head_or_adapter(name: str) -> bool:
+    return is_adapter_module(name) or any(part in _HEAD_NAMES for part in name.split("."))
+
 
 TargetModules = str | Sequence[str]
 
@@ -19,7 +32,7 @@ def match_target_modules(
     """Names of the ``nn.Linear`` modules of ``model`` that ``target_modules`` selects.
 
     ``target_modules`` is ``"all-linear"`` (every ``nn.Linear`` except output heads such as
-    ``lm_head``/``score``), a regex matched in full against module names, or a list of names,
+    ``lm_head``/``score``, anywhere in the module's path, and PEFT adapter layers), a regex matched in full against module names, or a list of names,
     each matching a module whose name equals it or ends with ``"." + name`` (PEFT's convention:
     ``["q_proj", "v_proj"]``). A matched module that is not ``nn.Linear`` or a selector that
     matches nothing raises ``ValueError``.
@@ -27,9 +40,7 @@ def match_target_modules(
     modules = dict(model.named_modules())
     if isinstance(target_modules, str) and target_modules == "all-linear":
         names = [
-            n
-            for n, m in modules.items()
-            if isinstance(m, nn.Linear) and n.split(".")[-1] not in _HEAD_NAMES
+            n for n, m in modules.items() if isinstance(m, nn.Linear) and not _is_head_or_adapter(n)
         ]
         selector = "all-linear"
     elif isinstance(target_modules, str):

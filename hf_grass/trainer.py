@@ -20,10 +20,12 @@ unchanged. The clipping hooks overridden here (``_clip_grad_norm``/``_get_grad_n
 transformers 5.x.
 """
 
+import dataclasses
 import json
 import logging
 import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,16 +34,15 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from hf_grass.optim import PROJ_SIDES, PROJECTED_DEFAULTS, RESELECT_STATES
-from hf_grass.selection import SELECTIONS
+from hf_grass.config import GrassConfig, check_option, resume_conflicts
 
 logger = logging.getLogger(__name__)
 
 GRASS = "grass"
-STATE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 # File written beside optimizer.pt in every checkpoint of a Grass run: what shaped its state.
 GRASS_CHECKPOINT_CONFIG = "grass_config.json"
 _REGEX_CHARS = re.compile(r"[*+?\[\]()|^$\\{}]")
+_CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(GrassConfig)}
 
 
 def _optim_help() -> str:
@@ -51,96 +52,49 @@ def _optim_help() -> str:
     )
 
 
+def _from_config(name: str, **override: Any) -> Any:
+    """The ``grass_<name>`` argument: GrassConfig's default and help unless overridden."""
+    source = _CONFIG_FIELDS[name]
+    metadata = dict(source.metadata)
+    default = override.pop("default", source.default)
+    metadata.update(override)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class GrassArguments:
     """The ``grass_*`` fields and ``optim="grass"``; mix into any ``TrainingArguments`` subclass.
 
-    Put it first among the bases (``class MyArgs(GrassArguments, TrainingArguments)``) so that its
-    ``__post_init__`` can let ``optim="grass"`` past transformers' check of optimizer names.
+    There is one ``grass_<name>`` field per :class:`~hf_grass.GrassConfig` setting, with its
+    default and help; :meth:`grass_config` turns them into a ``GrassConfig``. Put it first among
+    the bases (``class MyArgs(GrassArguments, TrainingArguments)``) so that its ``__post_init__``
+    can let ``optim="grass"`` past transformers' check of optimizer names.
     """
 
     optim: str = field(default=TrainingArguments.default_optim, metadata={"help": _optim_help()})
-    grass_rank: int = field(
-        default=64,
-        metadata={
-            "help": "Rows (or columns) r of each projected weight that get optimizer state. 64 "
-            "matches the GaLore/APOLLO baselines (r=64) on SmolLM2-135M; must not exceed the "
-            "selected dimension of any targeted weight."
-        },
-    )
-    grass_update_proj_gap: int = field(
-        default=200, metadata={"help": "K: steps between two row selections (step 0 included)."}
-    )
-    grass_scale: float = field(
-        default=1.0, metadata={"help": "alpha: multiplier of the projected updates."}
-    )
-    grass_selection: str = field(
-        default="top_r",
-        metadata={
-            "help": "How rows are chosen from the gradient's row norms.",
-            "choices": SELECTIONS,
-        },
-    )
-    grass_reselect_state: str | None = field(
-        default=None,
-        metadata={
-            "help": "Adam moments when the selected rows change: 'keep' (carry rows selected "
-            "before and after) or 'reset'. Unset: the optimizer's default "
-            f"({PROJECTED_DEFAULTS['reselect_state']!r}).",
-            "choices": RESELECT_STATES,
-        },
-    )
-    grass_proj_side: str = field(
-        default="auto",
-        metadata={
-            "help": "Which dimension of a weight is selected: 'rows' (outputs), 'cols' "
-            "(inputs) or 'auto' (the one giving the smaller state).",
-            "choices": PROJ_SIDES,
-        },
-    )
+    grass_rank: int = _from_config("rank")
+    grass_update_proj_gap: int = _from_config("update_proj_gap")
+    grass_scale: float = _from_config("scale")
+    grass_selection: str = _from_config("selection")
+    grass_reselect_state: str = _from_config("reselect_state")
+    grass_proj_side: str = _from_config("proj_side")
     # Annotated as a list so that the command line takes several names; a string (regex or
     # "all-linear") is accepted too, from Python, JSON and YAML.
-    grass_target_modules: list[str] | None = field(
+    grass_target_modules: list[str] | None = _from_config(
+        "target_modules",
         default=None,
-        metadata={
-            "help": "Linear modules Grass projects: 'all-linear' (every nn.Linear but output "
-            "heads), module names ('q_proj v_proj' or 'q_proj,v_proj', PEFT's suffix match) or "
-            "one regex matched in full against module names (a value with regex characters "
-            "such as '.*(attn|mlp).*'). Unset: --optim_target_modules if given, else "
-            "'all-linear'."
-        },
+        help=_CONFIG_FIELDS["target_modules"].metadata["help"]
+        + " Names may be given as 'q_proj v_proj' or 'q_proj,v_proj'; a value with regex "
+        "characters such as '.*(attn|mlp).*' is a regex. Unset: --optim_target_modules if "
+        "given, else 'all-linear'.",
     )
-    grass_layerwise: bool = field(
-        default=False,
-        metadata={
-            "help": "Apply each parameter's update inside the backward pass and free its "
-            "gradient at once (single process only). --max_grad_norm then clips each parameter's "
-            "gradient separately (a global norm needs every gradient first)."
-        },
+    grass_seed: int | None = _from_config(
+        "seed", default=None, help="Seed of the sampled selections. Unset: --seed."
     )
-    grass_compressed_backward: bool = field(
-        default=True,
-        metadata={
-            "help": "Swap targeted nn.Linear layers for compressed-gradient layers so the full "
-            "weight gradient is never formed. Off: full .grad, projected in the optimizer. "
-            "Multi-process runs use full gradients for now."
-        },
-    )
-    grass_stochastic_rounding: bool = field(
-        default=False,
-        metadata={"help": "Round low-precision (bf16) weight updates stochastically."},
-    )
-    grass_state_dtype: str | None = field(
-        default=None,
-        metadata={
-            "help": "dtype of Grass's Adam moments. Unset: the parameter's dtype.",
-            "choices": STATE_DTYPES,
-        },
-    )
-    grass_seed: int | None = field(
-        default=None,
-        metadata={"help": "Seed of the sampled selections. Unset: --seed."},
-    )
+    grass_state_dtype: str | None = _from_config("state_dtype")
+    grass_stochastic_rounding: bool = _from_config("stochastic_rounding")
+    grass_compressed_backward: bool = _from_config("compressed_backward")
+    grass_layerwise: bool = _from_config("layerwise")
 
     def __post_init__(self) -> None:
         is_grass = str(getattr(self.optim, "value", self.optim)).lower() == GRASS
@@ -161,30 +115,20 @@ class GrassArguments:
         return self.optim == GRASS
 
     def _validate_grass(self) -> None:
-        for name, value, allowed in (
-            ("grass_selection", self.grass_selection, SELECTIONS),
-            ("grass_reselect_state", self.grass_reselect_state, (*RESELECT_STATES, None)),
-            ("grass_proj_side", self.grass_proj_side, PROJ_SIDES),
-            ("grass_state_dtype", self.grass_state_dtype, (*STATE_DTYPES, None)),
-        ):
-            if value not in allowed:
-                choices = ", ".join(repr(a) for a in allowed if a is not None)
-                raise ValueError(f"Invalid {name}={value!r}: use one of {choices}.")
-        if not isinstance(self.grass_rank, int) or self.grass_rank < 1:
-            raise ValueError(f"Invalid grass_rank={self.grass_rank!r}: use an integer >= 1.")
-        if not isinstance(self.grass_update_proj_gap, int) or self.grass_update_proj_gap < 1:
-            raise ValueError(
-                f"Invalid grass_update_proj_gap={self.grass_update_proj_gap!r}: use an integer >= 1."
-            )
-        if not self.grass_scale > 0:
-            raise ValueError(f"Invalid grass_scale={self.grass_scale!r}: use a positive number.")
+        for name in _CONFIG_FIELDS:
+            value = getattr(self, f"grass_{name}")
+            if value is not None or name not in ("seed", "target_modules"):
+                check_option(name, value, prefix="grass_")
         if self.use_grass and getattr(self, "fp16", False):
-            if self.grass_compressed_backward or self.grass_layerwise:
-                raise ValueError(
-                    "fp16=True with Grass's compressed backward or layer-wise mode: fp16's loss "
-                    "scaler cannot see those gradients. Use --bf16 (or fp32), or "
-                    "--grass_compressed_backward false --grass_layerwise false."
-                )
+            _refuse_fp16(self, "fp16=True")
+
+    def grass_config(self) -> GrassConfig:
+        """The :class:`~hf_grass.GrassConfig` these arguments describe (unset values resolved)."""
+        values = {name: getattr(self, f"grass_{name}") for name in _CONFIG_FIELDS}
+        values["target_modules"] = self.grass_targets()
+        if values["seed"] is None:
+            values["seed"] = getattr(self, "seed", 0)
+        return GrassConfig(**values)
 
     def grass_targets(self) -> list[str] | str:
         """The target-module selector Grass uses (see ``grass_target_modules``)."""
@@ -193,31 +137,19 @@ class GrassArguments:
         fallback = normalize_target_modules(getattr(self, "optim_target_modules", None))
         return "all-linear" if fallback is None else fallback
 
-    def grass_options(self) -> dict[str, Any]:
-        """Keys of a projected GrassAdamW param group, besides ``rank``."""
-        options: dict[str, Any] = {
-            "update_proj_gap": self.grass_update_proj_gap,
-            "scale": self.grass_scale,
-            "selection": self.grass_selection,
-            "proj_side": self.grass_proj_side,
-            "seed": self.grass_seed if self.grass_seed is not None else getattr(self, "seed", 0),
-        }
-        if self.grass_reselect_state is not None:
-            options["reselect_state"] = self.grass_reselect_state
-        return options
-
     def grass_optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``GrassAdamW`` (they apply to every parameter group)."""
-        kwargs: dict[str, Any] = {
+        config = self.grass_config()
+        return {
             "lr": getattr(self, "learning_rate", 1e-3),
             "betas": (getattr(self, "adam_beta1", 0.9), getattr(self, "adam_beta2", 0.999)),
             "eps": getattr(self, "adam_epsilon", 1e-8),
             "weight_decay": getattr(self, "weight_decay", 0.0),
-            "stochastic_rounding": self.grass_stochastic_rounding,
+            "stochastic_rounding": config.stochastic_rounding,
+            "state_dtype": None
+            if config.state_dtype is None
+            else getattr(torch, config.state_dtype),
         }
-        if self.grass_state_dtype is not None:
-            kwargs["state_dtype"] = getattr(torch, self.grass_state_dtype)
-        return kwargs
 
     def set_optimizer(self, name: str | OptimizerNames = "adamw_torch", **kwargs: Any):
         """``TrainingArguments.set_optimizer`` that also accepts ``name="grass"``."""
@@ -226,6 +158,16 @@ class GrassArguments:
         if is_grass:
             self.optim = GRASS
         return result
+
+
+def _refuse_fp16(args: Any, what: str) -> None:
+    """fp16's loss scaler cannot unscale or inf-check compressed gradients."""
+    if args.grass_compressed_backward or args.grass_layerwise:
+        raise ValueError(
+            f"{what} with Grass's compressed backward or layer-wise mode: fp16's loss scaler "
+            "cannot see those gradients. Use --bf16 (or fp32), or --grass_compressed_backward "
+            "false --grass_layerwise false."
+        )
 
 
 @dataclass
@@ -279,6 +221,7 @@ class GrassTrainerMixin:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if _uses_grass(self.args):
+            _check_trainer_hooks()
             self._check_grass_setup()
 
     # ---- setup -------------------------------------------------------------------------------
@@ -295,6 +238,9 @@ class GrassTrainerMixin:
                 "optim='grass' does not support DeepSpeed or FSDP yet: use DDP (torchrun / "
                 "accelerate launch without a DeepSpeed/FSDP config) or a stock optimizer."
             )
+        mixed_precision = str(getattr(self.accelerator, "mixed_precision", "no"))
+        if mixed_precision == "fp16":
+            _refuse_fp16(self.args, "Mixed precision fp16 (set through accelerate)")
         if self.args.grass_layerwise and self.args.world_size > 1:
             raise ValueError(
                 f"grass_layerwise=True with {self.args.world_size} processes: layer-wise updates "
@@ -304,6 +250,7 @@ class GrassTrainerMixin:
         if self.model is not None:
             # A dry run of the grouping: bad target modules or a rank too large raise here.
             try:
+                _refuse_adapter_targets(self.model, self.args.grass_targets())
                 self._grass_param_groups(self.model)
             except ValueError as e:
                 raise ValueError(
@@ -317,25 +264,26 @@ class GrassTrainerMixin:
         ``install=True`` also swaps the targeted layers for compressed-gradient layers (single
         process only); ``install=False`` is a dry run that validates targets and ranks.
         """
+        from hf_grass.optim import validate_param_groups
         from hf_grass.targets import grass_param_groups
 
         args = self.args
+        config = args.grass_config()
         decay = set(self.get_decay_parameter_names(model))
         no_decay = [n for n, _ in model.named_parameters() if n not in decay]
         kwargs = dict(
-            rank=args.grass_rank,
-            target_modules=args.grass_targets(),
+            target_modules=config.target_modules,
             weight_decay=args.weight_decay,
             no_decay=no_decay,
-            **args.grass_options(),
+            **config.group_options(),
         )
-        if install and args.grass_compressed_backward and args.world_size == 1:
+        if install and config.compressed_backward and args.world_size == 1:
             from hf_grass.linear import grassify
 
             return grassify(model, **kwargs)
         groups = grass_param_groups(model, **kwargs)
         if not install:
-            _validate_groups(groups, args)
+            validate_param_groups(groups)
         return groups
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -359,9 +307,6 @@ class GrassTrainerMixin:
         self.optimizer = GrassAdamW(groups, **args.grass_optimizer_kwargs())
         if args.grass_layerwise:
             _enable_layerwise(self.optimizer, opt_model, args)
-        # The Trainer clears gradients with model.zero_grad(), which does not know about
-        # compressed gradients: drop them once the step has used them.
-        self.optimizer.register_step_post_hook(_drop_compressed_grads)
         projected = sum(len(g["params"]) for g in groups if "rank" in g)
         logger.info(
             "Grass: rank %d on %d weights (%s); compressed backward %s; layer-wise %s.",
@@ -410,6 +355,7 @@ class GrassTrainerMixin:
         if checkpoint is None:
             return super()._load_optimizer_and_scheduler(checkpoint)
         self._check_checkpoint_method(checkpoint)
+        _check_complete(os.path.join(checkpoint, "optimizer.pt"), checkpoint)
         try:
             super()._load_optimizer_and_scheduler(checkpoint)
         except (ValueError, KeyError, RuntimeError) as e:
@@ -427,20 +373,27 @@ class GrassTrainerMixin:
         path = os.path.join(checkpoint, GRASS_CHECKPOINT_CONFIG)
         if not os.path.isfile(path):
             return
-        with open(path) as f:
-            saved = json.load(f)
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            if not isinstance(saved, dict):
+                raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ValueError(
+                f"{path} is unreadable ({e}): the checkpoint is incomplete or corrupt. Resume "
+                f"from an earlier checkpoint of {os.path.dirname(checkpoint) or '.'}, or start a "
+                "new run. The checkpoint is left as it was."
+            ) from None
         fix = _resume_fix(checkpoint)
         if not _uses_grass(self.args):
             raise ValueError(
                 f"Cannot resume {checkpoint} with {_describe(self.args)}: its optimizer "
                 f"state was saved by Grass ({saved}). {fix}"
             )
-        ours = _grass_fingerprint(self.args)
-        diff = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
-        if diff:
-            changes = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        conflicts = resume_conflicts(saved, _grass_fingerprint(self.args))
+        if conflicts:
             raise ValueError(
-                f"Cannot resume {checkpoint}: Grass setting differs ({changes}). {fix}"
+                f"Cannot resume {checkpoint}: Grass setting differs ({'; '.join(conflicts)}). {fix}"
             )
 
 
@@ -453,14 +406,45 @@ def _uses_grass(args: Any) -> bool:
 
 
 def _grass_fingerprint(args: GrassArguments) -> dict[str, Any]:
-    """The settings that fix the shapes of Grass's optimizer state."""
-    targets = args.grass_targets()
-    return {
-        "optim": GRASS,
-        "rank": args.grass_rank,
-        "target_modules": targets if isinstance(targets, str) else list(targets),
-        "proj_side": args.grass_proj_side,
-    }
+    """The settings a resumed run must share with its checkpoint (``GrassConfig.fingerprint``)."""
+    return {"optim": GRASS, **args.grass_config().fingerprint()}
+
+
+def _check_trainer_hooks() -> None:
+    """Grass clips compressed gradients through two Trainer hooks of transformers 5; without
+    them clipping would silently skip those gradients."""
+    missing = [h for h in ("_clip_grad_norm", "_get_grad_norm") if not hasattr(Trainer, h)]
+    if missing:
+        import transformers
+
+        raise RuntimeError(
+            f"optim='grass' needs the Trainer hooks {', '.join(missing)}, which transformers "
+            f"{transformers.__version__} lacks: upgrade with pip install 'transformers>=5'."
+        )
+
+
+def _refuse_adapter_targets(model: nn.Module, target_modules: Any) -> None:
+    """Grass and LoRA on the same weights: refuse (train one or the other)."""
+    from hf_grass.targets import is_adapter_module, match_target_modules
+
+    adapters = [n for n in match_target_modules(model, target_modules) if is_adapter_module(n)]
+    if adapters:
+        raise ValueError(
+            f"target_modules selects LoRA adapter layers ({adapters[0]!r}, ...): Grass and LoRA "
+            "on the same weights do not combine. Train the adapters with a stock optimizer, or "
+            "use Grass on the model without LoRA."
+        )
+
+
+def _check_complete(path: str, checkpoint: str) -> None:
+    """Refuse an empty or truncated ``torch.save`` file (an interrupted save) with one line."""
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path} is empty or truncated ({os.path.getsize(path)} bytes; the save was "
+            f"interrupted): resume from an earlier checkpoint of "
+            f"{os.path.dirname(checkpoint) or '.'}, or start a new run. The checkpoint is left "
+            "as it was."
+        )
 
 
 def _describe(args: Any) -> str:
@@ -475,33 +459,6 @@ def _resume_fix(checkpoint: str) -> str:
         f"(--model_name_or_path {checkpoint}) without --resume_from_checkpoint. The checkpoint is "
         "left as it was."
     )
-
-
-def _validate_groups(groups: list[dict], args: GrassArguments) -> None:
-    """Build a throwaway GrassAdamW (it checks ranks against shapes), leaving params as they were."""
-    from hf_grass.optim import GrassAdamW
-
-    params = [p for g in groups for p in g["params"]]
-    saved = [p.__dict__.get("grass_projection", _MISSING) for p in params]
-    try:
-        GrassAdamW([dict(g) for g in groups], **args.grass_optimizer_kwargs())
-    finally:
-        for p, value in zip(params, saved, strict=True):
-            if value is _MISSING:
-                p.__dict__.pop("grass_projection", None)
-            else:
-                p.grass_projection = value
-
-
-_MISSING = object()
-
-
-def _drop_compressed_grads(optimizer: torch.optim.Optimizer, *_: Any) -> None:
-    for group in optimizer.param_groups:
-        if "rank" in group:
-            for p in group["params"]:
-                if getattr(p, "compressed_grad", None) is not None:
-                    p.compressed_grad = None
 
 
 def _enable_layerwise(optimizer: torch.optim.Optimizer, model: nn.Module, args: Any) -> None:

@@ -22,23 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def _worker(out_dir: str) -> None:
     import torch
     import torch.distributed as dist
+    from conftest import tiny_llama  # this folder is sys.path[0] of a script run from it
     from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from hf_grass.trainer import GrassTrainer, GrassTrainingArguments
 
-    torch.manual_seed(0)  # the same initial model on both ranks (DDP also broadcasts it)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        pad_token_id=0,
-    )
-    model = LlamaForCausalLM(config)
+    def initial_model():  # seeded: the same model on both ranks (DDP also broadcasts it)
+        return tiny_llama(seed=0, vocab_size=128, num_key_value_heads=2, pad_token_id=0)
+
+    model = initial_model()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 128, (64, 12), generator=g)
     data = Dataset.from_dict(
@@ -69,7 +61,7 @@ def _worker(out_dir: str) -> None:
     flat = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
-    initial = torch.cat([p.reshape(-1) for p in LlamaForCausalLM(config).parameters()])
+    initial = torch.cat([p.detach().reshape(-1) for p in initial_model().parameters()])
     if rank == 0:
         result = {
             "world_size": world,

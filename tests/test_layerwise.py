@@ -6,15 +6,22 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_llama
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hf_grass.layerwise import enable_layerwise
 from hf_grass.linear import GrassLinear, grassify
 from hf_grass.optim import GrassAdamW, clip_grad_norm_
+from hf_grass.projection import projection_of
 
 F64 = torch.float64
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _cgrad(p):
+    """The compressed gradient of ``p`` (None without a live projection)."""
+    projection = projection_of(p)
+    return None if projection is None else projection.grad
 
 
 class _Net(nn.Module):
@@ -93,7 +100,7 @@ def test_layerwise_training_equals_stepping_after_backward(accumulation, max_gra
         ref_opt.zero_grad()
         # Already updated during the last backward: no gradients are left and step() is a no-op.
         assert all(p.grad is None for p in model.parameters())
-        assert all(getattr(p, "compressed_grad", None) is None for p in model.parameters())
+        assert all(_cgrad(p) is None for p in model.parameters())
         before = [p.clone() for p in model.parameters()]
         opt.step()
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
@@ -111,11 +118,7 @@ def test_layerwise_updates_before_the_backward_pass_ends_with_one_layer_gradient
     step_param = opt.step_param
 
     def recording_step_param(p):
-        alive = [
-            q
-            for q in model.parameters()
-            if q.grad is not None or getattr(q, "compressed_grad", None) is not None
-        ]
+        alive = [q for q in model.parameters() if q.grad is not None or _cgrad(q) is not None]
         alive_at_update.append({modules[id(q)] for q in alive})
         assert any(q is p for q in alive)
         step_param(p)
@@ -167,11 +170,11 @@ def test_remove_restores_ordinary_steps():
     model, opt, _, handle = _setup(True)
     batch = _batches(1, 1)[0][0]
     handle.remove()
-    assert not hasattr(model.up.weight, "_grass_grad_anchor")
+    assert projection_of(model.up.weight).anchor is None
     before = [p.clone() for p in model.parameters()]
     _loss(model, batch).backward()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
-    assert model.up.weight.compressed_grad is not None and model.head.weight.grad is not None
+    assert projection_of(model.up.weight).grad is not None and model.head.weight.grad is not None
     opt.step()
     assert not torch.equal(model.head.weight, before[-2])
     with enable_layerwise(opt, model):
@@ -180,18 +183,7 @@ def test_remove_restores_ordinary_steps():
 
 
 def test_layerwise_on_a_grassified_llama_matches_ordinary_training():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    ref = LlamaForCausalLM(config).double()
+    ref = tiny_llama(num_key_value_heads=2).double()
     model = copy.deepcopy(ref)
     ref_opt = GrassAdamW(grassify(ref, rank=8, update_proj_gap=2), lr=1e-3)
     opt = GrassAdamW(grassify(model, rank=8, update_proj_gap=2), lr=1e-3)
@@ -213,18 +205,9 @@ def test_layerwise_on_a_grassified_llama_matches_ordinary_training():
 
 def test_hf_trainer_with_accumulation_and_scheduler_matches_ordinary_training(tmp_path):
     """Trainer: backward x N, optimizer.step(), scheduler.step(), model.zero_grad()."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config)
+    base = tiny_llama(num_key_value_heads=2)
     g = torch.Generator().manual_seed(0)
     data = []
     for _ in range(16):
@@ -275,7 +258,6 @@ def test_bad_arguments_raise_clear_errors():
         enable_layerwise(opt, [nn.Parameter(torch.zeros(2))])
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_on_each_device_layerwise_with_accumulation_equals_stepping_after_backward(device):
     ref, ref_opt, _, _ = _setup(False, device=device)
     model, opt, _, _ = _setup(True, accumulation=2, max_grad_norm=0.05, device=device)

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_llama
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
@@ -13,10 +14,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hf_grass.linear import GrassLinear, grassify, ungrassify
 from hf_grass.optim import GrassAdamW
+from hf_grass.projection import projection_of
 from hf_grass.targets import grass_param_groups
 
 F64 = torch.float64
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _cgrad(p):
+    """The compressed gradient of ``p`` (None without a live projection)."""
+    projection = projection_of(p)
+    return None if projection is None else projection.grad
 
 
 def _layer_and_optimizer(m, n, rank, side, selection, bias, dtype=F64, gap=1000, seed=0):
@@ -65,7 +72,7 @@ def test_compressed_gradient_equals_rho_times_selected_rows_of_full_gradient(
     if side == "cols":
         m, n, shape = 24, 10, shape[:-1] + (10,)
     layer, opt = _layer_and_optimizer(m, n, rank, side, selection, bias)
-    projection = layer.weight.grass_projection
+    projection = projection_of(layer.weight)
     for step in range(3):  # a selection step, then ordinary steps
         x = torch.randn(shape, dtype=F64)
         grad_x, full, grad_b, probe = _full_gradients(layer, x)
@@ -76,7 +83,7 @@ def test_compressed_gradient_equals_rho_times_selected_rows_of_full_gradient(
         rows, rho = projection.rows, projection.rho
         oriented = full if side == "rows" else full.t()
         expected = rho.to(F64)[:, None] * oriented[rows]
-        torch.testing.assert_close(layer.weight.compressed_grad, expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(projection_of(layer.weight).grad, expected, rtol=0, atol=1e-12)
         torch.testing.assert_close(got_x, grad_x, rtol=0, atol=1e-12)
         if bias:
             torch.testing.assert_close(layer.bias.grad, grad_b, rtol=0, atol=1e-12)
@@ -95,7 +102,7 @@ def test_weight_without_optimizer_gets_the_ordinary_full_gradient():
     torch.testing.assert_close(layer.weight.grad, full, rtol=0, atol=1e-12)
     torch.testing.assert_close(layer.bias.grad, grad_b, rtol=0, atol=1e-12)
     torch.testing.assert_close(got_x, grad_x, rtol=0, atol=1e-12)
-    assert getattr(layer.weight, "compressed_grad", None) is None
+    assert _cgrad(layer.weight) is None
 
 
 class _ShapeRecorder(TorchDispatchMode):
@@ -134,11 +141,11 @@ def test_ordinary_step_never_allocates_a_full_weight_gradient():
             for w in weights:
                 assert tuple(w.shape) not in recorder.shapes
                 assert w.grad is None
-                assert w.compressed_grad.shape[0] == 3
+                assert projection_of(w).grad.shape[0] == 3
                 state = [v for v in opt.state[w].values() if isinstance(v, torch.Tensor)]
                 floats = [v for v in state if v.is_floating_point()]
                 assert all(tuple(v.shape) != tuple(w.shape) for v in state)
-                assert all(v.numel() <= w.compressed_grad.numel() for v in floats)
+                assert all(v.numel() <= projection_of(w).grad.numel() for v in floats)
         opt.step()
         opt.zero_grad()
 
@@ -191,14 +198,14 @@ def test_accumulation_selects_from_the_first_micro_batch_and_keeps_rows_for_the_
             reference(x).square().mean().backward()
             if k == 0:
                 for p in reference.parameters():
-                    projection = getattr(p, "grass_projection", None)
+                    projection = projection_of(p)
                     if projection is not None and projection.needs_full_gradient():
                         projection.select(p.grad)
             model(x).square().mean().backward()
             if k == 0:
-                rows = [w.grass_projection.rows.clone() for w in weights]
+                rows = [projection_of(w).rows.clone() for w in weights]
             assert all(
-                torch.equal(w.grass_projection.rows, r) for w, r in zip(weights, rows, strict=True)
+                torch.equal(projection_of(w).rows, r) for w, r in zip(weights, rows, strict=True)
             )
         for o in (ref_opt, opt):
             o.step()
@@ -264,8 +271,10 @@ def test_gradient_checkpointing_gives_the_same_compressed_gradients(use_reentran
         for p, q in zip(plain.parameters(), ckpt.parameters(), strict=True):
             if p.dim() == 2:
                 assert p.grad is None and q.grad is None
-                assert torch.equal(p.grass_projection.rows, q.grass_projection.rows)
-                torch.testing.assert_close(q.compressed_grad, p.compressed_grad, rtol=0, atol=1e-12)
+                assert torch.equal(projection_of(p).rows, projection_of(q).rows)
+                torch.testing.assert_close(
+                    projection_of(q).grad, projection_of(p).grad, rtol=0, atol=1e-12
+                )
             else:
                 torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-12)
         for opt in opts:
@@ -274,20 +283,8 @@ def test_gradient_checkpointing_gives_the_same_compressed_gradients(use_reentran
 
 
 def _tiny_llama(tie=False, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(config)
+    # Grouped-query attention: k_proj and v_proj are narrower than q_proj.
+    return tiny_llama(seed=seed, num_key_value_heads=2, tie_word_embeddings=tie)
 
 
 def test_hf_gradient_checkpointing_gives_the_same_compressed_gradients():
@@ -307,9 +304,11 @@ def test_hf_gradient_checkpointing_gives_the_same_compressed_gradients():
         model(input_ids=ids.flip(1), labels=ids.flip(1)).loss.backward()
     compressed = 0
     for p, q in zip(plain.parameters(), ckpt.parameters(), strict=True):
-        if getattr(p, "compressed_grad", None) is not None:
+        if _cgrad(p) is not None:
             compressed += 1
-            torch.testing.assert_close(q.compressed_grad, p.compressed_grad, rtol=0, atol=1e-12)
+            torch.testing.assert_close(
+                projection_of(q).grad, projection_of(p).grad, rtol=0, atol=1e-12
+            )
         else:
             torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-12)
     assert compressed == 2 * 7
@@ -390,7 +389,7 @@ def test_bf16_autocast_matches_float32_and_keeps_dtypes():
     probe = torch.randn(2, 6, 48)
     x32 = x.clone().requires_grad_()
     (layer(x32) * probe).sum().backward()
-    reference = layer.weight.compressed_grad.clone()
+    reference = projection_of(layer.weight).grad.clone()
     opt.zero_grad()
 
     dense = ungrassify(copy.deepcopy(layer))
@@ -404,12 +403,12 @@ def test_bf16_autocast_matches_float32_and_keeps_dtypes():
     (y.float() * probe).sum().backward()
     (yd.float() * probe).sum().backward()
     assert x16.grad.dtype == torch.float32 and layer.bias.grad.dtype == torch.float32
-    assert layer.weight.compressed_grad.dtype == torch.float32
+    assert projection_of(layer.weight).grad.dtype == torch.float32
     torch.testing.assert_close(x16.grad, xd.grad, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(layer.bias.grad, dense.bias.grad, rtol=1e-2, atol=1e-2)
     scale = reference.abs().max()
     torch.testing.assert_close(
-        layer.weight.compressed_grad / scale, reference / scale, rtol=0, atol=2e-2
+        projection_of(layer.weight).grad / scale, reference / scale, rtol=0, atol=2e-2
     )
 
 
@@ -422,7 +421,7 @@ def test_pure_bf16_weights_train_with_compressed_gradients():
     reference(x).square().mean().backward()
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         if p.dim() == 2:
-            got, want = p.compressed_grad, p.grass_projection.compress(q.grad)
+            got, want = projection_of(p).grad, projection_of(p).compress(q.grad)
         else:
             got, want = p.grad, q.grad
         assert got.dtype == torch.bfloat16
@@ -432,19 +431,18 @@ def test_pure_bf16_weights_train_with_compressed_gradients():
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("side", ["rows", "cols"])
 def test_on_each_device_compressed_gradient_and_bf16_autocast(side, device):
     layer, opt = _layer_and_optimizer(48, 32, 8, side, "multinomial", True)
     layer.to(device)
-    projection = layer.weight.grass_projection
+    projection = projection_of(layer.weight)
     for _ in range(2):  # a selection step, then an ordinary one
         x = torch.randn(2, 5, 32, dtype=F64, device=device)
         grad_x, full, grad_b, probe = _full_gradients(layer, x)
         got_x = _backward(layer, x, probe)
         oriented = full if side == "rows" else full.t()
         expected = projection.rho.to(F64)[:, None] * oriented[projection.rows]
-        torch.testing.assert_close(layer.weight.compressed_grad, expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(projection_of(layer.weight).grad, expected, rtol=0, atol=1e-12)
         torch.testing.assert_close(got_x, grad_x, rtol=0, atol=1e-12)
         torch.testing.assert_close(layer.bias.grad, grad_b, rtol=0, atol=1e-12)
         opt.step()
@@ -454,13 +452,13 @@ def test_on_each_device_compressed_gradient_and_bf16_autocast(side, device):
     x = torch.randn(2, 5, 32, device=device, requires_grad=True)
     probe = torch.randn(2, 5, 48, device=device)
     (layer(x) * probe).sum().backward()
-    reference = layer.weight.compressed_grad.clone()
+    reference = projection_of(layer.weight).grad.clone()
     opt.zero_grad()
     with torch.autocast(device, dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16
     (y.float() * probe).sum().backward()
-    got = layer.weight.compressed_grad
+    got = projection_of(layer.weight).grad
     assert got.dtype == torch.float32 and layer.bias.grad.dtype == torch.float32
     scale = reference.abs().max()
     torch.testing.assert_close(got / scale, reference / scale, rtol=0, atol=2e-2)

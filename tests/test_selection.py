@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from hf_grass import SELECTIONS, select_rows
-from hf_grass import selection as selection_module
 
 SAMPLED = ("multinomial", "multinomial_nr", "uniform")
 
@@ -16,12 +15,6 @@ def _projected(g: torch.Tensor, rows: torch.Tensor, rho: torch.Tensor) -> torch.
     """P Pᵀ G for the sparse projection P[rows[j], j] = rho[j] (a row drawn twice adds twice)."""
     rho = rho.to(g.dtype)
     return torch.zeros_like(g).index_add_(0, rows, rho[:, None] ** 2 * g[rows])
-
-
-@pytest.fixture
-def fresh_warning(monkeypatch):
-    """The fallback warns once per process; let every test see it."""
-    monkeypatch.setattr(selection_module, "_warned_fallback", False)
 
 
 @pytest.mark.parametrize("selection", SELECTIONS)

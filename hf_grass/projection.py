@@ -1,0 +1,178 @@
+"""GrassProjection: one projected weight's selection and compressed gradient, in one place.
+
+:class:`~hf_grass.GrassAdamW` makes one projection per projected weight and owns it; the
+projection reads the selection (``rows``, ``rho``) from the optimizer's state and holds the
+weight's compressed gradient ``grad`` (r x k) until the optimizer step consumes it. Every other
+module reaches it through :func:`projection_of`:
+
+- the compressed-gradient backward (:mod:`hf_grass.linear`) asks whether a full gradient is
+  needed (``needs_full_gradient``), selects, and ``accumulate``-s ``rho * dY[:, rows]ᵀ X``;
+- clipping, layer-wise updates and data-parallel averaging read and replace ``grad``;
+- a full ``weight.grad`` (no compressed backward, or a second use of the weight outside its
+  layer) is folded into ``grad`` by :meth:`GrassProjection.absorb_full_grad`.
+
+Nothing is stored on the Parameter: the lookup is a weak identity map, so a parameter outlives
+its optimizer cleanly (a weight whose optimizer is gone gets ordinary ``.grad`` again), and
+nothing has to be undone after building a throwaway optimizer.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .functional import unique_rows
+
+if TYPE_CHECKING:
+    from .optim import GrassAdamW
+
+_PROJECTIONS = WeakIdKeyDictionary()
+
+
+def projection_of(weight: torch.Tensor) -> GrassProjection | None:
+    """The live projection of ``weight`` (``None`` if no live GrassAdamW projects it)."""
+    projection = _PROJECTIONS.get(weight)
+    if projection is None or not projection.alive:
+        return None
+    return projection
+
+
+def projection_side(shape: torch.Size | tuple[int, ...], proj_side: str = "auto") -> str:
+    """``"rows"`` or ``"cols"``: the dimension selected for a weight of ``shape`` (m, n).
+
+    ``"auto"`` selects the larger dimension, which leaves the smaller state r x min(m, n).
+    """
+    if proj_side != "auto":
+        return proj_side
+    return "rows" if shape[0] >= shape[1] else "cols"
+
+
+def oriented(t: torch.Tensor, side: str) -> torch.Tensor:
+    """A view of ``t`` with the selected dimension first."""
+    return t if side == "rows" else t.t()
+
+
+class GrassProjection:
+    """The selection and compressed gradient of one projected weight (see the module doc)."""
+
+    def __init__(self, optimizer: GrassAdamW, param: torch.Tensor, rank: int, side: str):
+        self._optimizer = weakref.ref(optimizer)
+        self._param = weakref.ref(param)
+        self.rank = rank
+        self.side = side
+        self.grad: torch.Tensor | None = None  # rho * G[rows], r x k
+        self._grad_step: int | None = None  # the optimizer step `grad` belongs to
+        self.anchor: torch.Tensor | None = None  # grad-ready signal (hf_grass.layerwise)
+        self._unique: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        _PROJECTIONS[param] = self
+
+    @property
+    def alive(self) -> bool:
+        """False once the optimizer that made this projection is gone."""
+        return self._optimizer() is not None and self._param() is not None
+
+    @property
+    def _state(self) -> dict:
+        return self._optimizer().state[self._param()]
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps this weight has taken (identifies the accumulation window)."""
+        return int(self._state.get("step", 0))
+
+    def needs_full_gradient(self) -> bool:
+        """True when the next step re-selects rows and they have not been chosen yet.
+
+        Then the backward must deliver the full gradient (or call :meth:`select` with it).
+        """
+        state = self._state
+        if "rows" not in state:
+            return True
+        step = int(state["step"])
+        gap = self._optimizer()._group_of(self._param())["update_proj_gap"]
+        return step % gap == 0 and int(state["selected_step"]) != step
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """Selected indices (int64, r, sorted; repeats possible with ``multinomial``)."""
+        return self._state["rows"]
+
+    @property
+    def rho(self) -> torch.Tensor:
+        """Scales of the selected indices (float32, r)."""
+        return self._state["rho"]
+
+    @property
+    def unique(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``unique_rows(rows)``, recomputed only when the rows change (not saved)."""
+        rows = self.rows
+        if self._unique is None or self._unique[0] is not rows:
+            self._unique = (rows, *unique_rows(rows))
+        return self._unique[1], self._unique[2]
+
+    def select(self, grad: torch.Tensor) -> None:
+        """Choose new rows from a full gradient (m x n, the parameter's own layout)."""
+        self._optimizer()._select(self._param(), grad)
+
+    def compress(self, grad: torch.Tensor) -> torch.Tensor:
+        """``rho[:, None] * G[rows]`` for a full gradient in the parameter's layout."""
+        g = oriented(grad, self.side)
+        return g[self.rows] * self.rho.to(g.dtype)[:, None]
+
+    # ---- the compressed gradient's lifetime ---------------------------------------------------
+    def accumulate(self, compressed: torch.Tensor) -> None:
+        """Add ``compressed`` (r x k) to ``grad``, or start it.
+
+        A gradient left over from an earlier optimizer step is replaced, not added to: its rows
+        may no longer be the selected ones, and ``nn.Module.zero_grad`` (which HF ``Trainer``
+        calls) cannot see it.
+        """
+        param = self._param()
+        compressed = compressed.to(param.dtype)
+        step = self.step
+        if self.grad is None or self._grad_step != step:
+            self.grad = compressed
+            self._grad_step = step
+        else:
+            self.grad.add_(compressed)
+
+    def absorb_full_grad(self) -> None:
+        """Fold a full ``weight.grad`` into ``grad`` (selecting rows first when due).
+
+        A full gradient arrives when the compressed backward is off, or when the weight is also
+        used outside its Grass layer (then both parts add up). ``weight.grad`` is freed.
+        """
+        param = self._param()
+        if param.grad is None:
+            return
+        full = param.grad
+        if self.needs_full_gradient():
+            self.select(full)
+        self.accumulate(self.compress(full))
+        param.grad = None
+
+    def take_grad(self) -> torch.Tensor | None:
+        """The step's compressed gradient, consumed: ``grad`` is cleared."""
+        self.absorb_full_grad()
+        grad, self.grad = self.grad, None
+        if grad is not None and self.needs_full_gradient():
+            raise RuntimeError(
+                "GrassAdamW got a compressed gradient on a step that re-selects rows, before the "
+                "rows were selected: deliver a full gradient when "
+                "projection_of(param).needs_full_gradient() is True (or call its select())."
+            )
+        return grad
+
+    def grad_ready_anchor(self) -> torch.Tensor:
+        """A zero-size leaf whose gradient hook fires when ``grad`` is complete for a backward.
+
+        :class:`~hf_grass.GrassLinear` passes it through its autograd Function, whose backward
+        returns an empty gradient for it; the engine accumulates a leaf after every node that
+        feeds it, so the hook runs after every use of the weight has added to ``grad``.
+        """
+        if self.anchor is None:
+            self.anchor = torch.empty(0, device=self._param().device, requires_grad=True)
+        return self.anchor

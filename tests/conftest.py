@@ -1,0 +1,46 @@
+"""Shared test helpers: the devices and dtypes to test, warning set-up and tiny seeded LLaMAs.
+
+Fixtures (`device`, `fresh_warning`) are found by pytest; the plain helpers
+(`tiny_llama`, `DEVICES`, `FLOAT_DTYPES`) are imported with `from conftest import ...`
+(pytest puts this folder on `sys.path`; a script run as `python tests/x.py` has it there too).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+from hf_grass import selection as selection_module
+from hf_grass.models import llama_config
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16]  # for @pytest.mark.parametrize
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """Each device the test runs on: cpu, plus cuda when available."""
+    return request.param
+
+
+@pytest.fixture
+def fresh_warning(monkeypatch):
+    """The selection fallback warns once per process; let every test that uses this see it."""
+    monkeypatch.setattr(selection_module, "_warned_fallback", False)
+
+
+def tiny_llama(
+    head: str = "lm", seed: int = 0, **overrides
+) -> LlamaForCausalLM | LlamaForSequenceClassification:
+    """A randomly initialized LLaMA of the "tiny" preset (2 layers, hidden 64, vocab 512).
+
+    `head` is "lm" (causal LM) or "classifier" (sequence classification; pass `num_labels` and
+    `pad_token_id` when batches hold several sequences). `seed` seeds the initialization, so two
+    calls with the same arguments give identical weights. `overrides` go to `llama_config`.
+    """
+    classes = {"lm": LlamaForCausalLM, "classifier": LlamaForSequenceClassification}
+    if head not in classes:
+        raise ValueError(f"head={head!r}; choose one of {', '.join(classes)}")
+    torch.manual_seed(seed)
+    return classes[head](llama_config("tiny", **overrides))
