@@ -42,7 +42,7 @@ A parameter used both inside and outside a reentrant checkpointed segment
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -60,11 +60,13 @@ class LayerwiseHandle:
         params: list[torch.Tensor],
         gradient_accumulation_steps: int,
         max_grad_norm: float | None,
+        reduce_gradient: Callable[[torch.Tensor], None] | None = None,
     ):
         self.optimizer = optimizer
         self.params = params
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.max_grad_norm = max_grad_norm
+        self.reduce_gradient = reduce_gradient
         self._counts: dict[int, int] = {id(p): 0 for p in params}
         self._hooks = []
         self._anchored = []
@@ -102,6 +104,8 @@ class LayerwiseHandle:
 
     @torch.no_grad()
     def _update(self, p: torch.Tensor) -> None:
+        if self.reduce_gradient is not None:
+            self.reduce_gradient(p)  # data parallel: average across ranks first
         if self.max_grad_norm is not None:
             clip_grad_norm_([p], self.max_grad_norm)
         self.optimizer.step_param(p)
@@ -149,6 +153,7 @@ def enable_layerwise(
     model_or_params: nn.Module | Iterable[torch.Tensor] | None = None,
     gradient_accumulation_steps: int = 1,
     max_grad_norm: float | None = None,
+    reduce_gradient: Callable[[torch.Tensor], None] | None = None,
 ) -> LayerwiseHandle:
     """Update each parameter during the backward pass, as soon as its gradient is complete.
 
@@ -161,6 +166,10 @@ def enable_layerwise(
         gradient_accumulation_steps: backward passes per update (see the module docstring).
         max_grad_norm: clip each parameter's gradient to this norm before its update (per
             parameter, not global: see the module docstring). ``None`` does not clip.
+        reduce_gradient: called with each parameter before its update; data parallelism passes
+            :meth:`hf_grass.distributed.GrassDataParallel.reduce_now` (and only the projected
+            weights as ``model_or_params``: DDP averages the others, which
+            ``optimizer.step()`` then updates).
 
     Enable it before the forward pass of the first step (a graph built earlier does not report
     its compressed gradients). Returns a :class:`LayerwiseHandle`; ``handle.remove()`` restores
@@ -203,4 +212,4 @@ def enable_layerwise(
                 "pass only parameters the optimizer updates."
             )
     params = [p for p in params if p.requires_grad]
-    return LayerwiseHandle(optimizer, params, steps, max_grad_norm)
+    return LayerwiseHandle(optimizer, params, steps, max_grad_norm, reduce_gradient)

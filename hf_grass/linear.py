@@ -128,7 +128,7 @@ def _weight_gradient(
         return (dy2.t() @ x2).to(weight.dtype)
     if projection.needs_full_gradient():
         full = dy2.t() @ x2  # m x n, this layer only
-        projection.select(full)
+        projection.select(full)  # under data parallelism, averages `full` across ranks first
         compressed = projection.compress(full)
         del full  # freed before the next layer's backward allocates its own
     else:

@@ -19,6 +19,7 @@ nothing has to be undone after building a throwaway optimizer.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -67,6 +68,8 @@ class GrassProjection:
         self._grad_step: int | None = None  # the optimizer step `grad` belongs to
         self.anchor: torch.Tensor | None = None  # grad-ready signal (hf_grass.layerwise)
         self._unique: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # Set by hf_grass.distributed: averages a full gradient across ranks before selecting.
+        self.reduce_full: Callable[[torch.Tensor], torch.Tensor] | None = None
         _PROJECTIONS[param] = self
 
     @property
@@ -114,7 +117,13 @@ class GrassProjection:
         return self._unique[1], self._unique[2]
 
     def select(self, grad: torch.Tensor) -> None:
-        """Choose new rows from a full gradient (m x n, the parameter's own layout)."""
+        """Choose new rows from a full gradient (m x n, the parameter's own layout).
+
+        Under data parallelism the gradient is first averaged across ranks, in place when it is
+        contiguous, so that every rank selects the same rows.
+        """
+        if self.reduce_full is not None:
+            grad = self.reduce_full(grad)
         self._optimizer()._select(self._param(), grad)
 
     def compress(self, grad: torch.Tensor) -> torch.Tensor:

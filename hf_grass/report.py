@@ -160,6 +160,14 @@ class ResourceReportCallback(TrainerCallback):
             if tokens and self._step_time
             else None,
         }
+        if args.world_size > 1 and model is not None:
+            from .distributed import comm_meter_of, dense_ddp_bytes
+
+            meter = comm_meter_of(optimizer)
+            sent = meter.bytes_per_step() if meter is not None else {}
+            report["comm_bytes_per_step"] = round(sent["all"]) if sent else None
+            report["comm_bytes_per_step_by_kind"] = {k: round(v) for k, v in sent.items()}
+            report["dense_ddp_comm_bytes_per_step"] = dense_ddp_bytes(model)
         self.report = report
         if state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)

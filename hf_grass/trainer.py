@@ -241,11 +241,16 @@ class GrassTrainerMixin:
         mixed_precision = str(getattr(self.accelerator, "mixed_precision", "no"))
         if mixed_precision == "fp16":
             _refuse_fp16(self.args, "Mixed precision fp16 (set through accelerate)")
-        if self.args.grass_layerwise and self.args.world_size > 1:
+        if (
+            self.args.grass_layerwise
+            and self.args.world_size > 1
+            and not self.args.grass_compressed_backward
+        ):
             raise ValueError(
-                f"grass_layerwise=True with {self.args.world_size} processes: layer-wise updates "
-                "would run before data-parallel gradients are averaged. Use --grass_layerwise "
-                "false for multi-process runs."
+                f"grass_layerwise=True with {self.args.world_size} processes needs the "
+                "compressed backward (Grass averages those gradients before each layer's update; "
+                "DDP averages full gradients only after the backward). Drop "
+                "--grass_compressed_backward false, or --grass_layerwise."
             )
         if self.model is not None:
             # A dry run of the grouping: bad target modules or a rank too large raise here.
@@ -277,7 +282,7 @@ class GrassTrainerMixin:
             no_decay=no_decay,
             **config.group_options(),
         )
-        if install and config.compressed_backward and args.world_size == 1:
+        if install and config.compressed_backward:
             from hf_grass.linear import grassify
 
             return grassify(model, **kwargs)
@@ -296,27 +301,45 @@ class GrassTrainerMixin:
 
         args = self.args
         opt_model = self.model if model is None else model
-        compressed = args.grass_compressed_backward and args.world_size == 1
-        if args.grass_compressed_backward and not compressed:
-            logger.warning(
-                "Grass: %d processes, so targeted weights keep full gradients for DDP (compressed "
-                "communication is not implemented yet); optimizer state is still r x n.",
-                args.world_size,
-            )
+        compressed = args.grass_compressed_backward
         groups = self._grass_param_groups(opt_model, install=True)
         self.optimizer = GrassAdamW(groups, **args.grass_optimizer_kwargs())
+        self._grass_dp = None
+        if args.world_size > 1 and compressed:
+            # Before accelerate wraps the model in DDP: Grass weights leave DDP's reducer.
+            from hf_grass.distributed import GrassDataParallel
+
+            self._grass_dp = GrassDataParallel(
+                opt_model, self.optimizer, layerwise=args.grass_layerwise
+            )
         if args.grass_layerwise:
-            _enable_layerwise(self.optimizer, opt_model, args)
+            _enable_layerwise(self.optimizer, opt_model, args, self._grass_dp)
         projected = sum(len(g["params"]) for g in groups if "rank" in g)
         logger.info(
-            "Grass: rank %d on %d weights (%s); compressed backward %s; layer-wise %s.",
+            "Grass: rank %d on %d weights (%s); compressed backward %s; layer-wise %s; %d "
+            "process(es)%s.",
             args.grass_rank,
             projected,
             args.grass_targets(),
             compressed,
             args.grass_layerwise,
+            args.world_size,
+            ", compressed gradients averaged across them" if self._grass_dp else "",
         )
         return self.optimizer
+
+    def training_step(self, model: nn.Module, inputs: Any, *args: Any, **kwargs: Any):
+        dp = getattr(self, "_grass_dp", None)
+        if dp is not None and isinstance(model, nn.parallel.DistributedDataParallel):
+            dp.attach(model)  # once: follow no_sync() and meter DDP's buckets
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        dp = getattr(self, "_grass_dp", None)
+        if dp is not None and "loss" in logs:
+            for kind, nbytes in dp.meter.bytes_per_step().items():
+                logs[f"comm_mb_per_step_{kind}"] = round(nbytes / 2**20, 4)
+        super().log(logs, *args, **kwargs)
 
     # ---- clipping: include compressed gradients ----------------------------------------------
 
@@ -461,13 +484,20 @@ def _resume_fix(checkpoint: str) -> str:
     )
 
 
-def _enable_layerwise(optimizer: torch.optim.Optimizer, model: nn.Module, args: Any) -> None:
-    """Update each parameter inside the backward pass (``max_grad_norm`` clips per parameter)."""
+def _enable_layerwise(
+    optimizer: torch.optim.Optimizer, model: nn.Module, args: Any, data_parallel: Any = None
+) -> None:
+    """Update each parameter inside the backward pass (``max_grad_norm`` clips per parameter).
+
+    Under data parallelism only the projected weights update in the backward, each once its
+    compressed gradient is averaged; DDP averages the others for ``optimizer.step()``.
+    """
     from hf_grass.layerwise import enable_layerwise
 
     enable_layerwise(
         optimizer,
-        model,
+        model if data_parallel is None else list(data_parallel.projected.values()),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
+        reduce_gradient=None if data_parallel is None else data_parallel.reduce_now,
     )

@@ -1,8 +1,8 @@
 """2-process data-parallel training through GrassTrainer (torchrun, gloo, CPU).
 
 The test launches this file under ``torch.distributed.run``; each worker trains a tiny LLaMA
-with ``optim="grass"`` on its own shard of the data, then checks that every parameter is
-bit-identical across ranks (DDP averaged the gradients, and both ranks chose the same rows).
+with ``optim="grass"`` on its own shard of the data; the same file run as a plain script trains
+one process on the same global batches, and the test compares the two.
 """
 
 from __future__ import annotations
@@ -19,32 +19,40 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _worker(out_dir: str) -> None:
+def _worker(out_dir: str, mode: str) -> None:
     import torch
     import torch.distributed as dist
     from conftest import tiny_llama  # this folder is sys.path[0] of a script run from it
     from datasets import Dataset
 
+    from hf_grass.report import ResourceReportCallback
     from hf_grass.trainer import GrassTrainer, GrassTrainingArguments
 
     def initial_model():  # seeded: the same model on both ranks (DDP also broadcasts it)
         return tiny_llama(seed=0, vocab_size=128, num_key_value_heads=2, pad_token_id=0)
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     model = initial_model()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 128, (64, 12), generator=g)
     data = Dataset.from_dict(
         {"input_ids": ids.tolist(), "attention_mask": [[1] * 12] * 64, "labels": ids.tolist()}
     )
+    layerwise = mode == "layerwise"
+    accumulation = 2 if layerwise else 1
     args = GrassTrainingArguments(
         output_dir=out_dir,
         optim="grass",
         grass_rank=8,
         grass_update_proj_gap=2,
-        grass_selection="multinomial",  # sampled rows: the ranks must draw the same ones
+        grass_selection="top_r",
+        grass_layerwise=layerwise,
         learning_rate=1e-2,
-        per_device_train_batch_size=4,
+        # The same global batch of 8 on one process or two.
+        per_device_train_batch_size=8 // world // accumulation,
+        gradient_accumulation_steps=accumulation,
         max_steps=4,
+        max_grad_norm=0.0 if layerwise else 1.0,
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -54,52 +62,78 @@ def _worker(out_dir: str) -> None:
         ddp_find_unused_parameters=False,
         seed=3,
     )
-    trainer = GrassTrainer(model=model, args=args, train_dataset=data)
+    report = ResourceReportCallback("grass")
+    trainer = GrassTrainer(model=model, args=args, train_dataset=data, callbacks=[report])
     trainer.train()
+    params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    result = {
+        "world_size": world,
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "optimizer": type(trainer.optimizer.optimizer).__name__,
+        "changed": any(
+            not torch.equal(p, q) for p, q in zip(params.values(), initial_model().parameters(), strict=True)
+        ),
+        "report": report.report,
+    }
+    if world > 1:
+        flat = torch.cat([p.reshape(-1) for p in params.values()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        result["identical"] = all(torch.equal(gathered[0], t) for t in gathered[1:])
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(out_dir, f"{mode}-{world}.json").write_text(json.dumps(result))
+        torch.save(params, Path(out_dir, f"{mode}-{world}.pt"))
+    if world > 1:
+        dist.barrier()
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    flat = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
-    gathered = [torch.empty_like(flat) for _ in range(world)]
-    dist.all_gather(gathered, flat)
-    initial = torch.cat([p.detach().reshape(-1) for p in initial_model().parameters()])
-    if rank == 0:
-        result = {
-            "world_size": world,
-            "identical": all(torch.equal(gathered[0], t) for t in gathered[1:]),
-            "changed": not torch.equal(flat, initial),
-            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-            "optimizer": type(trainer.optimizer.optimizer).__name__,
-        }
-        Path(out_dir, "ddp_result.json").write_text(json.dumps(result))
-    dist.barrier()
 
-
-@pytest.mark.slow
-def test_two_process_grass_training_keeps_ranks_identical(tmp_path):
+def _run(cmd: list[str], timeout: float = 240) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--standalone", __file__, str(tmp_path),
-    ]  # fmt: skip
     # Own session: on a timeout the launcher and both workers are killed together.
     proc = subprocess.Popen(
         cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip
     try:
-        stdout, stderr = proc.communicate(timeout=240)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        pytest.fail("torchrun timed out:\n" + stdout[-2000:] + stderr[-2000:])
+        pytest.fail("training timed out:\n" + stdout[-2000:] + stderr[-2000:])
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    result = json.loads((tmp_path / "ddp_result.json").read_text())
-    assert result["world_size"] == 2 and result["optimizer"] == "GrassAdamW"
-    assert result["identical"] and result["changed"]
-    assert len(result["losses"]) == 4
-    # The compressed backward falls back to full gradients under DDP, and says so once per rank.
-    assert "keep full gradients for DDP" in stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["compressed", "layerwise"])
+def test_two_process_trainer_matches_one_process_with_compressed_communication(tmp_path, mode):
+    """GrassTrainer under torchrun: compressed gradients averaged across 2 ranks give the run of
+    1 process on the same global batch (fp32 tolerance), with identical ranks and less traffic
+    than DDP. Layer-wise mode runs with gradient accumulation 2."""
+    import torch
+
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+    ]
+    _run([*torchrun, __file__, str(tmp_path), mode])
+    _run([sys.executable, __file__, str(tmp_path), mode])
+    two = json.loads((tmp_path / f"{mode}-2.json").read_text())
+    one = json.loads((tmp_path / f"{mode}-1.json").read_text())
+    assert two["world_size"] == 2 and two["optimizer"] == "GrassAdamW"
+    assert two["identical"] and two["changed"] and len(two["losses"]) == 4
+    torch.testing.assert_close(two["losses"], one["losses"], rtol=1e-4, atol=1e-5)
+    params_two = torch.load(tmp_path / f"{mode}-2.pt", weights_only=True)
+    params_one = torch.load(tmp_path / f"{mode}-1.pt", weights_only=True)
+    for name, value in params_one.items():
+        torch.testing.assert_close(params_two[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    report = two["report"]
+    assert 0 < report["comm_bytes_per_step"] < report["dense_ddp_comm_bytes_per_step"]
+    assert {"compressed", "selection", "ddp"} <= report["comm_bytes_per_step_by_kind"].keys()
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1])
+    _worker(sys.argv[1], sys.argv[2])
