@@ -1,6 +1,6 @@
 """Default finetune, side by side: Grass, AdamW, LoRA and GaLore on the same data and budget.
 
-Runs ``scripts/finetune.py`` once per method (BENCHMARK-PROTOCOL.md section 1: SmolLM2-135M-Instruct,
+Runs ``scripts/finetune.py`` once per method (BENCHMARKS.md, Protocol 1: SmolLM2-135M-Instruct,
 Rotten Tomatoes, fp32, batch 16, 64 steps, max length 64), one after the other in this process's
 machine, then prints validation accuracy, optimizer-state bytes, peak gradient bytes, peak memory,
 tokens/s and wall time of each, with ratios to AdamW. Raw numbers: benchmarks/results/finetune.json.

@@ -1,6 +1,6 @@
 """GPU suite: LLaMA-1B, pure bf16 — AdamW vs GaLore vs Grass vs Grass layer-wise, in a few minutes.
 
-Protocol (BENCHMARK-PROTOCOL.md section 2): GaLore's LLaMA-1B config (hidden 2048, FFN 5461, 32
+Protocol (BENCHMARKS.md, Protocol 2): GaLore's LLaMA-1B config (hidden 2048, FFN 5461, 32
 heads, 24 layers, vocab 32000), random init, pure bf16 weights built directly on the GPU (optimizer
 states in bf16 too: no fp32 master copy), batch 8 x 256 tokens, no activation checkpointing,
 1 warm-up step + 5 timed steps (CUDA events, synchronized). Methods, each in a fresh subprocess
@@ -469,7 +469,7 @@ def main() -> None:
 
     env = next((r["env"] for r in results.values() if "env" in r), {})
     payload = {
-        "protocol": "BENCHMARK-PROTOCOL.md section 2",
+        "protocol": "BENCHMARKS.md, Protocol 2",
         "model": args.model,
         "batch": args.batch,
         "seq": args.seq,

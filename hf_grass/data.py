@@ -8,6 +8,7 @@ Classification labels are a `ClassLabel` feature (0..K-1) or a float `Value` for
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -20,6 +21,7 @@ import pandas as pd
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from transformers import PreTrainedTokenizerBase
 
+from .errors import MissingFileError, UsageError
 from .resources import alpaca_eval_path, rotten_tomatoes_path
 
 OFFLINE_CLASSIFICATION_TASK = "rotten_tomatoes"
@@ -111,7 +113,7 @@ def load_glue(task: str) -> DatasetDict:
     MNLI's `validation` is its matched validation set. The test splits (no labels) are left out.
     """
     if task not in GLUE_TASKS:
-        raise ValueError(f"Unknown GLUE task {task!r}; choose one of {', '.join(GLUE_TASKS)}.")
+        raise UsageError(f"Unknown GLUE task {task!r}; choose one of {', '.join(GLUE_TASKS)}.")
     try:
         raw = datasets.load_dataset("nyu-mll/glue", task)
     except Exception as err:
@@ -128,16 +130,91 @@ def load_glue(task: str) -> DatasetDict:
 # ----------------------------------------------------------------------------- user files
 
 
+def check_sample_limits(max_train_samples: int | None, max_eval_samples: int | None) -> None:
+    """Raise `UsageError` unless each given limit (``--max_train_samples``, ...) keeps an example."""
+    for flag, limit in (
+        ("--max_train_samples", max_train_samples),
+        ("--max_eval_samples", max_eval_samples),
+    ):
+        if limit is not None and limit < 1:
+            raise UsageError(
+                f"{flag} {limit} keeps no examples: pass a number >= 1, or leave the flag out "
+                "to use every example."
+            )
+
+
+def _first_csv_rows(path: Path, count: int) -> list[list[str]]:
+    """Up to `count` non-blank records of a CSV file (the header first), read lazily."""
+    rows = []
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        for row in csv.reader(f):
+            if any(cell.strip() for cell in row):
+                rows.append(row)
+                if len(rows) == count:
+                    break
+    return rows
+
+
+def _first_chars(path: Path, count: int) -> str:
+    """The first `count` characters of a file that are not whitespace."""
+    found = ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while len(found) < count and (chunk := f.read(1 << 16)):
+            found += "".join(chunk.split())
+    return found[:count]
+
+
+def check_data_file(path: str | Path, split: str, expected: str) -> None:
+    """Raise `UsageError` if a CSV/JSON data file holds no examples (before `datasets` reads it).
+
+    Catches an empty (or blank) file, a CSV file with a header but no rows, and a JSON file that
+    is an empty list. `expected` describes the columns, for the message.
+    """
+    path = Path(path)
+    if not _first_chars(path, 1):
+        raise UsageError(
+            f"The {split} file {path} is empty: give it the columns {expected}, and at least "
+            "one example."
+        )
+    if path.suffix.lower() == ".csv":
+        rows = _first_csv_rows(path, 2)
+        if len(rows) < 2:
+            raise UsageError(
+                f"The {split} file {path} has a header ({','.join(rows[0])}) but no rows: add at "
+                "least one example below the header."
+            )
+    elif _first_chars(path, 2) == "[]":
+        raise UsageError(
+            f"The {split} file {path} is an empty JSON list: add at least one record with "
+            f"{expected}."
+        )
+
+
+def _load_file(builder: str, path: str, split: str, expected: str) -> Dataset:
+    check_data_file(path, split, expected)
+    try:
+        dataset = datasets.load_dataset(builder, data_files=path, split="train")
+    except (ValueError, StopIteration, datasets.exceptions.DatasetGenerationError) as err:
+        cause = err.__cause__ or err
+        layout = "a header line, then one example per line"
+        if builder == "json":
+            layout = "one JSON object per line, or one list of objects"
+        raise UsageError(
+            f"Cannot read the {split} file {path} as {builder.upper()} "
+            f"({type(cause).__name__}: {cause}). Write {layout}, with {expected}."
+        ) from err
+    if len(dataset) == 0:
+        raise UsageError(f"The {split} file {path} holds no examples: add at least one.")
+    return dataset
+
+
 def _read_files(
-    train_file: str | Path, validation_file: str | Path | None
+    train_file: str | Path, validation_file: str | Path | None, expected: str
 ) -> tuple[dict[str, str], DatasetDict]:
     """Read each file on its own, so each gets its own schema (optional columns may differ)."""
     builder, files = _data_files(train_file, validation_file)
     raw = DatasetDict(
-        {
-            split: datasets.load_dataset(builder, data_files=path, split="train")
-            for split, path in files.items()
-        }
+        {split: _load_file(builder, path, split, expected) for split, path in files.items()}
     )
     return files, raw
 
@@ -149,15 +226,15 @@ def _data_files(train_file: str | Path, validation_file: str | Path | None) -> t
     builders = set()
     for split, path in files.items():
         if not path.is_file():
-            raise FileNotFoundError(f"The {split} file {path} does not exist; check the path.")
+            raise MissingFileError(f"The {split} file {path} does not exist; check the path.")
         suffix = path.suffix.lower()
         if suffix not in {".csv", ".json", ".jsonl"}:
-            raise ValueError(
+            raise UsageError(
                 f"Cannot read {path}: use a .csv, .json or .jsonl file (got {suffix or 'no suffix'!r})."
             )
         builders.add("csv" if suffix == ".csv" else "json")
     if len(builders) > 1:
-        raise ValueError(
+        raise UsageError(
             f"{files['train']} and {files['validation']} have different formats; "
             "convert both to CSV or both to JSON."
         )
@@ -167,7 +244,7 @@ def _data_files(train_file: str | Path, validation_file: str | Path | None) -> t
 def _require_columns(dataset: Dataset, path: str, required: Sequence[str], expected: str) -> None:
     missing = [c for c in required if c not in dataset.column_names]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"{path} has columns {dataset.column_names} but lacks {missing}; "
             f"expected {expected}. Rename the columns in the file."
         )
@@ -177,7 +254,7 @@ def _require_text(dataset: Dataset, path: str, columns: Sequence[str]) -> None:
     for column in columns:
         for row, value in enumerate(dataset[column]):
             if not isinstance(value, str):
-                raise ValueError(
+                raise UsageError(
                     f"{path}, row {row}: column {column!r} holds {value!r}, not text; "
                     "fill in or remove that row."
                 )
@@ -190,7 +267,7 @@ def sentence_keys(dataset: Dataset) -> tuple[str, str | None]:
         return "sentence1", "sentence2"
     if "sentence" in columns:
         return "sentence", None
-    raise ValueError(
+    raise UsageError(
         f"Found columns {columns}; expected `sentence`, or `sentence1` and `sentence2`."
     )
 
@@ -228,41 +305,89 @@ def validate_labels(dataset: Dataset, num_labels: int, task: str) -> None:
     invalid = _first_invalid_label(dataset["label"], num_labels)
     if invalid:
         row, label, expected = invalid
-        raise ValueError(
+        raise UsageError(
             f"Label {label!r} in row {row} is not valid for task {task!r}: expected {expected}. "
             "Fix the label or choose the task that matches the data."
         )
 
 
+def _is_number_text(value: object) -> bool:
+    """True for a number, or a text that reads as one ("1", "0.5"); False for bools and None."""
+    if isinstance(value, bool) or value is None:
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    try:
+        float(str(value))
+    except ValueError:
+        return False
+    return True
+
+
+def check_label_column(dataset: Dataset, path: str) -> None:
+    """Raise `UsageError` naming the row and value if the `label` column is not all numbers.
+
+    One stray text in a CSV label column (``positive`` among 0s and 1s) turns the whole column
+    into text; the message points at that row rather than at the whole column. Rows count the
+    examples from 0 (a CSV header is not a row). Missing labels are left to the caller.
+    """
+    dtype = getattr(dataset.features["label"], "dtype", None)
+    if dtype is not None and dtype.startswith(("int", "uint", "float")):
+        return
+    fix = "use integers 0..K-1 for classification or floats for regression"
+    labels = list(dataset["label"])
+    stray = next(
+        ((row, x) for row, x in enumerate(labels) if x is not None and not _is_number_text(x)),
+        None,
+    )
+    if stray is not None:
+        row, bad = stray
+        if any(_is_number_text(x) for x in labels):
+            text = next((c for c in ("sentence", "sentence1") if c in dataset.column_names), None)
+            where = f"row {row}" if text is None else f"row {row} ({dataset[row][text]!r:.40})"
+            raise UsageError(
+                f"{path}, {where}: label {bad!r} is not a number, unlike the rest of the column; "
+                f"fix or remove that row ({fix})."
+            )
+        raise UsageError(
+            f"{path}, row {row}: label {bad!r} ({type(bad).__name__}) is not a number; {fix}."
+        )
+    row, bad = next(((r, x) for r, x in enumerate(labels) if x is not None), (None, None))
+    if row is None:
+        raise UsageError(f"{path}: every label is missing; {fix}.")
+    raise UsageError(
+        f"{path}, row {row}: label {bad!r} ({type(bad).__name__}) is text, not a number; write "
+        f'the labels as numbers (1, not "1"): {fix}.'
+    )
+
+
 def _label_feature(dataset: Dataset, path: str) -> ClassLabel | Value:
     """ClassLabel(K) for integer labels 0..K-1, Value("float32") for float labels."""
+    check_label_column(dataset, path)
     labels = list(dataset["label"])
     dtype = getattr(dataset.features["label"], "dtype", None)
     fix = "use integers 0..K-1 for classification or floats for regression"
-    if dtype is not None and dtype.startswith("float"):
+    if dtype.startswith("float"):
         for row, label in enumerate(labels):
             if label is None or not math.isfinite(label):
-                raise ValueError(
+                raise UsageError(
                     f"{path}, row {row}: label {label!r} is missing or not finite; {fix}."
                 )
         return Value("float32")
-    if dtype is None or not dtype.startswith(("int", "uint")):
-        bad = next((x for x in labels if not isinstance(x, int) or isinstance(x, bool)), labels[0])
-        raise ValueError(f"{path}: label {bad!r} ({type(bad).__name__}) is not a number; {fix}.")
     if None in labels:
-        raise ValueError(f"{path}, row {labels.index(None)}: the label is missing; {fix}.")
+        raise UsageError(f"{path}, row {labels.index(None)}: the label is missing; {fix}.")
     present = set(labels)
     num_labels = max(present) + 1
     if min(present) < 0:
-        raise ValueError(f"{path}: label {min(present)} is negative; {fix}.")
+        raise UsageError(f"{path}: label {min(present)} is negative; {fix}.")
     missing = sorted(set(range(num_labels)) - present)
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"{path}: labels are {sorted(present)} but {missing} never occur; {fix} "
             "(renumber them so that every class 0..K-1 occurs)."
         )
     if num_labels < 2:
-        raise ValueError(f"{path}: every label is {labels[0]}; classification needs two classes.")
+        raise UsageError(f"{path}: every label is {labels[0]}; classification needs two classes.")
     return ClassLabel(num_classes=num_labels)
 
 
@@ -275,14 +400,14 @@ def load_classification_files(
     0..K-1 in the train file (classification, K classes); float labels mean regression. The
     validation split is present only when `validation_file` is given.
     """
-    files, raw = _read_files(train_file, validation_file)
     expected = "`label` and either `sentence` or `sentence1` and `sentence2`"
+    files, raw = _read_files(train_file, validation_file, expected)
     for split, dataset in raw.items():
         columns = set(dataset.column_names)
         if "label" not in columns or not (
             "sentence" in columns or {"sentence1", "sentence2"} <= columns
         ):
-            raise ValueError(
+            raise UsageError(
                 f"{files[split]} has columns {dataset.column_names}; expected {expected}. "
                 "Rename the columns in the file."
             )
@@ -292,10 +417,11 @@ def load_classification_files(
     feature = _label_feature(raw["train"], files["train"])
     num_labels = feature.num_classes if isinstance(feature, ClassLabel) else 1
     if "validation" in raw:
+        check_label_column(raw["validation"], files["validation"])
         invalid = _first_invalid_label(raw["validation"]["label"], num_labels)
         if invalid:
             row, label, expected = invalid
-            raise ValueError(
+            raise UsageError(
                 f"{files['validation']}, row {row}: label {label!r} is not among the labels of "
                 f"{files['train']}: expected {expected}. Fix the label, or add its class to the "
                 "train file."
@@ -310,8 +436,8 @@ def load_instruction_files(
 
     Returns the columns `instruction`, `input` ("" where absent) and `output`; others are dropped.
     """
-    files, raw = _read_files(train_file, validation_file)
     expected = "`instruction` and `output`, and optionally `input`"
+    files, raw = _read_files(train_file, validation_file, expected)
     splits = {}
     for split, dataset in raw.items():
         _require_columns(dataset, files[split], ["instruction", "output"], expected)

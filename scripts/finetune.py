@@ -9,11 +9,18 @@
 
 Every flag of ModelArguments, DataArguments and GrassTrainingArguments (all of transformers'
 TrainingArguments plus the ``grass_*`` ones) is accepted. Without flags the run follows
-BENCHMARK-PROTOCOL.md section 1: max length 64, batch 16, 64 steps, linear schedule with 10%
+Protocol 1 of BENCHMARKS.md: max length 64, batch 16, 64 steps, linear schedule with 10%
 warm-up, weight decay 0, max grad norm 1.0, seed 42, one evaluation on the whole validation
-split. The learning rate defaults by method (see LEARNING_RATES). Writes eval metrics
-(``eval_results.json``), ``resource_report.json`` and, for instruction tuning,
-``generations.jsonl`` to ``output_dir`` (default ``outputs/<task>-<method>``).
+split. The learning rate defaults by method (see LEARNING_RATES). Writes train and eval metrics
+(``train_results.json``, ``eval_results.json``), the loss log (``trainer_state.json``),
+``resource_report.json`` and, for instruction tuning, ``generations.jsonl`` to ``output_dir``
+(default ``outputs/<task>-<method>``).
+
+A mistake in the flags, the config file or the data files stops the script before training (and
+before the model is loaded, unless the check needs the model) with one line
+``finetune.py: error: <what is wrong and how to fix it>`` on stderr and exit status 2, as
+argparse does. Set ``HF_GRASS_DEBUG=1`` to see the traceback of such errors too; any other error
+always shows its traceback.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_grass import data as grass_data
+from hf_grass.errors import MissingFileError, UsageError
 from hf_grass.report import ResourceReportCallback, format_report
 from hf_grass.trainer import GrassTrainer, GrassTrainingArguments
 
@@ -56,9 +64,9 @@ logger = logging.getLogger("finetune")
 
 DEFAULT_TASKS = {"classification": "rotten_tomatoes", "instruction": "alpaca_eval"}
 TASK_TYPES = ("classification", "instruction")
-# Learning rates when --learning_rate is not given (BENCHMARK-PROTOCOL.md section 1).
+# Learning rates when --learning_rate is not given (BENCHMARKS.md, Protocol 1).
 LEARNING_RATES = {"grass": 2e-4, "adamw": 5e-5, "lora": 5e-4, "galore": 2e-4}
-# TrainingArguments defaults of this script (the protocol's), applied unless given.
+# TrainingArguments defaults of this script (Protocol 1's), applied unless given.
 SCRIPT_DEFAULTS: dict[str, Any] = dict(
     optim="grass",
     per_device_train_batch_size=16,
@@ -74,6 +82,12 @@ SCRIPT_DEFAULTS: dict[str, Any] = dict(
     logging_steps=8,
     report_to="none",
     dataloader_pin_memory=torch.cuda.is_available(),
+)
+# Set to 1 to see the traceback of a usage error (a bad flag, config or data file) too.
+DEBUG_ENV = "HF_GRASS_DEBUG"
+EPILOG = (
+    f"A bad flag value, config or data file prints one line and exits with status 2; set "
+    f"{DEBUG_ENV}=1 to see its traceback as well."
 )
 
 
@@ -181,9 +195,13 @@ def method_name(optim: str, use_lora: bool) -> str:
 
 def _read_config(path: str) -> dict[str, Any]:
     text = Path(path).read_text()
-    data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:
+        problem = " ".join(str(err).split())  # YAML's messages span several lines
+        raise UsageError(f"Cannot parse the config file {path}: {problem}") from err
     if not isinstance(data, dict):
-        raise ValueError(
+        raise UsageError(
             f"{path} must hold a mapping of flag names to values, got {type(data).__name__}."
         )
     return data
@@ -206,17 +224,19 @@ def _config_to_flags(config: dict[str, Any]) -> list[str]:
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, GrassTrainingArguments]:
     """Flags, optionally after one .json/.yaml/.yml config file; flags win over the file."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, GrassTrainingArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, GrassTrainingArguments), epilog=EPILOG
+    )
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
         if not os.path.isfile(argv[0]):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"Config file {argv[0]} does not exist; see configs/ for examples."
             )
         config = _read_config(argv[0])
         known = {a.dest for a in parser._actions}
         unknown = sorted(set(config) - known)
         if unknown:
-            raise ValueError(
+            raise UsageError(
                 f"Unknown keys {unknown} in {argv[0]}: use the flag names of "
                 "`python scripts/finetune.py --help`, without the dashes."
             )
@@ -238,10 +258,15 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, GrassTra
     if method in LEARNING_RATES:
         defaults["learning_rate"] = LEARNING_RATES[method]
     if method == "galore":
-        # HF's GaLore needs target modules: all linear layers at r=64, as in the protocol.
+        # HF's GaLore needs target modules: all linear layers at r=64, as in Protocol 1.
         defaults.update(optim_target_modules="all-linear", optim_args="rank=64")
     parser.set_defaults(**defaults)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    try:  # argparse itself exits with status 2 on a malformed flag
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    except ValueError as err:  # a value that the arguments' own checks refuse
+        if isinstance(err, UsageError):
+            raise
+        raise UsageError(str(err)) from err
     return model_args, data_args, training_args
 
 
@@ -259,7 +284,7 @@ def resolve_model_path(model_args: ModelArguments) -> str:
     looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") != 1
     if looks_local and not (path / "config.json").is_file():
         what = "does not exist" if not path.exists() else "has no config.json"
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"--model_name_or_path {name} {what}: pass a folder written by save_pretrained, a "
             "Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct (online), or leave the flag out "
             "to use the bundled SmolLM2-135M-Instruct."
@@ -270,7 +295,7 @@ def resolve_model_path(model_args: ModelArguments) -> str:
 def check_task(data_args: DataArguments) -> str:
     """The task name, validated: fails before the model or data are loaded."""
     if data_args.task_type not in TASK_TYPES:
-        raise ValueError(
+        raise UsageError(
             f"Unknown --task_type {data_args.task_type!r}: use one of {', '.join(TASK_TYPES)}."
         )
     task = data_args.task_name
@@ -282,12 +307,12 @@ def check_task(data_args: DataArguments) -> str:
         else [DEFAULT_TASKS["instruction"]]
     )
     if task not in known:
-        raise ValueError(
+        raise UsageError(
             f"Unknown --task_name {task!r} for --task_type {data_args.task_type}: use one of "
             f"{', '.join(known)}, or pass --train_file/--validation_file."
         )
     if data_args.validation_file and not data_args.train_file:
-        raise ValueError("--validation_file needs --train_file too.")
+        raise UsageError("--validation_file needs --train_file too.")
     return task
 
 
@@ -440,8 +465,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Bad input fails here, before the model is loaded or anything is written.
     task = check_task(data_args)
+    grass_data.check_sample_limits(data_args.max_train_samples, data_args.max_eval_samples)
     if model_args.use_lora and args.use_grass:
-        raise ValueError(
+        raise UsageError(
             "--use_lora with --optim grass: LoRA trains its adapters with AdamW. Choose one: "
             "--use_lora --optim adamw_torch, or --optim grass without --use_lora."
         )
@@ -449,12 +475,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if resume is not None and str(resume).lower() == "true":
         resume = get_last_checkpoint(args.output_dir)
         if resume is None:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"--resume_from_checkpoint true, but {args.output_dir} holds no checkpoint-* "
                 "folder: pass the checkpoint folder, or drop the flag."
             )
     elif resume is not None and not os.path.isdir(resume):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"--resume_from_checkpoint {resume} does not exist; pass a checkpoint folder."
         )
     model_path = resolve_model_path(model_args)
@@ -474,13 +500,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except OSError as e:
-        raise OSError(
+        raise UsageError(
             f"Cannot load {model_path}: {e}. Offline, pass a local folder to "
             "--model_name_or_path, or leave it out to use the bundled SmolLM2-135M-Instruct."
         ) from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = getattr(torch, model_args.model_dtype)
+    # Seed before the model is built: a new head (the classifier's `score`) and LoRA's adapters
+    # are initialized at random here, so --seed must fix them, not the RNG state of the caller.
+    if args.full_determinism:
+        transformers.enable_full_determinism(args.seed)
+    else:
+        transformers.set_seed(args.seed)
     if data_args.task_type == "classification":
         model, tokenized, collator, compute_metrics, _ = build_classification(
             task, raw, tokenizer, model_path, model_args, max_len, dtype
@@ -495,16 +527,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     eval_dataset = _sort_by_length(tokenized["validation"]) if "validation" in tokenized else None
     report = ResourceReportCallback(method=method)
-    trainer = GrassTrainer(  # checks Grass targets and ranks against the model here
-        model=model,
-        args=args,
-        train_dataset=tokenized["train"],
-        eval_dataset=eval_dataset,
-        data_collator=collator,
-        processing_class=tokenizer,
-        compute_metrics=compute_metrics,
-        callbacks=[report],
-    )
+    try:
+        trainer = GrassTrainer(  # checks Grass targets and ranks against the model here
+            model=model,
+            args=args,
+            train_dataset=tokenized["train"],
+            eval_dataset=eval_dataset,
+            data_collator=collator,
+            processing_class=tokenizer,
+            compute_metrics=compute_metrics,
+            callbacks=[report],
+        )
+    except ValueError as err:  # the flags do not fit this model (targets, rank, ...)
+        if isinstance(err, UsageError):
+            raise
+        raise UsageError(str(err)) from err
     if data_args.task_type == "classification":
         # Classification heads average their loss per micro-batch: let the Trainer divide by the
         # accumulation steps (it would otherwise expect a loss summed over the window's tokens).
@@ -513,6 +550,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()  # trainer_state.json: the logged training loss, step by step
     results: dict[str, Any] = {"task": task, "method": method, "resources": report.report}
     if eval_dataset is not None:
         metrics = trainer.evaluate()
@@ -545,5 +583,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """Run `main`; a usage error prints one line (no traceback) and returns status 2."""
+    try:
+        main(argv)
+    except UsageError as err:
+        if os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+            raise
+        prog = Path(sys.argv[0]).name if argv is None else "finetune.py"
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

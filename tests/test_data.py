@@ -9,6 +9,8 @@ from transformers import AutoTokenizer
 from hf_grass import data, resources
 from hf_grass.data import (
     IGNORE_INDEX,
+    check_data_file,
+    check_sample_limits,
     format_prompt,
     infer_num_labels,
     load_alpaca_eval,
@@ -21,6 +23,7 @@ from hf_grass.data import (
     tokenize_instruction,
     validate_labels,
 )
+from hf_grass.errors import MissingFileError, UsageError
 from hf_grass.models import default_model_path
 
 
@@ -183,6 +186,111 @@ def test_classification_file_errors(tmp_path):
     empty_text = write_csv(tmp_path / "train.csv", ["sentence", "label"], [("a", 1), ("", 0)])
     with pytest.raises(ValueError, match=r"row 1: column 'sentence' holds None"):
         load_classification_files(empty_text)
+
+
+def test_file_errors_are_usage_errors(tmp_path):
+    # The script prints these as one line, without a traceback (see hf_grass.errors).
+    with pytest.raises(MissingFileError):
+        load_instruction_files(tmp_path / "nowhere.json")
+    text = tmp_path / "train.txt"
+    text.write_text("good\t1\n")
+    with pytest.raises(UsageError):
+        load_classification_files(text)
+    with pytest.raises(UsageError, match=r"Label 3 in row 2"):
+        validate_labels(Dataset.from_dict({"label": [0, 1, 3]}), num_labels=2, task="sst2")
+
+
+EMPTY_FILES = {
+    "empty.csv": ("", r"is empty: give it the columns"),
+    "blank.csv": ("\n  \n", r"is empty: give it the columns"),
+    "header.csv": ("sentence,label\n", r"has a header \(sentence,label\) but no rows"),
+    "header_blank_lines.csv": ("sentence,label\n\n\n", r"has a header \(sentence,label\) but no"),
+    "empty.jsonl": ("", r"is empty: give it the columns"),
+    "blank.jsonl": ("\n\n", r"is empty: give it the columns"),
+    "empty_list.json": (" [ \n ] ", r"is an empty JSON list: add at least one record"),
+}
+
+
+@pytest.mark.parametrize("name", EMPTY_FILES)
+def test_files_without_examples_name_the_problem(tmp_path, name):
+    text, match = EMPTY_FILES[name]
+    path = tmp_path / name
+    path.write_text(text)
+    for load in (load_classification_files, load_instruction_files):
+        with pytest.raises(UsageError, match=rf"The train file \S*{name} " + match):
+            load(path)
+    train = write_csv(tmp_path / "train.csv", ["sentence", "label"], [("a", 0), ("b", 1)])
+    if name.endswith(".csv"):
+        with pytest.raises(UsageError, match=rf"The validation file \S*{name} " + match):
+            load_classification_files(train, path)
+
+
+def test_check_data_file_accepts_one_example(tmp_path):
+    one = write_csv(tmp_path / "one.csv", ["sentence", "label"], [("a", 0)])
+    check_data_file(one, "train", "`sentence`, `label`")
+    quoted = tmp_path / "quoted.csv"  # a header, then one row whose text spans two lines
+    quoted.write_text('sentence,label\n"first line\nsecond line",1\n')
+    check_data_file(quoted, "train", "`sentence`, `label`")
+    (tmp_path / "one.jsonl").write_text('\n{"sentence": "a", "label": 0}\n')
+    check_data_file(tmp_path / "one.jsonl", "train", "`sentence`, `label`")
+
+
+def test_unreadable_file_names_the_file_and_the_layout(tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"sentence": "a", "label": 1}\n{"sentence": "b", "label": 0\n')
+    with pytest.raises(
+        UsageError,
+        match=r"Cannot read the train file \S*broken\.jsonl as JSON .*"
+        r"one JSON object per line",
+    ):
+        load_classification_files(broken)
+
+
+def test_stray_label_names_its_row_and_value(tmp_path):
+    rows = [("good film", 1), ("bad film", 0), ("dull plot", "negative"), ("fun", 1)]
+    train = write_csv(tmp_path / "train.csv", ["sentence", "label"], rows)
+    with pytest.raises(
+        UsageError,
+        match=r"train\.csv, row 2 \('dull plot'\): label 'negative' is not a number, unlike the "
+        r"rest of the column; fix or remove that row",
+    ):
+        load_classification_files(train)
+    # In the validation file too (the label set comes from the train file).
+    good = write_csv(tmp_path / "good.csv", ["sentence", "label"], [("a", 0), ("b", 1)])
+    valid = write_csv(tmp_path / "valid.csv", ["sentence", "label"], [("c", 1), ("d", "?")])
+    with pytest.raises(UsageError, match=r"valid\.csv, row 1 \('d'\): label '\?' is not a number"):
+        load_classification_files(good, valid)
+    # Regression labels, and JSON lines.
+    floats = write_csv(tmp_path / "floats.csv", ["sentence", "label"], [("a", 0.5), ("b", "high")])
+    with pytest.raises(UsageError, match=r"row 1 \('b'\): label 'high' is not a number"):
+        load_classification_files(floats)
+    lines = tmp_path / "train.jsonl"
+    lines.write_text("\n".join(json.dumps({"sentence": t, "label": y}) for t, y in rows))
+    with pytest.raises(UsageError, match=r"row 2 \('dull plot'\): label 'negative'"):
+        load_classification_files(lines)
+    # Labels written as text throughout are named as such.
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"sentence": "a", "label": "0"}\n{"sentence": "b", "label": "1"}\n')
+    with pytest.raises(UsageError, match=r"row 0: label '0' \(str\) is text, not a number"):
+        load_classification_files(text)
+    text.write_text('{"sentence": "a", "label": null}\n{"sentence": "b", "label": null}\n')
+    with pytest.raises(UsageError, match=r"text\.jsonl: every label is missing"):
+        load_classification_files(text)
+
+
+@pytest.mark.parametrize(
+    "train, evaluation, message",
+    [
+        (0, None, "--max_train_samples 0 keeps no examples"),
+        (-3, 5, "--max_train_samples -3 keeps no examples"),
+        (None, 0, "--max_eval_samples 0 keeps no examples"),
+    ],
+)
+def test_sample_limits_must_keep_an_example(train, evaluation, message):
+    with pytest.raises(UsageError, match=message + ": pass a number >= 1"):
+        check_sample_limits(train, evaluation)
+    check_sample_limits(None, None)
+    check_sample_limits(1, 1)
 
 
 def test_validate_labels_names_label_and_task():
