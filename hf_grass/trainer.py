@@ -35,6 +35,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from hf_grass.config import GrassConfig, check_option, resume_conflicts
+from hf_grass.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ class GrassArguments:
 def _refuse_fp16(args: Any, what: str) -> None:
     """fp16's loss scaler cannot unscale or inf-check compressed gradients."""
     if args.grass_compressed_backward or args.grass_layerwise:
-        raise ValueError(
+        raise UsageError(
             f"{what} with Grass's compressed backward or layer-wise mode: fp16's loss scaler "
             "cannot see those gradients. Use --bf16 (or fp32), or --grass_compressed_backward "
             "false --grass_layerwise false."
@@ -187,13 +188,13 @@ def normalize_target_modules(value: Any) -> list[str] | str | None:
         items = [str(v) for v in value]
         if len(items) != 1:
             if not items:
-                raise ValueError(
+                raise UsageError(
                     "grass_target_modules is empty: use 'all-linear', names or a regex."
                 )
             return items
         value = items[0]
     if not isinstance(value, str):
-        raise ValueError(
+        raise UsageError(
             f"Invalid grass_target_modules={value!r}: use 'all-linear', a list of module names "
             "or a regex string."
         )
@@ -204,7 +205,7 @@ def normalize_target_modules(value: Any) -> list[str] | str | None:
         return value
     names = [v.strip() for v in value.split(",") if v.strip()]
     if not names:
-        raise ValueError("grass_target_modules is empty: use 'all-linear', names or a regex.")
+        raise UsageError("grass_target_modules is empty: use 'all-linear', names or a regex.")
     return names
 
 
@@ -234,7 +235,7 @@ class GrassTrainerMixin:
                 f"mixing in GrassArguments), got {type(self.args).__name__}."
             )
         if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
-            raise ValueError(
+            raise UsageError(
                 "optim='grass' does not support DeepSpeed or FSDP yet: use DDP (torchrun / "
                 "accelerate launch without a DeepSpeed/FSDP config) or a stock optimizer."
             )
@@ -246,7 +247,7 @@ class GrassTrainerMixin:
             and self.args.world_size > 1
             and not self.args.grass_compressed_backward
         ):
-            raise ValueError(
+            raise UsageError(
                 f"grass_layerwise=True with {self.args.world_size} processes needs the "
                 "compressed backward (Grass averages those gradients before each layer's update; "
                 "DDP averages full gradients only after the backward). Drop "
@@ -258,7 +259,7 @@ class GrassTrainerMixin:
                 _refuse_adapter_targets(self.model, self.args.grass_targets())
                 self._grass_param_groups(self.model)
             except ValueError as e:
-                raise ValueError(
+                raise UsageError(
                     f"optim='grass' cannot be set up on {type(self.model).__name__}: {e} "
                     "(flags: --grass_target_modules, --grass_rank, --grass_proj_side)"
                 ) from e
@@ -382,7 +383,7 @@ class GrassTrainerMixin:
         try:
             super()._load_optimizer_and_scheduler(checkpoint)
         except (ValueError, KeyError, RuntimeError) as e:
-            raise ValueError(
+            raise UsageError(
                 f"Cannot resume the optimizer from {checkpoint}: {e} This run uses "
                 f"{_describe(self.args)}. {_resume_fix(checkpoint)}"
             ) from e
@@ -400,22 +401,22 @@ class GrassTrainerMixin:
             with open(path) as f:
                 saved = json.load(f)
             if not isinstance(saved, dict):
-                raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+                raise UsageError(f"a JSON {type(saved).__name__}, not an object")
         except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise ValueError(
+            raise UsageError(
                 f"{path} is unreadable ({e}): the checkpoint is incomplete or corrupt. Resume "
                 f"from an earlier checkpoint of {os.path.dirname(checkpoint) or '.'}, or start a "
                 "new run. The checkpoint is left as it was."
             ) from None
         fix = _resume_fix(checkpoint)
         if not _uses_grass(self.args):
-            raise ValueError(
+            raise UsageError(
                 f"Cannot resume {checkpoint} with {_describe(self.args)}: its optimizer "
                 f"state was saved by Grass ({saved}). {fix}"
             )
         conflicts = resume_conflicts(saved, _grass_fingerprint(self.args))
         if conflicts:
-            raise ValueError(
+            raise UsageError(
                 f"Cannot resume {checkpoint}: Grass setting differs ({'; '.join(conflicts)}). {fix}"
             )
 
@@ -452,7 +453,7 @@ def _refuse_adapter_targets(model: nn.Module, target_modules: Any) -> None:
 
     adapters = [n for n in match_target_modules(model, target_modules) if is_adapter_module(n)]
     if adapters:
-        raise ValueError(
+        raise UsageError(
             f"target_modules selects LoRA adapter layers ({adapters[0]!r}, ...): Grass and LoRA "
             "on the same weights do not combine. Train the adapters with a stock optimizer, or "
             "use Grass on the model without LoRA."
@@ -462,7 +463,7 @@ def _refuse_adapter_targets(model: nn.Module, target_modules: Any) -> None:
 def _check_complete(path: str, checkpoint: str) -> None:
     """Refuse an empty or truncated ``torch.save`` file (an interrupted save) with one line."""
     if os.path.isfile(path) and not zipfile.is_zipfile(path):
-        raise ValueError(
+        raise UsageError(
             f"{path} is empty or truncated ({os.path.getsize(path)} bytes; the save was "
             f"interrupted): resume from an earlier checkpoint of "
             f"{os.path.dirname(checkpoint) or '.'}, or start a new run. The checkpoint is left "

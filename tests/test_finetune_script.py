@@ -403,3 +403,20 @@ def test_lora_baseline_end_to_end(tiny_model_dir, tmp_path):
     assert losses[-1] < 0.85 * losses[0], losses
     report = results["resources"]
     assert 0 < report["optimizer_state_bytes"] < report["param_bytes"]
+
+
+@pytest.mark.slow
+def test_resume_with_changed_grass_flags_is_one_line_and_keeps_the_checkpoint(
+    tiny_model_dir, tmp_path
+):
+    out = tmp_path / "out"
+    finetune.main(tiny_flags(tiny_model_dir, out, "--save_strategy", "steps", "--save_steps", "1"))
+    checkpoint = out / "checkpoint-1"
+    before = {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()}
+    flags = tiny_flags(tiny_model_dir, out, "--grass_selection", "multinomial")
+    run = run_script(*flags, "--resume_from_checkpoint", str(checkpoint))
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert re.search(
+        r"finetune\.py: error: Cannot resume .*selection: checkpoint 'top_r'", run.stderr
+    )
+    assert before == {name: (checkpoint / name).read_bytes() for name in before}

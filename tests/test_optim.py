@@ -524,7 +524,10 @@ def _bad_options(**group_options):
         (_bad_options(rank=-2), r"Invalid rank=-2: use an integer rank >= 1"),
         (_bad_options(rank=2.5), r"Invalid rank=2.5"),
         (_bad_options(rank=9, proj_side="rows"), r"rank 9 is larger .*size 8.*use rank <= 8"),
-        (_bad_options(rank=6, proj_side="cols"), r"rank 6 is larger .*size 5.*use rank <= 5, or proj_side='auto'"),
+        (
+            _bad_options(rank=6, proj_side="cols"),
+            r"rank 6 is larger .*size 5.*use rank <= 5, or proj_side='auto'",
+        ),
         (_bad_options(rank=9, proj_side="auto"), r"rank 9 is larger .*size 8.*use rank <= 8\.$"),
         (_bad_options(rank=2, selection="topr"), r"Invalid selection='topr': use one of top_r"),
         (_bad_options(rank=2, update_proj_gap=0), r"Invalid update_proj_gap=0: use an integer"),
