@@ -1,6 +1,7 @@
 """hf-grass: Grass (structured sparse gradients) for PyTorch and the Hugging Face Trainer."""
 
 from .config import GrassConfig
+from .distributed import GrassDataParallel
 from .layerwise import LayerwiseHandle, enable_layerwise
 from .linear import GrassLinear, grass_linear, grassify, ungrassify
 from .optim import GrassAdamW, clip_grad_norm_
@@ -14,6 +15,7 @@ __all__ = [
     "GrassAdamW",
     "GrassArguments",
     "GrassConfig",
+    "GrassDataParallel",
     "GrassLinear",
     "GrassProjection",
     "GrassTrainer",

@@ -103,6 +103,14 @@ class GrassArguments:
             # transformers converts `optim` to its OptimizerNames enum, which has no "grass":
             # validate the stock fields with a stand-in, then put "grass" back.
             self.optim = OptimizerNames.ADAMW_TORCH.value
+        if (
+            getattr(self, "ddp_backend", "unset") is None
+            and int(os.environ.get("WORLD_SIZE", "1")) > 1
+            and not torch.cuda.is_available()
+        ):
+            # Without a backend, transformers runs each CPU process of a torchrun job alone
+            # (world size 1): N independent runs writing to one output folder.
+            self.ddp_backend = "gloo"
         parent = super()
         if hasattr(parent, "__post_init__"):
             parent.__post_init__()

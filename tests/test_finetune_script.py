@@ -420,3 +420,32 @@ def test_resume_with_changed_grass_flags_is_one_line_and_keeps_the_checkpoint(
         r"finetune\.py: error: Cannot resume .*selection: checkpoint 'top_r'", run.stderr
     )
     assert before == {name: (checkpoint / name).read_bytes() for name in before}
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_then_resume_on_one(tiny_model_dir, tmp_path):
+    """scripts/finetune.py under torchrun (2 CPU processes, gloo) with compressed communication,
+    then the run resumed from its checkpoint on a single process."""
+    out = tmp_path / "out"
+    flags = tiny_flags(tiny_model_dir, out, "--save_strategy", "steps", "--save_steps", "2",
+                       "--per_device_train_batch_size", "4", "--logging_steps", "1")  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(ROOT / "scripts" / "finetune.py"), *flags]  # fmt: skip
+    run = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    report = json.loads((out / "resource_report.json").read_text())
+    assert report["world_size"] == 2
+    assert 0 < report["comm_bytes_per_step"] < report["dense_ddp_comm_bytes_per_step"]
+    steps = len(logged_losses(out))
+    finetune.main(
+        [
+            *tiny_flags(
+                tiny_model_dir, out, "--max_steps", "4", "--per_device_train_batch_size", "8"
+            ),
+            "--resume_from_checkpoint",
+            str(out / "checkpoint-2"),
+        ]  # fmt: skip
+    )
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert steps == 2 and state["global_step"] == 4
