@@ -44,3 +44,33 @@ def tiny_llama(
         raise ValueError(f"head={head!r}; choose one of {', '.join(classes)}")
     torch.manual_seed(seed)
     return classes[head](llama_config("tiny", **overrides))
+
+
+def compressed_grad(p: torch.Tensor) -> torch.Tensor | None:
+    """The compressed gradient of ``p`` (``None`` without a live Grass projection)."""
+    from hf_grass import projection_of
+
+    projection = projection_of(p)
+    return None if projection is None else projection.grad
+
+
+def run_bounded(cmd: list[str], env: dict[str, str], timeout: float):
+    """Run ``cmd`` (e.g. a torchrun job) in its own session; on a timeout kill it and all its
+    workers and fail the test. Returns the ``subprocess.CompletedProcess``."""
+    import os
+    import signal
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:6])} ... did not finish in {timeout} s:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

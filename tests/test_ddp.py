@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -129,23 +127,15 @@ def _worker(out: str, mode: str) -> None:
     dist.destroy_process_group()
 
 
-def _launch(tmp_path: Path, mode: str, timeout: float = 180) -> subprocess.CompletedProcess:
+def _launch(tmp_path: Path, mode: str, timeout: float = 180):
+    from conftest import run_bounded
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
         __file__, str(tmp_path), mode,
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun ({mode}) did not finish in {timeout} s:\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    return run_bounded(cmd, env, timeout)
 
 
 @pytest.mark.slow

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -71,7 +69,8 @@ def _worker(out_dir: str, mode: str) -> None:
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "optimizer": type(trainer.optimizer.optimizer).__name__,
         "changed": any(
-            not torch.equal(p, q) for p, q in zip(params.values(), initial_model().parameters(), strict=True)
+            not torch.equal(p, q)
+            for p, q in zip(params.values(), initial_model().parameters(), strict=True)
         ),
         "report": report.report,
     }
@@ -88,19 +87,11 @@ def _worker(out_dir: str, mode: str) -> None:
 
 
 def _run(cmd: list[str], timeout: float = 240) -> None:
+    from conftest import run_bounded
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    # Own session: on a timeout the launcher and both workers are killed together.
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail("training timed out:\n" + stdout[-2000:] + stderr[-2000:])
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    proc = run_bounded(cmd, env, timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 @pytest.mark.slow

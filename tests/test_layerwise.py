@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import compressed_grad, tiny_llama
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -16,12 +16,6 @@ from hf_grass.optim import GrassAdamW, clip_grad_norm_
 from hf_grass.projection import projection_of
 
 F64 = torch.float64
-
-
-def _cgrad(p):
-    """The compressed gradient of ``p`` (None without a live projection)."""
-    projection = projection_of(p)
-    return None if projection is None else projection.grad
 
 
 class _Net(nn.Module):
@@ -100,7 +94,7 @@ def test_layerwise_training_equals_stepping_after_backward(accumulation, max_gra
         ref_opt.zero_grad()
         # Already updated during the last backward: no gradients are left and step() is a no-op.
         assert all(p.grad is None for p in model.parameters())
-        assert all(_cgrad(p) is None for p in model.parameters())
+        assert all(compressed_grad(p) is None for p in model.parameters())
         before = [p.clone() for p in model.parameters()]
         opt.step()
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
@@ -118,7 +112,9 @@ def test_layerwise_updates_before_the_backward_pass_ends_with_one_layer_gradient
     step_param = opt.step_param
 
     def recording_step_param(p):
-        alive = [q for q in model.parameters() if q.grad is not None or _cgrad(q) is not None]
+        alive = [
+            q for q in model.parameters() if q.grad is not None or compressed_grad(q) is not None
+        ]
         alive_at_update.append({modules[id(q)] for q in alive})
         assert any(q is p for q in alive)
         step_param(p)

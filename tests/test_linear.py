@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import compressed_grad, tiny_llama
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
@@ -18,12 +18,6 @@ from hf_grass.projection import projection_of
 from hf_grass.targets import grass_param_groups
 
 F64 = torch.float64
-
-
-def _cgrad(p):
-    """The compressed gradient of ``p`` (None without a live projection)."""
-    projection = projection_of(p)
-    return None if projection is None else projection.grad
 
 
 def _layer_and_optimizer(m, n, rank, side, selection, bias, dtype=F64, gap=1000, seed=0):
@@ -102,7 +96,7 @@ def test_weight_without_optimizer_gets_the_ordinary_full_gradient():
     torch.testing.assert_close(layer.weight.grad, full, rtol=0, atol=1e-12)
     torch.testing.assert_close(layer.bias.grad, grad_b, rtol=0, atol=1e-12)
     torch.testing.assert_close(got_x, grad_x, rtol=0, atol=1e-12)
-    assert _cgrad(layer.weight) is None
+    assert compressed_grad(layer.weight) is None
 
 
 class _ShapeRecorder(TorchDispatchMode):
@@ -304,7 +298,7 @@ def test_hf_gradient_checkpointing_gives_the_same_compressed_gradients():
         model(input_ids=ids.flip(1), labels=ids.flip(1)).loss.backward()
     compressed = 0
     for p, q in zip(plain.parameters(), ckpt.parameters(), strict=True):
-        if _cgrad(p) is not None:
+        if compressed_grad(p) is not None:
             compressed += 1
             torch.testing.assert_close(
                 projection_of(q).grad, projection_of(p).grad, rtol=0, atol=1e-12

@@ -3,15 +3,9 @@
 import re
 from pathlib import Path
 
-from hf_grass.projection import projection_of
+from conftest import compressed_grad
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def _cgrad(p):
-    """The compressed gradient of ``p`` (None without a live projection)."""
-    projection = projection_of(p)
-    return None if projection is None else projection.grad
 
 
 def test_readme_training_loop_example_runs_and_updates_the_model():
@@ -23,4 +17,4 @@ def test_readme_training_loop_example_runs_and_updates_the_model():
     model, opt = scope["model"], scope["opt"]
     projected = [p for g in opt.param_groups if "rank" in g for p in g["params"]]
     assert projected and all(opt.state[p]["exp_avg"].shape[0] == 32 for p in projected)
-    assert all(p.grad is None and _cgrad(p) is None for p in model.parameters())
+    assert all(p.grad is None and compressed_grad(p) is None for p in model.parameters())

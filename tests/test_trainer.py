@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import compressed_grad, tiny_llama
 from datasets import Dataset
 from transformers import (
     HfArgumentParser,
@@ -26,12 +26,6 @@ from hf_grass.report import REPORT_NAME, ResourceReportCallback, gradient_bytes
 from hf_grass.trainer import GrassTrainer, GrassTrainingArguments
 
 SEQ = 12
-
-
-def _cgrad(p):
-    """The compressed gradient of ``p`` (None without a live projection)."""
-    projection = projection_of(p)
-    return None if projection is None else projection.grad
 
 
 # Token ids 1..255 (vocab 256); pad_token_id so the classifier accepts batches of several rows.
@@ -240,7 +234,9 @@ class _PostClipNorm(TrainerCallback):
         self.norms = []
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        grads = [g for p in model.parameters() for g in (p.grad, _cgrad(p)) if g is not None]
+        grads = [
+            g for p in model.parameters() for g in (p.grad, compressed_grad(p)) if g is not None
+        ]
         self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
 
 
