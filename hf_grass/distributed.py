@@ -34,6 +34,9 @@ synchronously when its last micro-batch's gradient is complete, and the weight i
 once (:func:`hf_grass.enable_layerwise` with ``reduce_gradient=grass_dp.reduce_now``); the
 plain parameters keep DDP's averaging and are updated by ``optimizer.step()``.
 
+Like DDP without ``find_unused_parameters``, every rank must give every projected weight a
+gradient in every synchronising backward (the same buckets in the same order on all ranks).
+
 All of Grass's collectives use a process group of their own, so their order cannot interleave
 with DDP's. At construction every rank checks that all ranks have the same Grass settings and
 weights, and fails with one clear error otherwise.
@@ -151,7 +154,7 @@ class GrassDataParallel:
                 )
         optimizer.register_step_post_hook(lambda *_: self.meter.end_step())
         _METERS[optimizer] = self.meter
-        self._projections = [optimizer.projection(w) for w in self.projected.values()]
+        self._projection_of = {id(w): optimizer.projection(w) for w in self.projected.values()}
 
     # ---- wiring ---------------------------------------------------------------------------------
     def attach(self, ddp_model: nn.Module) -> None:
@@ -228,7 +231,7 @@ class GrassDataParallel:
 
         Plain parameters are left to DDP (they are updated by ``optimizer.step()``).
         """
-        projection = next((p for p in self._projections if p._param() is param), None)
+        projection = self._projection_of.get(id(param))
         if projection is None or projection.grad is None:
             return
         grad = projection.grad
@@ -240,7 +243,7 @@ class GrassDataParallel:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        for projection in self._projections:
+        for projection in self._projection_of.values():
             projection.reduce_full = None
 
 
