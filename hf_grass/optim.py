@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
@@ -34,7 +35,7 @@ from torch.optim.adamw import adamw as torch_adamw
 
 from .config import GrassConfig, group_defaults, resume_conflicts, validate_group_options
 from .functional import grass_adamw, remap_moments
-from .projection import GrassProjection, oriented, projection_of, projection_side
+from .projection import GrassProjection, local, oriented, projection_of, row_sharded, side_of
 from .selection import select_rows
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ class GrassAdamW(Optimizer):
         for p in group["params"]:
             self._group_index[id(p)] = group
             if "rank" in group and id(p) not in self._projections:
-                side = projection_side(p.shape, group["proj_side"])
+                side = side_of(p, group["proj_side"])
                 self._projections[id(p)] = GrassProjection(self, p, group["rank"], side)
 
     def __setstate__(self, state: dict) -> None:
@@ -297,7 +298,7 @@ class GrassAdamW(Optimizer):
             generator.manual_seed(group["seed"] + self._param_index(p))
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
-        norms = g.to(torch.promote_types(g.dtype, torch.float32)).norm(dim=1)  # fp64 stays fp64
+        norms = _row_norms(p, g)
         rows, rho = select_rows(norms, group["rank"], group["selection"], generator)
         state["rng"] = _rng_bytes(generator.get_state())
         remap_moments(
@@ -367,6 +368,23 @@ class GrassAdamW(Optimizer):
                 self.state[p] = state
 
 
+def _row_norms(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Norms of the rows of the oriented gradient ``g`` (float32 at least; fp64 stays fp64).
+
+    For a weight sharded by rows (FSDP2), ``g`` holds this rank's part of every column: the
+    squared norms are summed over the ranks (one all-reduce of a k-vector), so every rank sees
+    the norms of the whole gradient and selects the same columns.
+    """
+    g = g.to(torch.promote_types(g.dtype, torch.float32))
+    if not row_sharded(p):
+        return g.norm(dim=1)
+    import torch.distributed as dist
+
+    squares = g.pow(2).sum(dim=1)
+    dist.all_reduce(squares, group=p.device_mesh.get_group())
+    return squares.sqrt()
+
+
 def _rng_bytes(state: torch.Tensor) -> bytes:
     """A generator state as bytes: untouched by ``map_location`` and by dtype casts."""
     return bytes(state.cpu().numpy())
@@ -421,7 +439,7 @@ def _validate_projected_group(group: dict) -> None:
                 f"A projected group (with 'rank') holds a {p.dim()}-D tensor of shape {tuple(p.shape)}: "
                 "Grass projects 2-D weights only; put it in a group without 'rank'."
             )
-        side = projection_side(p.shape, group["proj_side"])
+        side = side_of(p, group["proj_side"])
         size = p.shape[0] if side == "rows" else p.shape[1]
         if rank > size:
             fix = f"use rank <= {size}"
@@ -435,10 +453,10 @@ def _validate_projected_group(group: dict) -> None:
 
 def _check_state_shapes(p: torch.Tensor, state: dict, group: dict) -> None:
     if "rank" in group:
-        side = projection_side(p.shape, group["proj_side"])
+        side = side_of(p, group["proj_side"])
         expected = (group["rank"], oriented(p, side).shape[1])
     else:
-        expected = tuple(p.shape)
+        expected = tuple(local(p).shape)
     found = tuple(state["exp_avg"].shape) if "exp_avg" in state else expected
     if "rank" in group and "rows" not in state:
         found = None
@@ -458,23 +476,43 @@ def clip_grad_norm_(
     That is ``.grad`` for plain parameters and the compressed gradient ``rho * G[rows]`` for
     projected weights (a full ``.grad`` of a projected weight is compressed first, selecting
     rows when due), so a run clips the same quantity with or without the compressed backward.
-    Returns the total norm before clipping, on the first gradient's device.
+    Gradients on several devices are measured on the first one's; sharded ones (FSDP2) are
+    summed over their ranks, so every rank clips by the same global norm. Returns the total norm
+    before clipping.
     """
     grads = []
     for p in parameters:
         projection = projection_of(p)
         if projection is not None:
             projection.absorb_full_grad()
-            if projection.grad is not None:
-                grads.append(projection.grad)
-        elif p.grad is not None:
-            grads.append(p.grad)
+            grad = projection.grad
+        else:
+            grad = p.grad
+        if grad is not None:
+            grads.append((local(grad), p.device_mesh.get_group() if row_sharded(p) else None))
     if not grads:
         return torch.tensor(0.0)
-    device = grads[0].device
-    norms = [torch.linalg.vector_norm(g.detach(), norm_type).float().to(device) for g in grads]
-    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    device = grads[0][0].device
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g, _ in grads) else torch.float32
+    infinite = norm_type == float("inf")
+    # Per process group (None: not sharded), the sum of |g|^p (or the max of |g|) of its grads.
+    parts: dict[Any, torch.Tensor] = {}
+    for g, group in grads:
+        norm = torch.linalg.vector_norm(g.detach(), norm_type).to(device, dtype)
+        if infinite:
+            parts[group] = torch.maximum(parts[group], norm) if group in parts else norm
+        else:
+            parts[group] = parts.get(group, 0) + norm.pow(norm_type)
+    if any(group is not None for group in parts):
+        import torch.distributed as dist
+
+        op = dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM
+        for group, value in parts.items():
+            if group is not None:
+                dist.all_reduce(value, op=op, group=group)
+    values = torch.stack(list(parts.values()))
+    total = values.max() if infinite else values.sum().pow(1.0 / norm_type)
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
+    for g, _ in grads:
         g.detach().mul_(coef.to(g.device, g.dtype))
     return total

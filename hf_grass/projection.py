@@ -51,8 +51,33 @@ def projection_side(shape: torch.Size | tuple[int, ...], proj_side: str = "auto"
     return "rows" if shape[0] >= shape[1] else "cols"
 
 
+def side_of(param: torch.Tensor, proj_side: str = "auto") -> str:
+    """The selected side of ``param``: :func:`projection_side`, except for a weight sharded by
+    rows (FSDP2's ``fully_shard``), where Grass selects columns (see :mod:`hf_grass.optim`)."""
+    if not row_sharded(param):
+        return projection_side(param.shape, proj_side)
+    if proj_side == "rows":
+        raise ValueError(
+            f"proj_side='rows' on a weight of shape {tuple(param.shape)} sharded by rows "
+            "(FSDP2): Grass selects the unsharded columns there; use proj_side='auto' or 'cols'."
+        )
+    return "cols"
+
+
+def row_sharded(t: torch.Tensor) -> bool:
+    """True for a DTensor sharded along dim 0 (what ``fully_shard`` makes of a weight)."""
+    placements = getattr(t, "placements", None)
+    return placements is not None and any(getattr(p, "dim", None) == 0 for p in placements)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (the tensor itself otherwise): Grass's arithmetic is local."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def oriented(t: torch.Tensor, side: str) -> torch.Tensor:
-    """A view of ``t`` with the selected dimension first."""
+    """A view of ``t`` (its local shard for a DTensor) with the selected dimension first."""
+    t = local(t)
     return t if side == "rows" else t.t()
 
 
