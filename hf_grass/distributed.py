@@ -277,3 +277,69 @@ def _check_same_everywhere(group, optimizer, projected_names: list[str]) -> None
             "must grassify the same model with the same grass_* flags and optimizer settings. "
             f"Rank 0 has {everyone[0][:300]}"
         )
+
+
+# ---- FSDP2 ---------------------------------------------------------------------------------------
+# GrassAdamW runs on fully_shard's DTensor weights directly (full gradients, reduce-scattered by
+# FSDP2): see hf_grass.optim. Its moments of a row-sharded weight are this rank's part (r x m/W).
+# The two functions below turn that into the state one process would hold and back, so that a
+# checkpoint resumes on any number of processes, one included.
+
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def full_optimizer_state_dict(optimizer: Any) -> dict:
+    """``optimizer.state_dict()`` with every sharded state tensor gathered from all ranks.
+
+    Grass moments of a row-sharded weight (this rank's r x m/W) become r x m; the DTensor
+    moments of plain parameters become full tensors. The result, the same on every rank, is what
+    one process training the whole batch holds: save it from rank 0 with ``torch.save`` and
+    resume with :func:`load_full_optimizer_state_dict` on any number of processes, or with
+    ``GrassAdamW.load_state_dict`` on one. Collective: call it on every rank.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    from .projection import row_sharded
+
+    state_dict = optimizer.state_dict()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for index, p in enumerate(params):
+        entry = state_dict["state"].get(index)
+        if entry is None:
+            continue
+        entry = dict(entry)
+        for key, value in entry.items():
+            if isinstance(value, DTensor):
+                entry[key] = value.full_tensor()
+            elif key in _MOMENTS and "rows" in entry and row_sharded(p):
+                # Oriented moments are r x m: their columns follow the weight's rows.
+                entry[key] = DTensor.from_local(
+                    value, p.device_mesh, [Shard(1)], shape=(value.shape[0], p.shape[0]),
+                    stride=(p.shape[0], 1),
+                ).full_tensor()  # fmt: skip
+        state_dict["state"][index] = entry
+    return state_dict
+
+
+def load_full_optimizer_state_dict(optimizer: Any, state_dict: dict) -> None:
+    """Load a state from :func:`full_optimizer_state_dict` (or from a single process) into an
+    optimizer over ``fully_shard`` weights: each rank keeps its own rows' part."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from .projection import row_sharded
+
+    state_dict = {**state_dict, "state": dict(state_dict["state"])}
+    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for pid, p in zip(ids, params, strict=True):
+        entry = state_dict["state"].get(pid)
+        if entry is None or not row_sharded(p):
+            continue
+        entry = dict(entry)
+        for key in _MOMENTS:
+            if "rows" in entry:  # Grass moments: plain tensors of this rank's columns
+                entry[key] = distribute_tensor(entry[key], p.device_mesh, [Shard(1)]).to_local()
+            else:  # plain AdamW moments: DTensors sharded like the parameter
+                entry[key] = distribute_tensor(entry[key], p.device_mesh, p.placements)
+        state_dict["state"][pid] = entry
+    optimizer.load_state_dict(state_dict)

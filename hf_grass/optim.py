@@ -401,7 +401,8 @@ def _restore_state(p: torch.Tensor, saved: dict, group: dict) -> dict:
 
     Step counters stay float32 scalars on the CPU (as torch's AdamW keeps them), the RNG state
     bytes, row indices int64 and counts float32 on the parameter's device, moments in the
-    group's ``state_dtype`` (or the parameter's dtype). Derived tensors of hf-grass 0.1
+    group's ``state_dtype`` (or the parameter's dtype). Every tensor is a copy: training on must
+    not change the caller's state dict (torch.optim shares ``step`` tensors). Derived tensors of hf-grass 0.1
     (``unique_rows``, ``inverse``) are dropped: they are recomputed.
     """
     state = {}
@@ -412,11 +413,11 @@ def _restore_state(p: torch.Tensor, saved: dict, group: dict) -> dict:
         if key == "rng":
             state[key] = value if isinstance(value, bytes) else _rng_bytes(_rng_tensor(value))
         elif key in ("step", "selected_step"):
-            state[key] = value.to("cpu", torch.float32)
+            state[key] = value.to("cpu", torch.float32, copy=True)
         elif key in ("exp_avg", "exp_avg_sq"):
-            state[key] = value.to(p.device, moments_dtype)
+            state[key] = value.to(p.device, moments_dtype, copy=True)
         elif isinstance(value, torch.Tensor):
-            state[key] = value.to(p.device)
+            state[key] = value.to(p.device, copy=True)
         else:
             state[key] = value
     return state
@@ -457,7 +458,7 @@ def _check_state_shapes(p: torch.Tensor, state: dict, group: dict) -> None:
         expected = (group["rank"], oriented(p, side).shape[1])
     else:
         expected = tuple(local(p).shape)
-    found = tuple(state["exp_avg"].shape) if "exp_avg" in state else expected
+    found = tuple(local(state["exp_avg"]).shape) if "exp_avg" in state else expected
     if "rank" in group and "rows" not in state:
         found = None
     if found != expected:

@@ -56,7 +56,6 @@ def _worker(out_dir: str, mode: str) -> None:
         report_to="none",
         disable_tqdm=True,
         use_cpu=True,
-        ddp_backend="gloo",
         ddp_find_unused_parameters=False,
         seed=3,
     )

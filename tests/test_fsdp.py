@@ -68,18 +68,67 @@ def _train(model, opt, batches, clip: bool):
     return norms
 
 
-def _worker(out: str, selection: str) -> None:
+def _sharded(model):
     import torch
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    model = _model()
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer)
     fully_shard(model)
+    return model
+
+
+def _resume_worker(out: str) -> None:
+    """Train 3 of 5 steps sharded, save the full state; resume it on 2 processes and on 1."""
+    import torch.distributed as dist
+
+    from hf_grass.distributed import full_optimizer_state_dict, load_full_optimizer_state_dict
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batches = _batches()
+    local = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in batches]
+    model = _sharded(_model())
+    opt = _optimizer(model, "multinomial")
+    _train(model, opt, local[:3], clip=True)
+    weights = {n: p.full_tensor() for n, p in model.state_dict().items()}
+    state = full_optimizer_state_dict(opt)
+
+    plain = _model()
+    plain.load_state_dict(weights)
+    resumed = _sharded(plain)
+    resumed_opt = _optimizer(resumed, "multinomial")
+    load_full_optimizer_state_dict(resumed_opt, state)
+    _train(resumed, resumed_opt, local[3:], clip=True)
+    on_two = {n: p.full_tensor() for n, p in resumed.named_parameters()}
+
+    reference = _model()
+    ref_opt = _optimizer(reference, "multinomial")
+    _train(reference, ref_opt, batches, clip=True)
+    one = _model()
+    one.load_state_dict(weights)
+    one_opt = _optimizer(one, "multinomial")
+    one_opt.load_state_dict(state)  # a single process resumes the same state
+    _train(one, one_opt, batches[3:], clip=True)
+    if rank == 0:
+        ref = dict(reference.named_parameters())
+        result = {
+            name: [float((on_two[name] - p).abs().max()), float((p - ref[name]).abs().max())]
+            for name, p in one.named_parameters()
+        }
+        Path(out, "resume.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _worker(out: str, selection: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = _sharded(_model())
     opt = _optimizer(model, selection)
     batches = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in _batches()]
     norms = _train(model, opt, batches, clip=True)
@@ -133,5 +182,26 @@ def test_fully_shard_two_processes_equal_one_process(tmp_path, selection):
     assert result["local_state"] == [RANK, result["full_state"][1] // 2]
 
 
+@pytest.mark.slow
+def test_sharded_checkpoint_resumes_on_two_processes_and_on_one(tmp_path):
+    """The gathered state resumes exactly: sharded again on 2 ranks, or on a single process."""
+    from conftest import run_bounded
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+        __file__, str(tmp_path), "resume",
+    ]  # fmt: skip
+    proc = run_bounded(cmd, env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name, (two_vs_one, one_vs_uninterrupted) in json.loads(
+        (tmp_path / "resume.json").read_text()
+    ).items():
+        assert two_vs_one < 1e-12 and one_vs_uninterrupted < 1e-12, name
+
+
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2])
+    if sys.argv[2] == "resume":
+        _resume_worker(sys.argv[1])
+    else:
+        _worker(sys.argv[1], sys.argv[2])

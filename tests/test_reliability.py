@@ -317,3 +317,23 @@ def test_missing_trainer_clipping_hooks_fail_loudly(tmp_path, monkeypatch):
 def test_grass_config_json_records_every_fixed_setting(saved_run):
     saved = json.loads((saved_run / "grass_config.json").read_text())
     assert {"rank", "proj_side", "selection", "seed", "target_modules"} <= saved.keys()
+
+
+def test_training_after_load_leaves_the_loaded_state_dict_unchanged():
+    """One state dict loaded into two optimizers: training the first must not advance the
+    second's step counters (torch.optim would share the ``step`` tensors)."""
+    _, opt = _trained()
+    saved = _round_trip(opt.state_dict())
+    snapshot = {
+        pid: {k: v.clone() for k, v in entry.items() if isinstance(v, torch.Tensor)}
+        for pid, entry in saved["state"].items()
+    }
+    model, first = _trained(steps=0)
+    first.load_state_dict(saved)
+    for x, y in _batches(2):
+        F.mse_loss(model(x.double()), y.double()).backward()
+        first.step()
+        first.zero_grad()
+    for pid, entry in snapshot.items():
+        for key, value in entry.items():
+            assert torch.equal(saved["state"][pid][key], value), (pid, key)
