@@ -244,8 +244,10 @@ class GrassTrainerMixin:
             )
         if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
             raise UsageError(
-                "optim='grass' does not support DeepSpeed or FSDP yet: use DDP (torchrun / "
-                "accelerate launch without a DeepSpeed/FSDP config) or a stock optimizer."
+                "optim='grass' does not run under the Trainer's DeepSpeed or FSDP yet (DeepSpeed "
+                "flattens weights into 1-D buffers, which row selection cannot address): use DDP "
+                "(torchrun / accelerate launch without a DeepSpeed or FSDP config), or FSDP2's "
+                "fully_shard with GrassAdamW in your own loop (README: FSDP2)."
             )
         mixed_precision = str(getattr(self.accelerator, "mixed_precision", "no"))
         if mixed_precision == "fp16":
