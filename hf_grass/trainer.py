@@ -103,14 +103,14 @@ class GrassArguments:
             # transformers converts `optim` to its OptimizerNames enum, which has no "grass":
             # validate the stock fields with a stand-in, then put "grass" back.
             self.optim = OptimizerNames.ADAMW_TORCH.value
-        if (
-            getattr(self, "ddp_backend", "unset") is None
-            and int(os.environ.get("WORLD_SIZE", "1")) > 1
-            and not torch.cuda.is_available()
-        ):
-            # Without a backend, transformers runs each CPU process of a torchrun job alone
-            # (world size 1): N independent runs writing to one output folder.
-            self.ddp_backend = "gloo"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            # Several CPU processes (torchrun, accelerate launch --multi_gpu): transformers needs
+            # use_cpu and a CPU backend, or it leaves the model unwrapped and every process
+            # trains alone.
+            if hasattr(self, "use_cpu"):
+                self.use_cpu = True
+            if getattr(self, "ddp_backend", "unset") is None:
+                self.ddp_backend = "gloo"
         parent = super()
         if hasattr(parent, "__post_init__"):
             parent.__post_init__()
@@ -248,6 +248,14 @@ class GrassTrainerMixin:
                 "flattens weights into 1-D buffers, which row selection cannot address): use DDP "
                 "(torchrun / accelerate launch without a DeepSpeed or FSDP config), or FSDP2's "
                 "fully_shard with GrassAdamW in your own loop (README: FSDP2)."
+            )
+        from transformers.training_args import ParallelMode
+
+        if self.args.world_size > 1 and self.args.parallel_mode != ParallelMode.DISTRIBUTED:
+            raise UsageError(
+                f"{self.args.world_size} processes, but transformers does not run them as one "
+                f"data-parallel job (parallel mode {self.args.parallel_mode.value}): each would "
+                "train alone. On CPUs pass --use_cpu true --ddp_backend gloo."
             )
         mixed_precision = str(getattr(self.accelerator, "mixed_precision", "no"))
         if mixed_precision == "fp16":

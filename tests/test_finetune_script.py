@@ -422,21 +422,33 @@ def test_resume_with_changed_grass_flags_is_one_line_and_keeps_the_checkpoint(
     assert before == {name: (checkpoint / name).read_bytes() for name in before}
 
 
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"],
+    # accelerate's --cpu starts one process; --multi_gpu starts torch.distributed.run, and on a
+    # machine without GPUs the processes use gloo on the CPU.
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "0"],
+}  # fmt: skip
+
+
 @pytest.mark.slow
-def test_torchrun_two_processes_then_resume_on_one(tiny_model_dir, tmp_path):
-    """scripts/finetune.py under torchrun (2 CPU processes, gloo) with compressed communication,
-    then the run resumed from its checkpoint on a single process."""
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_two_processes_then_resume_on_one(tiny_model_dir, tmp_path, launcher):
+    """scripts/finetune.py under torchrun or accelerate launch (2 CPU processes, gloo) with
+    compressed communication, then the run resumed from its checkpoint on a single process."""
     out = tmp_path / "out"
     flags = tiny_flags(tiny_model_dir, out, "--save_strategy", "steps", "--save_steps", "2",
                        "--per_device_train_batch_size", "4", "--logging_steps", "1")  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(ROOT / "scripts" / "finetune.py"), *flags]  # fmt: skip
+    cmd = [sys.executable, *LAUNCHERS[launcher], str(ROOT / "scripts" / "finetune.py"), *flags]
     run = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads((out / "resource_report.json").read_text())
     assert report["world_size"] == 2
     assert 0 < report["comm_bytes_per_step"] < report["dense_ddp_comm_bytes_per_step"]
+    # DDP averaged the plain parameters, Grass the compressed gradients and selection statistics
+    assert report["comm_bytes_per_step_by_kind"].keys() >= {"ddp", "compressed", "selection"}, run.stderr[-3000:]
     steps = len(logged_losses(out))
     finetune.main(
         [
