@@ -587,6 +587,10 @@ def cli(argv: list[str] | None = None) -> int:
     """Run `main`; a usage error prints one line (no traceback) and returns status 2."""
     try:
         main(argv)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Tear the process group down before exit: gloo can abort in its destructors
+            # otherwise, failing a torchrun job that trained correctly.
+            torch.distributed.destroy_process_group()
     except UsageError as err:
         if os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
             raise

@@ -54,6 +54,23 @@ def compressed_grad(p: torch.Tensor) -> torch.Tensor | None:
     return None if projection is None else projection.grad
 
 
+def end_worker() -> None:
+    """End a torchrun worker: tear the process group down and leave without running C++ static
+    destructors (gloo occasionally aborts there, "terminate called without an active
+    exception", after a correct run, with or without hf_grass)."""
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def run_bounded(cmd: list[str], env: dict[str, str], timeout: float):
     """Run ``cmd`` (e.g. a torchrun job) in its own session; on a timeout kill it and all its
     workers and fail the test. Returns the ``subprocess.CompletedProcess``."""

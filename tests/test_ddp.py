@@ -62,6 +62,7 @@ def _train_reference(mode: str):
 def _worker(out: str, mode: str) -> None:
     import torch
     import torch.distributed as dist
+    from conftest import end_worker
     from torch.nn.parallel import DistributedDataParallel
 
     from hf_grass import GrassAdamW, enable_layerwise, grassify, projection_of
@@ -123,8 +124,7 @@ def _worker(out: str, mode: str) -> None:
     }
     if rank == 0:
         Path(out, f"{mode}.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
+    end_worker()
 
 
 def _launch(tmp_path: Path, mode: str, timeout: float = 180):

@@ -448,7 +448,9 @@ def test_two_processes_then_resume_on_one(tiny_model_dir, tmp_path, launcher):
     assert report["world_size"] == 2
     assert 0 < report["comm_bytes_per_step"] < report["dense_ddp_comm_bytes_per_step"]
     # DDP averaged the plain parameters, Grass the compressed gradients and selection statistics
-    assert report["comm_bytes_per_step_by_kind"].keys() >= {"ddp", "compressed", "selection"}, run.stderr[-3000:]
+    assert report["comm_bytes_per_step_by_kind"].keys() >= {"ddp", "compressed", "selection"}, (
+        run.stderr[-3000:]
+    )
     steps = len(logged_losses(out))
     finetune.main(
         [

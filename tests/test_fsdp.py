@@ -118,8 +118,7 @@ def _resume_worker(out: str) -> None:
             for name, p in one.named_parameters()
         }
         Path(out, "resume.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
+    end_worker()
 
 
 def _worker(out: str, selection: str) -> None:
@@ -157,8 +156,7 @@ def _worker(out: str, selection: str) -> None:
                 }
             )
         )
-    dist.barrier()
-    dist.destroy_process_group()
+    end_worker()
 
 
 @pytest.mark.slow
@@ -201,6 +199,8 @@ def test_sharded_checkpoint_resumes_on_two_processes_and_on_one(tmp_path):
 
 
 if __name__ == "__main__":
+    from conftest import end_worker
+
     if sys.argv[2] == "resume":
         _resume_worker(sys.argv[1])
     else:
