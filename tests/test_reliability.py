@@ -337,3 +337,22 @@ def test_training_after_load_leaves_the_loaded_state_dict_unchanged():
     for pid, entry in snapshot.items():
         for key, value in entry.items():
             assert torch.equal(saved["state"][pid][key], value), (pid, key)
+
+
+# ---- 8. clipping across devices (a device_map model) -------------------------------------------
+
+
+def test_clipping_gradients_on_two_devices_measures_on_one():
+    """Fake tensors stand for two GPUs: every norm moves to the first gradient's device, as
+    torch's own clipping does, instead of stacking norms that live on different devices."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        a, b = (
+            nn.Parameter(torch.empty(4, 3, device="cuda:0")),
+            nn.Parameter(torch.empty(5, device="cuda:1")),
+        )
+        a.grad, b.grad = torch.empty(4, 3, device="cuda:0"), torch.empty(5, device="cuda:1")
+        total = clip_grad_norm_([a, b], 1.0)
+        assert total.device == torch.device("cuda:0")
+        assert a.grad.device == torch.device("cuda:0") and b.grad.device == torch.device("cuda:1")
