@@ -144,7 +144,9 @@ def worker(args) -> None:
     vocab = llama_config(args.worker).vocab_size
     gen = torch.Generator().manual_seed(1000 + me)  # each rank its own data
     n_batches = max(args.val_steps, args.time_steps + 1)
-    batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=gen) for _ in range(n_batches)]
+    batches = [
+        torch.randint(0, vocab, (args.batch, args.seq), generator=gen) for _ in range(n_batches)
+    ]
 
     def new_model():
         torch.manual_seed(0)  # same weights on every rank (DDP skips the Grass weights)
@@ -247,7 +249,9 @@ def launch(args, preset: str, val_rank: int, time_steps: int) -> dict:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers
             proc.communicate()
-            raise SystemExit(f"{preset}: the 2-process run did not finish in {args.timeout} s")
+            raise SystemExit(
+                f"{preset}: the 2-process run did not finish in {args.timeout} s"
+            ) from None
         if proc.returncode != 0:
             raise SystemExit(f"{preset}: the 2-process run failed:\n{stderr[-4000:]}")
         with open(out) as f:
@@ -262,7 +266,11 @@ def machine_info() -> dict:
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         model = next(
-            (ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")),
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in lscpu.splitlines()
+                if ln.startswith("Model name")
+            ),
             None,
         )
     except (OSError, subprocess.SubprocessError):
@@ -338,14 +346,18 @@ def main() -> None:
         "n_gpus": N_GPUS,
         "ms": projection,
     }
-    print(f"All-reduce payload per optimizer step, {args.dtype} gradients, MB (analytic, K={args.gap}):")
+    print(
+        f"All-reduce payload per optimizer step, {args.dtype} gradients, MB (analytic, K={args.gap}):"
+    )
     print(C.fmt_table(
         ["model", "r", "DDP (AdamW)", "GaLore + DDP", "Grass ordinary", "Grass amortized",
          "Grass amortized / DDP"],
         rows,
     ))  # fmt: skip
     print(f"\n{N_GPUS}-GPU PROJECTION (ring all-reduce model, not a measurement), ms per step:")
-    print(C.fmt_table(["model", "link", "DDP", "Grass (amortized)", "DDP / Grass"], projection_rows))
+    print(
+        C.fmt_table(["model", "link", "DDP", "Grass (amortized)", "DDP / Grass"], projection_rows)
+    )
 
     # 2 + 3. 2-process runs ------------------------------------------------------------------------
     if not args.analytic_only:
