@@ -2,12 +2,13 @@
 
 from .config import GrassConfig
 from .distributed import GrassDataParallel
+from .embedding import GrassEmbedding
 from .layerwise import LayerwiseHandle, enable_layerwise
 from .linear import GrassLinear, grass_linear, grassify, ungrassify
 from .optim import GrassAdamW, clip_grad_norm_
 from .projection import GrassProjection, projection_of
 from .selection import SELECTIONS, select_rows
-from .targets import grass_param_groups, match_target_modules
+from .targets import grass_param_groups, grass_target_names, match_target_modules
 from .trainer import GrassArguments, GrassTrainer, GrassTrainerMixin, GrassTrainingArguments
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "GrassArguments",
     "GrassConfig",
     "GrassDataParallel",
+    "GrassEmbedding",
     "GrassLinear",
     "GrassProjection",
     "GrassTrainer",
@@ -26,6 +28,7 @@ __all__ = [
     "enable_layerwise",
     "grass_linear",
     "grass_param_groups",
+    "grass_target_names",
     "grassify",
     "match_target_modules",
     "projection_of",

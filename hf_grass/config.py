@@ -24,7 +24,15 @@ STATE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 # Settings that shape the optimizer state or its random stream: a resumed run must use the
 # checkpoint's values. Every other setting may change on resume and takes the new value.
-FIXED_ON_RESUME = ("target_modules", "rank", "proj_side", "selection", "seed")
+FIXED_ON_RESUME = (
+    "target_modules",
+    "embeddings",
+    "lm_head",
+    "rank",
+    "proj_side",
+    "selection",
+    "seed",
+)
 
 
 def _positive_int(value: Any) -> bool:
@@ -103,6 +111,17 @@ class GrassConfig:
         "Linear modules Grass projects: 'all-linear' (every nn.Linear but output heads and "
         "adapter layers), module names (PEFT's suffix match) or one regex matched in full "
         "against module names.",
+    )
+    embeddings: bool = _setting(
+        False,
+        "Also project the input embedding (rows = vocabulary entries): its compressed gradient "
+        "comes from the batch's tokens without forming the vocabulary x hidden gradient. A "
+        "tied embedding needs lm_head too.",
+    )
+    lm_head: bool = _setting(
+        False,
+        "Also project the output head (lm_head): its weight-gradient matmul costs r/V of the "
+        "dense one.",
     )
     seed: int = _setting(0, "Seed of the sampled selections.")
     state_dtype: str | None = _setting(

@@ -54,6 +54,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.autograd import Variable
 
+from .embedding import GrassEmbedding
 from .linear import GrassLinear
 from .projection import GrassProjection
 
@@ -139,11 +140,17 @@ class GrassDataParallel:
 
         self.projected: dict[str, torch.Tensor] = {}
         for name, module in model.named_modules():
-            if isinstance(module, GrassLinear) and optimizer.projection(module.weight) is not None:
+            grass_module = isinstance(module, (GrassLinear, GrassEmbedding))
+            if grass_module and optimizer.projection(module.weight) is not None:
                 self.projected[f"{name}.weight" if name else "weight"] = module.weight
-        _check_same_everywhere(self.group, optimizer, sorted(self.projected))
+        # A tied embedding and head are one weight under two names: DDP must skip both names,
+        # but the weight is averaged once.
+        ignore_names = sorted(self.projected)
+        unique = {id(w): n for n, w in reversed(list(self.projected.items()))}
+        self.projected = {n: w for n, w in self.projected.items() if unique[id(w)] == n}
+        _check_same_everywhere(self.group, optimizer, ignore_names)
         ignore = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
-        model._ddp_params_and_buffers_to_ignore = sorted(ignore | set(self.projected))
+        model._ddp_params_and_buffers_to_ignore = sorted(ignore | set(ignore_names))
         for weight in self.projected.values():
             projection = optimizer.projection(weight)
             projection.reduce_full = self._average_full_gradient

@@ -54,7 +54,7 @@ from torch.autograd.function import once_differentiable
 
 from .config import check_option
 from .projection import projection_of
-from .targets import TargetModules, grass_param_groups, match_target_modules
+from .targets import TargetModules, grass_param_groups, grass_target_names
 
 
 def _autocast_off(device_type: str):
@@ -193,9 +193,13 @@ def grassify(
     target_modules: TargetModules = "all-linear",
     weight_decay: float = 0.0,
     no_decay: Iterable[str] | None = None,
+    embeddings: bool = False,
+    lm_head: bool = False,
     **grass_options,
 ) -> list[dict]:
-    """Turn the ``nn.Linear`` modules selected by ``target_modules`` into :class:`GrassLinear`.
+    """Turn the ``nn.Linear`` modules selected by ``target_modules`` into :class:`GrassLinear`
+    (and, with ``embeddings=True``, the input embedding into a
+    :class:`~hf_grass.embedding.GrassEmbedding`; ``lm_head=True`` adds the output head).
 
     The modules change class in place: the module objects, their ``weight``/``bias`` Parameters,
     hooks and ``state_dict`` keys stay the same, so outputs are unchanged and ``save_pretrained``
@@ -211,11 +215,25 @@ def grassify(
     gradient would be lost) or a subclass of ``nn.Linear`` with a forward of its own.
     :func:`ungrassify` undoes it.
     """
+    from .embedding import GrassEmbedding
+
     check_option("rank", rank)
     modules = dict(model.named_modules())
-    targets = {name: modules[name] for name in match_target_modules(model, target_modules)}
+    names = grass_target_names(model, target_modules, embeddings, lm_head)
+    targets = {name: modules[name] for name in names}
     for name, module in targets.items():
-        if type(module) not in (nn.Linear, GrassLinear):
+        if isinstance(module, nn.Embedding):
+            if (
+                type(module) not in (nn.Embedding, GrassEmbedding)
+                or module.max_norm
+                or module.sparse
+            ):
+                raise ValueError(
+                    f"Grass cannot project the embedding {name!r} ({type(module).__name__}, "
+                    f"max_norm={module.max_norm}, sparse={module.sparse}): only a plain "
+                    "nn.Embedding without max_norm or sparse gradients; drop --grass_embeddings."
+                )
+        elif type(module) not in (nn.Linear, GrassLinear):
             raise ValueError(
                 f"target_modules selects {name!r}, a {type(module).__name__} (a subclass of "
                 "nn.Linear with its own forward); Grass replaces nn.Linear's forward only: "
@@ -228,9 +246,14 @@ def grassify(
             )
     _check_not_shared(model, targets)
     for module in targets.values():
-        module.__class__ = GrassLinear
-        module.grass_rank = rank
-    return grass_param_groups(model, rank, target_modules, weight_decay, no_decay, **grass_options)
+        if isinstance(module, nn.Embedding):
+            module.__class__ = GrassEmbedding
+        else:
+            module.__class__ = GrassLinear
+            module.grass_rank = rank
+    return grass_param_groups(
+        model, rank, target_modules, weight_decay, no_decay, embeddings, lm_head, **grass_options
+    )
 
 
 def _check_not_shared(model: nn.Module, targets: dict[str, nn.Module]) -> None:
@@ -245,20 +268,26 @@ def _check_not_shared(model: nn.Module, targets: dict[str, nn.Module]) -> None:
         others = users.get(id(module.weight))
         if others:
             raise ValueError(
-                f"{name}.weight is shared with {others[0]!r}, which target_modules leaves out "
-                "(tied weights): its gradient there would be lost. Untie the weights or leave "
-                f"{name!r} out of target_modules."
+                f"{name}.weight is shared with {others[0]!r}, which Grass leaves out (tied "
+                "weights): its gradient there would be lost. Project both (a tied embedding and "
+                "head: --grass_embeddings with --grass_lm_head), untie the weights, or leave "
+                f"{name!r} out."
             )
 
 
 def ungrassify(model: nn.Module) -> nn.Module:
-    """Turn every :class:`GrassLinear` of ``model`` back into ``nn.Linear``, in place.
+    """Turn every :class:`GrassLinear` (:class:`~hf_grass.embedding.GrassEmbedding`) of
+    ``model`` back into ``nn.Linear`` (``nn.Embedding``), in place.
 
     Same module objects and Parameters, so outputs and ``state_dict`` are unchanged. Returns
     ``model``.
     """
+    from .embedding import GrassEmbedding
+
     for module in model.modules():
         if type(module) is GrassLinear:
             module.__class__ = nn.Linear
             vars(module).pop("grass_rank", None)
+        elif type(module) is GrassEmbedding:
+            module.__class__ = nn.Embedding
     return model

@@ -78,12 +78,60 @@ def _linear_suffixes(modules: dict[str, nn.Module]) -> set[str]:
     return {n.split(".")[-1] for n, m in modules.items() if isinstance(m, nn.Linear)}
 
 
+def grass_target_names(
+    model: nn.Module,
+    target_modules: TargetModules = "all-linear",
+    embeddings: bool = False,
+    lm_head: bool = False,
+) -> list[str]:
+    """The modules whose weights Grass projects: ``target_modules`` (linear layers), plus the
+    input embedding (``embeddings``) and the output head (``lm_head``) when asked.
+
+    The embedding and head are found as Hugging Face models expose them
+    (``get_input_embeddings()``/``get_output_embeddings()``); in another model, every
+    ``nn.Embedding`` and the ``nn.Linear`` modules named ``lm_head``. A tied embedding and head
+    are one weight: project both or neither.
+    """
+    names = match_target_modules(model, target_modules)
+    by_module = {id(m): n for n, m in model.named_modules()}
+    if embeddings:
+        getter = getattr(model, "get_input_embeddings", None)
+        found = (
+            [getter()]
+            if callable(getter)
+            else [m for m in model.modules() if isinstance(m, nn.Embedding)]
+        )
+        found = [m for m in found if isinstance(m, nn.Embedding)]
+        if not found:
+            raise ValueError(
+                f"embeddings=True (--grass_embeddings), but {type(model).__name__} has no "
+                "nn.Embedding input embedding: drop the flag."
+            )
+        names += [by_module[id(m)] for m in found]
+    if lm_head:
+        getter = getattr(model, "get_output_embeddings", None)
+        if callable(getter):
+            found = [getter()]
+        else:
+            found = [m for n, m in model.named_modules() if n.split(".")[-1] == "lm_head"]
+        found = [m for m in found if isinstance(m, nn.Linear)]
+        if not found:
+            raise ValueError(
+                f"lm_head=True (--grass_lm_head), but {type(model).__name__} has no nn.Linear "
+                "output head (a classifier's 'score' is not one): drop the flag."
+            )
+        names += [by_module[id(m)] for m in found]
+    return list(dict.fromkeys(names))
+
+
 def grass_param_groups(
     model: nn.Module,
     rank: int,
     target_modules: TargetModules = "all-linear",
     weight_decay: float = 0.0,
     no_decay: Iterable[str] | None = None,
+    embeddings: bool = False,
+    lm_head: bool = False,
     **grass_options,
 ) -> list[dict]:
     """Parameter groups for :class:`~hf_grass.GrassAdamW`.
@@ -92,10 +140,12 @@ def grass_param_groups(
     ``rank`` and ``grass_options``: ``update_proj_gap``, ``scale``, ``selection``, ...); every
     other trainable parameter goes to plain AdamW groups. Parameters named in ``no_decay`` get
     weight decay 0 (pass the complement of HF's ``Trainer.get_decay_parameter_names``). A tied or
-    shared parameter appears once. Empty groups are left out.
+    shared parameter appears once. Empty groups are left out. ``embeddings`` and ``lm_head`` add
+    the input embedding and the output head (see :func:`grass_target_names`).
     """
     modules = dict(model.named_modules())
-    projected = {id(modules[n].weight) for n in match_target_modules(model, target_modules)}
+    names = grass_target_names(model, target_modules, embeddings, lm_head)
+    projected = {id(modules[n].weight) for n in names}
     no_decay = set(no_decay or ())
     groups: dict[tuple[bool, bool], list] = {}
     seen: set[int] = set()

@@ -89,6 +89,8 @@ class GrassArguments:
         "characters such as '.*(attn|mlp).*' is a regex. Unset: --optim_target_modules if "
         "given, else 'all-linear'.",
     )
+    grass_embeddings: bool = _from_config("embeddings")
+    grass_lm_head: bool = _from_config("lm_head")
     grass_seed: int | None = _from_config(
         "seed", default=None, help="Seed of the sampled selections. Unset: --seed."
     )
@@ -299,6 +301,8 @@ class GrassTrainerMixin:
             target_modules=config.target_modules,
             weight_decay=args.weight_decay,
             no_decay=no_decay,
+            embeddings=config.embeddings,
+            lm_head=config.lm_head,
             **config.group_options(),
         )
         if install and config.compressed_backward:

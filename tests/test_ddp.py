@@ -19,10 +19,19 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS, GAP, RANK, BATCH, SEQ = 5, 2, 8, 8, 8
 
 
-def _model():
+def _model(mode: str = ""):
     from conftest import tiny_llama
 
-    return tiny_llama(seed=0, vocab_size=64).double()
+    # "embeddings": the tied embedding and head are projected too (one weight, two uses)
+    return tiny_llama(seed=0, vocab_size=64, tie_word_embeddings=mode == "embeddings").double()
+
+
+def _grassify(model, mode: str, rank: int = RANK):
+    from hf_grass import grassify
+
+    tied = mode == "embeddings"
+    return grassify(model, rank=rank, update_proj_gap=GAP, selection="multinomial", seed=3,
+                    embeddings=tied, lm_head=tied)  # fmt: skip
 
 
 def _batches():
@@ -36,11 +45,11 @@ def _train_reference(mode: str):
     """One process, the global batch, no DDP: what the 2-process run must reproduce."""
     import torch
 
-    from hf_grass import GrassAdamW, grassify
+    from hf_grass import GrassAdamW
 
-    model = _model()
+    model = _model(mode)
     opt = GrassAdamW(
-        grassify(model, rank=RANK, update_proj_gap=GAP, selection="multinomial", seed=3),
+        _grassify(model, mode),
         lr=1e-2,
         foreach=False,
     )
@@ -65,15 +74,15 @@ def _worker(out: str, mode: str) -> None:
     from conftest import end_worker
     from torch.nn.parallel import DistributedDataParallel
 
-    from hf_grass import GrassAdamW, enable_layerwise, grassify, projection_of
+    from hf_grass import GrassAdamW, enable_layerwise, projection_of
     from hf_grass.distributed import GrassDataParallel, dense_ddp_bytes
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    model = _model()
+    model = _model(mode)
     grass_rank = RANK + (1 if mode == "mismatch" and rank == 1 else 0)
-    groups = grassify(model, rank=grass_rank, update_proj_gap=GAP, selection="multinomial", seed=3)
+    groups = _grassify(model, mode, grass_rank)
     opt = GrassAdamW(groups, lr=1e-2, foreach=mode != "foreach")
     grass_dp = GrassDataParallel(model, opt, layerwise=mode == "layerwise", bucket_cap_mb=0.01)
     ddp = DistributedDataParallel(model)
@@ -139,7 +148,7 @@ def _launch(tmp_path: Path, mode: str, timeout: float = 180):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["foreach", "reference", "accumulate", "layerwise"])
+@pytest.mark.parametrize("mode", ["foreach", "reference", "accumulate", "layerwise", "embeddings"])
 def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, mode):
     proc = _launch(tmp_path, mode)
     assert proc.returncode == 0, proc.stderr[-4000:]
