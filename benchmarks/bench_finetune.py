@@ -5,7 +5,8 @@ Rotten Tomatoes, fp32, batch 16, 64 steps, max length 64), one after the other i
 machine, then prints validation accuracy, optimizer-state bytes, peak gradient bytes, peak memory,
 tokens/s and wall time of each, with ratios to AdamW. Raw numbers: benchmarks/results/finetune.json.
 
-    python benchmarks/bench_finetune.py [--methods grass adamw lora galore] [-- extra finetune flags]
+    python benchmarks/bench_finetune.py [--methods grass adamw lora galore grass-embeddings]
+        [--out FILE] [-- extra finetune flags]
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ METHODS = {
     "adamw": ["--optim", "adamw_torch"],
     "lora": ["--optim", "adamw_torch", "--use_lora"],
     "galore": ["--optim", "galore_adamw"],
+    # Grass on the input embedding as well (rows of the vocabulary; issue: embedding state)
+    "grass-embeddings": ["--optim", "grass", "--grass_embeddings", "true"],
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", default=["grass", "adamw", "lora", "galore"], choices=list(METHODS)
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/finetune.json"))
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
