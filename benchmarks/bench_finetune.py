@@ -26,6 +26,8 @@ METHODS = {
     "galore": ["--optim", "galore_adamw"],
     # Grass on the input embedding as well (rows of the vocabulary; issue: embedding state)
     "grass-embeddings": ["--optim", "grass", "--grass_embeddings", "true"],
+    # what users do today to save the embedding's state: freeze it
+    "grass-frozen-embeddings": ["--optim", "grass", "--freeze_embeddings", "true"],
 }
 
 

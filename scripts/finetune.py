@@ -118,6 +118,14 @@ class ModelArguments:
         default_factory=lambda: ["q_proj", "v_proj"],
         metadata={"help": "Modules that get LoRA adapters."},
     )
+    freeze_embeddings: bool = field(
+        default=False,
+        metadata={
+            "help": "Do not train the input embedding (a tied output head is frozen with it): "
+            "the common way to save its optimizer state, for comparison with "
+            "--grass_embeddings."
+        },
+    )
     save_final_model: bool = field(
         default=False,
         metadata={"help": "Write the finetuned model (stock transformers format) to output_dir."},
@@ -466,6 +474,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Bad input fails here, before the model is loaded or anything is written.
     task = check_task(data_args)
     grass_data.check_sample_limits(data_args.max_train_samples, data_args.max_eval_samples)
+    if model_args.freeze_embeddings and getattr(args, "grass_embeddings", False):
+        raise UsageError(
+            "--freeze_embeddings with --grass_embeddings: a frozen embedding has nothing to "
+            "project. Choose one."
+        )
     if model_args.use_lora and args.use_grass:
         raise UsageError(
             "--use_lora with --optim grass: LoRA trains its adapters with AdamW. Choose one: "
@@ -522,6 +535,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raw, tokenizer, model_path, data_args, max_len, dtype
         )
         compute_metrics = None
+    if model_args.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
     if model_args.use_lora:
         model = apply_lora(model, model_args, data_args.task_type)
 

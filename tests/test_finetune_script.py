@@ -463,3 +463,21 @@ def test_two_processes_then_resume_on_one(tiny_model_dir, tmp_path, launcher):
     )
     state = json.loads((out / "trainer_state.json").read_text())
     assert steps == 2 and state["global_step"] == 4
+
+
+def test_freeze_embeddings_trains_everything_but_the_embedding(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "out"
+    finetune.main(tiny_flags(tiny_model_dir, out, "--freeze_embeddings", "true",
+                             "--save_final_model", "true"))  # fmt: skip
+    before = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    after = AutoModelForSequenceClassification.from_pretrained(out)
+    b, a = dict(before.named_parameters()), dict(after.named_parameters())
+    assert torch.equal(a["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+    assert not torch.equal(
+        a["model.layers.0.self_attn.q_proj.weight"], b["model.layers.0.self_attn.q_proj.weight"]
+    )
+    with pytest.raises(UsageError, match="--freeze_embeddings with --grass_embeddings"):
+        finetune.main(tiny_flags(tiny_model_dir, tmp_path / "o2", "--freeze_embeddings", "true",
+                                 "--grass_embeddings", "true"))  # fmt: skip
