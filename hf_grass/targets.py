@@ -93,35 +93,32 @@ def grass_target_names(
     are one weight: project both or neither.
     """
     names = match_target_modules(model, target_modules)
-    by_module = {id(m): n for n, m in model.named_modules()}
     if embeddings:
-        getter = getattr(model, "get_input_embeddings", None)
-        found = (
-            [getter()]
-            if callable(getter)
-            else [m for m in model.modules() if isinstance(m, nn.Embedding)]
-        )
-        found = [m for m in found if isinstance(m, nn.Embedding)]
-        if not found:
-            raise ValueError(
-                f"embeddings=True (--grass_embeddings), but {type(model).__name__} has no "
-                "nn.Embedding input embedding: drop the flag."
-            )
-        names += [by_module[id(m)] for m in found]
+        names += _found_or_refuse(
+            model, "get_input_embeddings", nn.Embedding, lambda n, m: True,
+            "embeddings=True (--grass_embeddings), but {} has no nn.Embedding input embedding",
+        )  # fmt: skip
     if lm_head:
-        getter = getattr(model, "get_output_embeddings", None)
-        if callable(getter):
-            found = [getter()]
-        else:
-            found = [m for n, m in model.named_modules() if n.split(".")[-1] == "lm_head"]
-        found = [m for m in found if isinstance(m, nn.Linear)]
-        if not found:
-            raise ValueError(
-                f"lm_head=True (--grass_lm_head), but {type(model).__name__} has no nn.Linear "
-                "output head (a classifier's 'score' is not one): drop the flag."
-            )
-        names += [by_module[id(m)] for m in found]
+        names += _found_or_refuse(
+            model, "get_output_embeddings", nn.Linear, lambda n, m: n.split(".")[-1] == "lm_head",
+            "lm_head=True (--grass_lm_head), but {} has no nn.Linear output head (a "
+            "classifier's 'score' is not one)",
+        )  # fmt: skip
     return list(dict.fromkeys(names))
+
+
+def _found_or_refuse(model, getter_name, cls, fallback, problem: str) -> list[str]:
+    """Names of the modules a Hugging Face ``model.<getter_name>()`` returns (else the ``cls``
+    modules that ``fallback(name, module)`` accepts); ``ValueError`` when there are none."""
+    getter = getattr(model, getter_name, None)
+    if callable(getter):
+        found = {id(getter())}
+    else:
+        found = {id(m) for n, m in model.named_modules() if isinstance(m, cls) and fallback(n, m)}
+    names = [n for n, m in model.named_modules() if id(m) in found and isinstance(m, cls)]
+    if not names:
+        raise ValueError(problem.format(type(model).__name__) + ": drop the flag.")
+    return names
 
 
 def grass_param_groups(
