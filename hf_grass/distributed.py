@@ -182,14 +182,17 @@ class GrassDataParallel:
     def _syncing(self) -> bool:
         return self._ddp is None or bool(getattr(self._ddp, "require_backward_grad_sync", True))
 
+    def _average(self, tensor: torch.Tensor, kind: str) -> torch.Tensor:
+        """Average ``tensor`` across ranks in place, synchronously, counting it as ``kind``."""
+        dist.all_reduce(tensor, group=self.group)
+        tensor.div_(self.world_size)
+        self.meter.add(kind, tensor.numel() * tensor.element_size())
+        return tensor
+
     # ---- selection steps ------------------------------------------------------------------------
     def _average_full_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         """The rank-averaged full gradient of one layer (selection steps only)."""
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=self.group)
-        grad.div_(self.world_size)
-        self.meter.add("selection", grad.numel() * grad.element_size())
-        return grad
+        return self._average(grad.contiguous(), "selection")
 
     # ---- bucketed, asynchronous averaging ----------------------------------------------------------
     def _ready_hook(self, projection: GrassProjection):
@@ -239,12 +242,8 @@ class GrassDataParallel:
         Plain parameters are left to DDP (they are updated by ``optimizer.step()``).
         """
         projection = self._projection_of.get(id(param))
-        if projection is None or projection.grad is None:
-            return
-        grad = projection.grad
-        dist.all_reduce(grad, group=self.group)
-        grad.div_(self.world_size)
-        self.meter.add("compressed", grad.numel() * grad.element_size())
+        if projection is not None and projection.grad is not None:
+            self._average(projection.grad, "compressed")
 
     def remove(self) -> None:
         for hook in self._hooks:
