@@ -25,11 +25,9 @@ always shows its traceback.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +38,9 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import datasets
 import numpy as np
 import torch
 import transformers
-import yaml
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -53,8 +49,8 @@ from transformers import (
     DataCollatorWithPadding,
     HfArgumentParser,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
+from hf_grass import cli
 from hf_grass import data as grass_data
 from hf_grass.errors import MissingFileError, UsageError
 from hf_grass.report import ResourceReportCallback, format_report
@@ -82,12 +78,6 @@ SCRIPT_DEFAULTS: dict[str, Any] = dict(
     logging_steps=8,
     report_to="none",
     dataloader_pin_memory=torch.cuda.is_available(),
-)
-# Set to 1 to see the traceback of a usage error (a bad flag, config or data file) too.
-DEBUG_ENV = "HF_GRASS_DEBUG"
-EPILOG = (
-    f"A bad flag value, config or data file prints one line and exits with status 2; set "
-    f"{DEBUG_ENV}=1 to see its traceback as well."
 )
 
 
@@ -189,76 +179,17 @@ class DataArguments:
 # ---- arguments ---------------------------------------------------------------------------------
 
 
-def method_name(optim: str, use_lora: bool) -> str:
-    """'grass', 'lora', 'adamw', 'galore' or the optimizer's own name."""
-    optim = str(getattr(optim, "value", optim)).lower()
-    if use_lora:
-        return "lora"
-    if optim.startswith("galore"):
-        return "galore"
-    if optim.startswith("adamw_torch"):
-        return "adamw"
-    return optim
-
-
-def _read_config(path: str) -> dict[str, Any]:
-    text = Path(path).read_text()
-    try:
-        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as err:
-        problem = " ".join(str(err).split())  # YAML's messages span several lines
-        raise UsageError(f"Cannot parse the config file {path}: {problem}") from err
-    if not isinstance(data, dict):
-        raise UsageError(
-            f"{path} must hold a mapping of flag names to values, got {type(data).__name__}."
-        )
-    return data
-
-
-def _config_to_flags(config: dict[str, Any]) -> list[str]:
-    """A config mapping as command-line tokens, so argparse converts every value's type."""
-    tokens: list[str] = []
-    for key, value in config.items():
-        if value is None:
-            continue
-        if isinstance(value, (list, tuple)):
-            tokens += [f"--{key}", *(str(v) for v in value)]
-        elif isinstance(value, dict):
-            tokens += [f"--{key}", json.dumps(value)]
-        else:
-            tokens += [f"--{key}", str(value)]
-    return tokens
-
-
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, GrassTrainingArguments]:
     """Flags, optionally after one .json/.yaml/.yml config file; flags win over the file."""
     parser = HfArgumentParser(
-        (ModelArguments, DataArguments, GrassTrainingArguments), epilog=EPILOG
+        (ModelArguments, DataArguments, GrassTrainingArguments), epilog=cli.EPILOG
     )
-    if argv and argv[0].endswith((".json", ".yaml", ".yml")):
-        if not os.path.isfile(argv[0]):
-            raise MissingFileError(
-                f"Config file {argv[0]} does not exist; see configs/ for examples."
-            )
-        config = _read_config(argv[0])
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise UsageError(
-                f"Unknown keys {unknown} in {argv[0]}: use the flag names of "
-                "`python scripts/finetune.py --help`, without the dashes."
-            )
-        argv = _config_to_flags(config) + list(argv[1:])
-    # Pre-parse what the method-dependent defaults need (the last occurrence wins, as in argparse).
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for name in ("optim", "task_name", "task_type", "train_file", "use_lora"):
-        pre.add_argument(
-            f"--{name}", f"--{name.replace('_', '-')}", default=None, nargs="?", const="true"
-        )
-    given = vars(pre.parse_known_args(argv)[0])
+    argv = cli.expand_config(parser, argv, "finetune.py")
+    # Pre-parse what the method-dependent defaults need.
+    given = cli.given_flags(argv, ("optim", "task_name", "task_type", "train_file", "use_lora"))
     use_lora = str(given["use_lora"] or False).lower() in ("true", "1", "yes", "y")
     optim = given["optim"] or ("adamw_torch" if use_lora else SCRIPT_DEFAULTS["optim"])
-    method = method_name(optim, use_lora)
+    method = cli.method_name(optim, use_lora)
     task_type = given["task_type"] or "classification"
     task = given["task_name"] or ("custom" if given["train_file"] else DEFAULT_TASKS.get(task_type))
 
@@ -269,13 +200,7 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, GrassTra
         # HF's GaLore needs target modules: all linear layers at r=64, as in Protocol 1.
         defaults.update(optim_target_modules="all-linear", optim_args="rank=64")
     parser.set_defaults(**defaults)
-    try:  # argparse itself exits with status 2 on a malformed flag
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
-    except ValueError as err:  # a value that the arguments' own checks refuse
-        if isinstance(err, UsageError):
-            raise
-        raise UsageError(str(err)) from err
-    return model_args, data_args, training_args
+    return cli.parse_dataclasses(parser, argv)
 
 
 # ---- data and model ----------------------------------------------------------------------------
@@ -459,15 +384,8 @@ def write_generations(model, tokenizer, raw_validation, data_args, path: Path) -
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_args, data_args, args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    log_level = args.get_process_log_level()
-    transformers.utils.logging.set_verbosity(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    for name in ("finetune", "hf_grass"):  # our own progress and the resource report
-        logging.getLogger(name).setLevel(
-            min(logging.INFO, log_level) if args.should_log else log_level
-        )
-    method = method_name(args.optim, model_args.use_lora)
+    cli.setup_logging(args, ("finetune", "hf_grass"))
+    method = cli.method_name(args.optim, model_args.use_lora)
     if args.include_num_input_tokens_seen == "no":
         args.include_num_input_tokens_seen = "non_padding"  # tokens/s in the resource report
 
@@ -484,18 +402,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "--use_lora with --optim grass: LoRA trains its adapters with AdamW. Choose one: "
             "--use_lora --optim adamw_torch, or --optim grass without --use_lora."
         )
-    resume = args.resume_from_checkpoint
-    if resume is not None and str(resume).lower() == "true":
-        resume = get_last_checkpoint(args.output_dir)
-        if resume is None:
-            raise MissingFileError(
-                f"--resume_from_checkpoint true, but {args.output_dir} holds no checkpoint-* "
-                "folder: pass the checkpoint folder, or drop the flag."
-            )
-    elif resume is not None and not os.path.isdir(resume):
-        raise MissingFileError(
-            f"--resume_from_checkpoint {resume} does not exist; pass a checkpoint folder."
-        )
+    resume = cli.resolve_resume(args.resume_from_checkpoint, args.output_dir)
     model_path = resolve_model_path(model_args)
     logger.info(
         "Task %s (%s), model %s, method %s, output %s",
@@ -598,22 +505,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """Run `main`; a usage error prints one line (no traceback) and returns status 2."""
-    try:
-        main(argv)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Tear the process group down before exit: gloo can abort in its destructors
-            # otherwise, failing a torchrun job that trained correctly.
-            torch.distributed.destroy_process_group()
-    except UsageError as err:
-        if os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
-            raise
-        prog = Path(sys.argv[0]).name if argv is None else "finetune.py"
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+def run(argv: list[str] | None = None) -> int:
+    """`main` as a command: a usage error prints one line and returns status 2."""
+    return cli.run(main, argv, "finetune.py")
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run())

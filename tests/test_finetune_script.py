@@ -71,12 +71,12 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 def run_script(*flags: str, debug: bool = False) -> subprocess.CompletedProcess:
     """`python scripts/finetune.py FLAGS` in a fresh process, importing this checkout."""
-    env = {k: v for k, v in os.environ.items() if k != finetune.DEBUG_ENV}
+    env = {k: v for k, v in os.environ.items() if k != finetune.cli.DEBUG_ENV}
     env.update(
         OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     )
     if debug:
-        env[finetune.DEBUG_ENV] = "1"
+        env[finetune.cli.DEBUG_ENV] = "1"
     script = str(ROOT / "scripts" / "finetune.py")
     return subprocess.run(
         [sys.executable, script, *flags], capture_output=True, text=True, env=env, timeout=300
@@ -329,7 +329,7 @@ def test_debug_switch_shows_the_traceback_of_a_usage_error(tmp_path):
     ],
 )
 def test_cli_turns_usage_errors_into_status_2(tmp_path, capsys, flags, message):
-    assert finetune.cli([*flags, "--output_dir", str(tmp_path / "out")]) == 2
+    assert finetune.run([*flags, "--output_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("finetune.py: error: ") and message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
@@ -341,9 +341,9 @@ def test_cli_keeps_the_traceback_of_real_faults(monkeypatch, capsys):
 
     monkeypatch.setattr(finetune, "main", fault)
     with pytest.raises(RuntimeError, match="a bug"):
-        finetune.cli([])
+        finetune.run([])
     monkeypatch.setattr(finetune, "main", lambda argv: {})
-    assert finetune.cli([]) == 0
+    assert finetune.run([]) == 0
 
 
 # ---- end to end on tiny slices of the default datasets -----------------------------------------

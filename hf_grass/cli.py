@@ -1,0 +1,166 @@
+"""What the training scripts share: config files as flags, method names, resume, logging, exit.
+
+``scripts/finetune.py`` and ``scripts/pretrain.py`` parse their flags with transformers'
+``HfArgumentParser``, optionally after one JSON/YAML config file whose keys are flag names; a
+user's mistake (`UsageError`) prints one line ``<script>: error: ...`` and exits with status 2, as
+argparse does. ``HF_GRASS_DEBUG=1`` shows the traceback of such errors as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import MissingFileError, UsageError
+
+# Set to 1 to see the traceback of a usage error (a bad flag, config or data file) too.
+DEBUG_ENV = "HF_GRASS_DEBUG"
+EPILOG = (
+    f"A bad flag value, config or data file prints one line and exits with status 2; set "
+    f"{DEBUG_ENV}=1 to see its traceback as well."
+)
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def method_name(optim: Any, use_lora: bool = False) -> str:
+    """'grass', 'lora', 'adamw', 'galore', 'apollo' or the optimizer's own name."""
+    optim = str(getattr(optim, "value", optim)).lower()
+    if use_lora:
+        return "lora"
+    for family in ("galore", "apollo"):
+        if optim.startswith(family):
+            return family
+    if optim.startswith("adamw_torch"):
+        return "adamw"
+    return optim
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """A JSON or YAML mapping of flag names to values."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f"Config file {path} does not exist; see configs/ for examples.")
+    text = Path(path).read_text()
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:
+        problem = " ".join(str(err).split())  # YAML's messages span several lines
+        raise UsageError(f"Cannot parse the config file {path}: {problem}") from err
+    if not isinstance(data, dict):
+        raise UsageError(
+            f"{path} must hold a mapping of flag names to values, got {type(data).__name__}."
+        )
+    return data
+
+
+def config_to_flags(config: dict[str, Any]) -> list[str]:
+    """A config mapping as command-line tokens, so argparse converts every value's type."""
+    tokens: list[str] = []
+    for key, value in config.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            tokens += [f"--{key}", *(str(v) for v in value)]
+        elif isinstance(value, dict):
+            tokens += [f"--{key}", json.dumps(value)]
+        else:
+            tokens += [f"--{key}", str(value)]
+    return tokens
+
+
+def expand_config(parser: argparse.ArgumentParser, argv: Sequence[str], script: str) -> list[str]:
+    """``argv`` with a leading config file replaced by its flags (later flags win)."""
+    argv = list(argv)
+    if not argv or not argv[0].endswith(CONFIG_SUFFIXES):
+        return argv
+    config = read_config(argv[0])
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise UsageError(
+            f"Unknown keys {unknown} in {argv[0]}: use the flag names of "
+            f"`python scripts/{script} --help`, without the dashes."
+        )
+    return config_to_flags(config) + argv[1:]
+
+
+def given_flags(argv: Sequence[str], names: Sequence[str]) -> dict[str, str | None]:
+    """The values of ``names`` on the command line (the last occurrence wins, as in argparse)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for name in names:
+        pre.add_argument(
+            f"--{name}", f"--{name.replace('_', '-')}", default=None, nargs="?", const="true"
+        )
+    return vars(pre.parse_known_args(list(argv))[0])
+
+
+def parse_dataclasses(parser, argv: Sequence[str]) -> tuple:
+    """``parser.parse_args_into_dataclasses``; values the dataclasses refuse become UsageError."""
+    try:  # argparse itself exits with status 2 on a malformed flag
+        return parser.parse_args_into_dataclasses(list(argv))
+    except ValueError as err:  # a value that the arguments' own checks refuse
+        if isinstance(err, UsageError):
+            raise
+        raise UsageError(str(err)) from err
+
+
+def resolve_resume(resume: str | None, output_dir: str) -> str | None:
+    """The checkpoint folder to resume from (``true``: the last one in ``output_dir``)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume is None:
+        return None
+    if str(resume).lower() == "true":
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise MissingFileError(
+                f"--resume_from_checkpoint true, but {output_dir} holds no checkpoint-* "
+                "folder: pass the checkpoint folder, or drop the flag."
+            )
+        return last
+    if not os.path.isdir(resume):
+        raise MissingFileError(
+            f"--resume_from_checkpoint {resume} does not exist; pass a checkpoint folder."
+        )
+    return resume
+
+
+def setup_logging(args: Any, names: Sequence[str]) -> None:
+    """transformers'/datasets' verbosity from ``args``; our loggers ``names`` at INFO on rank 0."""
+    import datasets
+    import transformers
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    log_level = args.get_process_log_level()
+    transformers.utils.logging.set_verbosity(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    for name in names:
+        logging.getLogger(name).setLevel(
+            min(logging.INFO, log_level) if args.should_log else log_level
+        )
+
+
+def run(main: Callable[[list[str] | None], Any], argv: list[str] | None, script: str) -> int:
+    """Run ``main``; a usage error prints one line (no traceback) and returns status 2."""
+    import torch.distributed as dist
+
+    try:
+        main(argv)
+        if dist.is_available() and dist.is_initialized():
+            # Tear the process group down before exit: gloo can abort in its destructors
+            # otherwise, failing a torchrun job that trained correctly.
+            dist.destroy_process_group()
+    except UsageError as err:
+        if os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+            raise
+        prog = Path(sys.argv[0]).name if argv is None else script
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
