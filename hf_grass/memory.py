@@ -1,0 +1,590 @@
+"""Memory planner: the bytes a training run needs, by part, without building the model.
+
+``plan_memory`` counts the parameters of a model config exactly (the model is built on the meta
+device, so a 30B plan takes well under a second) and models what each training method keeps::
+
+    plan = plan_memory("13b", method="grass", rank=256, dtype="bf16", layerwise=True)
+    plan.parts        # {"weights": ..., "gradients": ..., "optimizer_state": ..., ...}
+    plan.total_bytes
+    fit_budget(parse_size("40GiB"), model="1b", method="adamw", batch_size=8)
+
+Parts (bytes):
+
+- ``weights``: every parameter in the weight dtype (``fp32`` and ``bf16-mixed``: 4 bytes, the
+  fp32 master weights; pure ``bf16``: 2). LoRA adds its adapters in float32 (peft upcasts
+  bf16 adapters to float32 by default).
+- ``gradients``: what is alive right before ``optimizer.step()``: a dense gradient (weight
+  dtype) per trainable parameter, but a compressed ``r x min(m, n)`` one per Grass-projected
+  weight. Layer-wise (``layerwise=True``): each parameter is updated in the backward and its
+  gradient freed at once, so we assume only the largest single gradient is alive at a time.
+- ``optimizer_state``: AdamW: 2 moments per trainable element in the parameter's dtype (as
+  torch's AdamW and GrassAdamW with ``state_dtype`` unset) plus a 4-byte step scalar per
+  tensor. ``adamw-8bit`` (bitsandbytes ``AdamW8bit``): 2 uint8 moments per element plus one
+  float32 absmax per block of 256 elements and moment (bitsandbytes' optimizer block size;
+  its 2048 is for weight quantization), tensors under 4096 elements keep two float32 moments,
+  and the two 256-entry float32 quantization maps are shared. GrassAdamW per projected weight:
+  moments ``2 r k`` (``k = min(m, n)``), per-row step counts (float32 r) and two step scalars;
+  dense parameters get AdamW state. GaLore (``galore_torch``): moments ``2 r max(m, n)`` and the
+  projection ``r min(m, n)`` per projected matrix, in the parameter's dtype (its step counter
+  is a Python int). LoRA: AdamW on the adapters only.
+- ``indices``: Grass's selection per projected weight, rows (int64 r) and scales ``rho``
+  (float32 r). ``optimizer_state + indices`` is what ``report.optimizer_state_bytes`` counts
+  (the selection RNG state is host-side ``bytes``, not counted).
+- ``activations``: tensors saved for the backward, LLaMA-style layer (see
+  :func:`layer_activation_bytes` for the formula), times the layers; with activation
+  checkpointing only each layer's input (``T h``, stream dtype) plus one layer's full set.
+  Plus the final norm, the output head's input and the loss's float32 log-probabilities
+  ``4 T V`` (``T = batch * seq``, ``V`` the vocabulary).
+- ``temporaries``: with ``bf16-mixed``, autocast's bf16 copies of the linear weights (2 bytes
+  per element, saved from forward to backward), plus the largest transient buffer: the loss's
+  (``T V`` logits in the compute dtype and two float32 ``T V`` gradients), Grass's full
+  gradient of the largest projected matrix at a selection step (compute dtype), or GaLore's SVD
+  of the largest matrix (a float32 copy unless already float32, and ``U, S, Vh`` in float32;
+  LAPACK/cuSOLVER workspace left out). Plain AdamW adds nothing (torch's foreach kernel's
+  temporaries come after the backward, when the activations are gone).
+
+``total_bytes`` sums the parts, an upper bound of the peak: the activations and the
+largest transient do not all coexist. Allocator fragmentation and the CUDA context (about
+0.5-1 GiB) are left out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from .errors import MissingFileError, UsageError
+from .models import LLAMA_PRESETS, llama_config
+from .targets import grass_target_names, match_target_modules
+
+METHODS = ("adamw", "adamw-8bit", "galore", "lora", "grass")
+RANKED_METHODS = ("galore", "lora", "grass")
+DTYPES = ("fp32", "bf16-mixed", "bf16")
+ATTENTIONS = ("sdpa", "eager")
+PARTS = ("weights", "gradients", "optimizer_state", "indices", "activations", "temporaries")
+
+LORA_TARGETS = ("q_proj", "v_proj")  # the project's LoRA baseline (scripts/finetune.py)
+LORA_DTYPE_BYTES = 4  # peft upcasts bf16/fp16 adapters to float32 (autocast_adapter_dtype)
+BNB_BLOCK = 256  # bitsandbytes' blockwise 8-bit optimizer state
+BNB_MIN_8BIT = 4096  # smaller tensors keep float32 state
+BNB_QMAPS = 2 * 256 * 4  # the signed and unsigned dynamic maps, shared by all tensors
+STEP_SCALAR = 4  # torch's float32 step tensor
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+# ------------------------------------------------------------------------------- the model
+@dataclass(frozen=True)
+class Param:
+    """One distinct parameter of the model: its name, shape and whether it is projected."""
+
+    name: str
+    shape: tuple[int, ...]
+    projected: bool = False
+    linear: bool = False
+    shared: bool = False  # used by several modules (a tied embedding and head)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the planner needs of a model: its parameters and the LLaMA shape numbers."""
+
+    params: tuple[Param, ...]
+    lora_shapes: tuple[tuple[int, int], ...]  # (out, in) of each LoRA-adapted linear
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+    vocab: int
+
+    @property
+    def projected(self) -> list[Param]:
+        return [p for p in self.params if p.projected]
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel for p in self.params)
+
+
+def resolve_config(model: str | Path | PretrainedConfig) -> PretrainedConfig:
+    """A config from a preset name (``"13b"``, ``"llama-13b"``), a config JSON path or a config."""
+    if isinstance(model, PretrainedConfig):
+        return model
+    text = str(model)
+    preset = text.lower().removeprefix("llama-")
+    if preset in LLAMA_PRESETS:
+        return llama_config(preset)
+    path = Path(text)
+    if not (text.endswith(".json") or path.exists()):
+        raise UsageError(
+            f"Unknown model {text!r}: use a preset ({', '.join(LLAMA_PRESETS)}, optionally "
+            "with a 'llama-' prefix) or the path of a config JSON file."
+        )
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise MissingFileError(f"No config file {path}: pass the path of a config JSON file.")
+    try:
+        values = json.loads(path.read_text())
+        model_type = values.pop("model_type", "llama")
+        return AutoConfig.for_model(model_type, **values)
+    except (ValueError, TypeError, KeyError) as err:
+        raise UsageError(f"Cannot read the model config {path}: {err}") from err
+
+
+_ARCHITECTURES: dict[tuple[str, bool, bool], Architecture] = {}
+
+
+def architecture(config: PretrainedConfig, embeddings: bool, lm_head: bool) -> Architecture:
+    """The parameters of the causal LM of ``config`` (built on the meta device), with the
+    weights Grass projects marked as :func:`hf_grass.grassify` selects them."""
+    key = (config.to_json_string(), embeddings, lm_head)
+    if key not in _ARCHITECTURES:
+        _ARCHITECTURES[key] = _walk(config, embeddings, lm_head)
+    return _ARCHITECTURES[key]
+
+
+def _walk(config: PretrainedConfig, embeddings: bool, lm_head: bool) -> Architecture:
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    modules = dict(model.named_modules())
+    try:
+        targets = grass_target_names(model, "all-linear", embeddings, lm_head)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    _refuse_half_tied(model, embeddings, lm_head)
+    projected = {id(modules[n].weight) for n in targets}
+    linear = {id(m.weight) for m in modules.values() if isinstance(m, nn.Linear)}
+    users: dict[int, int] = {}
+    for module in model.modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            users[id(p)] = users.get(id(p), 0) + 1
+    params = tuple(
+        Param(name, tuple(p.shape), id(p) in projected, id(p) in linear, users[id(p)] > 1)
+        for name, p in model.named_parameters()  # a tied weight appears once
+    )
+    lora = match_target_modules(model, list(LORA_TARGETS))
+    heads = config.num_attention_heads
+    return Architecture(
+        params=params,
+        lora_shapes=tuple((modules[n].out_features, modules[n].in_features) for n in lora),
+        hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        layers=config.num_hidden_layers,
+        vocab=config.vocab_size,
+    )
+
+
+def _refuse_half_tied(model: nn.Module, embeddings: bool, lm_head: bool) -> None:
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    if tied and embeddings != lm_head:
+        raise UsageError(
+            "The embedding and the output head of this model are one tied weight: project both "
+            "(--embeddings with --lm_head) or neither."
+        )
+
+
+# ---------------------------------------------------------------------------------- dtypes
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per element: weights (and their gradients and moments), compute, residual stream."""
+
+    weight: int
+    compute: int
+    stream: int
+    autocast: bool
+
+
+PRECISIONS = {
+    "fp32": Precision(weight=4, compute=4, stream=4, autocast=False),
+    "bf16-mixed": Precision(weight=4, compute=2, stream=4, autocast=True),
+    "bf16": Precision(weight=2, compute=2, stream=2, autocast=False),
+}
+
+
+# ------------------------------------------------------------------------------------ plan
+@dataclass
+class MemoryPlan:
+    """The bytes of a training run by part (see the module docstring) and the inputs."""
+
+    parts: dict[str, int]
+    inputs: dict[str, Any] = field(default_factory=dict)
+    num_parameters: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.parts.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        """``total_bytes``, one ``<part>_bytes`` key per part, ``num_parameters`` and the inputs."""
+        out: dict[str, Any] = {"total_bytes": self.total_bytes}
+        out.update({f"{name}_bytes": value for name, value in self.parts.items()})
+        out["num_parameters"] = self.num_parameters
+        out.update(self.inputs)
+        return out
+
+
+def plan_memory(
+    model: str | Path | PretrainedConfig,
+    method: str = "grass",
+    rank: int = 256,
+    dtype: str = "bf16",
+    layerwise: bool = False,
+    activation_checkpointing: bool = False,
+    batch_size: int = 1,
+    seq_len: int = 256,
+    embeddings: bool = False,
+    lm_head: bool = False,
+    attention: str = "sdpa",
+) -> MemoryPlan:
+    """Plan the memory of training ``model`` with ``method`` (see the module docstring).
+
+    ``model``: a preset of :data:`hf_grass.models.LLAMA_PRESETS` (``"13b"`` or ``"llama-13b"``),
+    a config JSON path or a ``PretrainedConfig``. ``rank``: Grass/GaLore projection rank or LoRA
+    rank (ignored by AdamW). ``dtype``: ``fp32``, ``bf16-mixed`` or ``bf16`` (pure). ``embeddings``
+    and ``lm_head``: Grass also projects the input embedding / output head (``lm_head`` also for
+    GaLore: Hugging Face's ``optim_target_modules="all-linear"`` projects an untied head).
+    ``attention``: ``sdpa`` (flash/memory-efficient kernels, O(s) memory) or ``eager``.
+    Raises :class:`~hf_grass.errors.UsageError` for a bad value.
+    """
+    _check_inputs(method, rank, dtype, batch_size, seq_len, embeddings, lm_head, attention)
+    config = resolve_config(model)
+    arch = architecture(config, embeddings and method == "grass", lm_head)
+    _check_rank(arch, method, rank)
+    prec = PRECISIONS[dtype]
+    tokens = batch_size * seq_len
+    grads = gradient_sizes(arch, method, rank, prec)
+    parts = {
+        "weights": weight_bytes(arch, method, rank, prec),
+        "gradients": layerwise_gradient_bytes(arch, method, grads) if layerwise else sum(grads),
+        "optimizer_state": optimizer_state_bytes(arch, method, rank, prec),
+        "indices": indices_bytes(arch, method, rank),
+        "activations": activation_bytes(
+            arch, method, rank, prec, batch_size, seq_len, activation_checkpointing, attention
+        ),
+        "temporaries": temporary_bytes(arch, method, prec, tokens),
+    }
+    inputs = dict(
+        model=_model_name(model),
+        method=method,
+        rank=rank if method in RANKED_METHODS else None,
+        dtype=dtype,
+        layerwise=layerwise,
+        activation_checkpointing=activation_checkpointing,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        embeddings=embeddings,
+        lm_head=lm_head,
+        attention=attention,
+    )
+    return MemoryPlan(parts, inputs, arch.num_parameters)
+
+
+def _model_name(model: str | Path | PretrainedConfig) -> str:
+    if isinstance(model, PretrainedConfig):
+        return getattr(model, "name_or_path", "") or type(model).__name__
+    return str(model)
+
+
+def _check_inputs(method, rank, dtype, batch_size, seq_len, embeddings, lm_head, attention):
+    def positive(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    if method not in METHODS:
+        raise UsageError(f"Unknown method {method!r}: use one of {', '.join(METHODS)}.")
+    if dtype not in DTYPES:
+        raise UsageError(f"Unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}.")
+    if attention not in ATTENTIONS:
+        raise UsageError(f"Unknown attention {attention!r}: use one of {', '.join(ATTENTIONS)}.")
+    for name, value in (("rank", rank), ("batch_size", batch_size), ("seq_len", seq_len)):
+        if not positive(value):
+            raise UsageError(f"Invalid {name}={value!r}: use an integer >= 1.")
+    if embeddings and method != "grass":
+        raise UsageError(f"embeddings=True projects the embedding with Grass; not with {method}.")
+    if lm_head and method not in ("grass", "galore"):
+        raise UsageError(f"lm_head=True projects the output head (grass, galore); not {method}.")
+
+
+def max_rank(arch: Architecture, method: str) -> int | None:
+    """The largest rank ``method`` allows on ``arch`` (``None``: unbounded or not ranked).
+
+    Grass selects the larger dimension (``proj_side="auto"``), so ``r <= max(m, n)``; GaLore's
+    SVD has ``min(m, n)`` singular vectors.
+    """
+    if method == "grass":
+        return min(max(p.shape) for p in arch.projected)
+    if method == "galore":
+        return min(min(p.shape) for p in arch.projected)
+    return None
+
+
+def _check_rank(arch: Architecture, method: str, rank: int) -> None:
+    limit = max_rank(arch, method)
+    if limit is not None and rank > limit:
+        side = "larger" if method == "grass" else "smaller"
+        pick = max if method == "grass" else min
+        weight = next(p for p in arch.projected if pick(p.shape) == limit)
+        raise UsageError(
+            f"rank {rank} is larger than the {side} dimension of {weight.name} "
+            f"({' x '.join(map(str, weight.shape))}), which {method} allows at most: "
+            f"use rank <= {limit}."
+        )
+
+
+# ---------------------------------------------------------------------------------- parts
+def weight_bytes(arch: Architecture, method: str, rank: int, prec: Precision) -> int:
+    """Every parameter in the weight dtype, plus LoRA's float32 adapters ``r (m + n)``."""
+    total = arch.num_parameters * prec.weight
+    if method == "lora":
+        total += sum(lora_sizes(arch, rank)) * LORA_DTYPE_BYTES
+    return total
+
+
+def lora_sizes(arch: Architecture, rank: int) -> list[int]:
+    """Elements of each LoRA adapter matrix: A (r x n) and B (m x r) per adapted linear."""
+    return [rank * d for shape in arch.lora_shapes for d in shape]
+
+
+def gradient_sizes(arch: Architecture, method: str, rank: int, prec: Precision) -> list[int]:
+    """Bytes of each trainable tensor's gradient: compressed ``r min(m, n)`` for Grass's
+    projected weights, LoRA adapters in float32, dense in the weight dtype otherwise."""
+    if method == "lora":
+        return [n * LORA_DTYPE_BYTES for n in lora_sizes(arch, rank)]
+    if method == "grass":
+        return [
+            (rank * min(p.shape) if p.projected else p.numel) * prec.weight for p in arch.params
+        ]
+    return [p.numel * prec.weight for p in arch.params]
+
+
+def layerwise_gradient_bytes(arch: Architecture, method: str, grads: list[int]) -> int:
+    """Peak live gradients with layer-wise updates: the largest single gradient, plus the
+    gradient of each shared (tied) weight, which autograd holds from its first use in the
+    backward (the head) to its last (the embedding) before the update can run."""
+    if method == "lora":
+        return max(grads, default=0)
+    shared = sum(g for g, p in zip(grads, arch.params, strict=True) if p.shared)
+    single = (g for g, p in zip(grads, arch.params, strict=True) if not p.shared)
+    return shared + max(single, default=0)
+
+
+def optimizer_state_bytes(arch: Architecture, method: str, rank: int, prec: Precision) -> int:
+    """Bytes of the optimizer state (without Grass's rows and rho: :func:`indices_bytes`)."""
+    if method == "lora":
+        return sum(_adamw_state(n, LORA_DTYPE_BYTES) for n in lora_sizes(arch, rank))
+    if method == "adamw":
+        return sum(_adamw_state(p.numel, prec.weight) for p in arch.params)
+    if method == "adamw-8bit":
+        return sum(_adamw8bit_state(p.numel) for p in arch.params) + BNB_QMAPS
+    total = 0
+    for p in arch.params:
+        if not p.projected:
+            # galore_torch keeps its step as a Python int
+            total += _adamw_state(p.numel, prec.weight) - (STEP_SCALAR if method == "galore" else 0)
+        elif method == "grass":
+            # moments r x k, per-row steps (float32 r), step and selected_step scalars
+            total += 2 * rank * min(p.shape) * prec.weight + 4 * rank + 2 * STEP_SCALAR
+        else:  # galore: moments r x max(m, n), projection r x min(m, n)
+            total += (2 * max(p.shape) + min(p.shape)) * rank * prec.weight
+    return total
+
+
+def _adamw_state(numel: int, state_bytes: int) -> int:
+    return 2 * numel * state_bytes + STEP_SCALAR
+
+
+def _adamw8bit_state(numel: int) -> int:
+    if numel < BNB_MIN_8BIT:
+        return 2 * numel * 4
+    return 2 * numel + 2 * 4 * math.ceil(numel / BNB_BLOCK)
+
+
+def indices_bytes(arch: Architecture, method: str, rank: int) -> int:
+    """Grass's selection: rows (int64 r) and rho (float32 r) per projected weight."""
+    if method != "grass":
+        return 0
+    return len(arch.projected) * rank * (8 + 4)
+
+
+def layer_activation_bytes(
+    arch: Architecture,
+    method: str,
+    rank: int,
+    prec: Precision,
+    batch_size: int,
+    seq_len: int,
+    attention: str = "sdpa",
+) -> int:
+    """Bytes one decoder layer saves for the backward (T = batch*seq tokens; h hidden, f
+    intermediate, a heads, g kv heads, d head dim; e compute bytes, s stream bytes)::
+
+        norms      2 (4Th + 4T + sTh)        float32 input, rsqrt, normalized (for the weight)
+        linears    (c_qkv + c_mlp + 1) eTh + eTf
+                                             inputs of q/k/v, gate/up, o and down; under
+                                             autocast each linear saves its own bf16 copy
+                                             (c_qkv = 3, c_mlp = 2), else one shared (1, 1)
+        attention  eT(a + 2g)d               q, k, v after RoPE
+                   + eTad + 4Ta              sdpa: output and float32 logsumexp
+                   or batch a seq² (4 + e)   eager: float32 softmax and its cast (4 only in fp32)
+        mlp        3eTf                      gate, up, silu(gate)
+
+    LoRA's base weights are frozen, so the linears' inputs and the normalized tensors are not
+    saved; each adapter (q, v) saves its dropout mask and input (T h (1 + 4)) and A's output
+    (4 T r).
+    """
+    h, f, a, g, d = arch.hidden, arch.intermediate, arch.heads, arch.kv_heads, arch.head_dim
+    t, e, s = batch_size * seq_len, prec.compute, prec.stream
+    frozen = method == "lora"
+    norms = 2 * (4 * t * h + 4 * t + (0 if frozen else s * t * h))
+    linears = 0
+    if not frozen:
+        copies = 5 if prec.autocast else 2
+        linears = (copies + 1) * e * t * h + e * t * f
+    attn = e * t * (a + 2 * g) * d
+    if attention == "sdpa":
+        attn += e * t * a * d + 4 * t * a
+    else:
+        attn += batch_size * a * seq_len**2 * (4 + (e if e != 4 else 0))
+    mlp = 3 * e * t * f
+    adapters = len(LORA_TARGETS) * (t * h * (1 + 4) + 4 * t * rank) if frozen else 0
+    return norms + linears + attn + mlp + adapters
+
+
+def activation_bytes(
+    arch: Architecture,
+    method: str,
+    rank: int,
+    prec: Precision,
+    batch_size: int,
+    seq_len: int,
+    checkpointing: bool = False,
+    attention: str = "sdpa",
+) -> int:
+    """Saved activations: ``L`` layers (checkpointing: ``L`` layer inputs ``sTh`` plus one
+    layer), token ids and labels ``16T``, the final norm ``4Th + 4T (+ sTh)``, the head's input
+    ``eTh`` (when trained) and the loss's float32 log-probabilities ``4TV``."""
+    t = batch_size * seq_len
+    h = arch.hidden
+    layer = layer_activation_bytes(arch, method, rank, prec, batch_size, seq_len, attention)
+    if checkpointing:
+        layers = arch.layers * prec.stream * t * h + layer
+    else:
+        layers = arch.layers * layer
+    trained = method != "lora"
+    final_norm = 4 * t * h + 4 * t + (prec.stream * t * h if trained else 0)
+    head_input = prec.compute * t * h if trained else 0
+    return layers + 16 * t + final_norm + head_input + 4 * t * arch.vocab
+
+
+def temporary_bytes(arch: Architecture, method: str, prec: Precision, tokens: int) -> int:
+    """Autocast's bf16 weight copies (``bf16-mixed``) plus the largest transient buffer:
+    the loss's ``eTV + 2 * 4TV``, Grass's full gradient of the largest projected matrix at a
+    selection step, or GaLore's SVD of the largest projected matrix."""
+    linear_elements = sum(p.numel for p in arch.params if p.linear)
+    copies = 2 * linear_elements if prec.autocast else 0
+    transient = [(prec.compute + 8) * tokens * arch.vocab]
+    if method == "grass":
+        # an embedding's full gradient comes in the residual stream's dtype
+        transient += [p.numel * (prec.compute if p.linear else prec.stream) for p in arch.projected]
+    if method == "galore":
+        transient += [_svd_bytes(p.shape, prec.weight) for p in arch.projected]
+    return copies + max(transient)
+
+
+def _svd_bytes(shape: tuple[int, ...], weight_bytes: int) -> int:
+    m, n = shape
+    k = min(m, n)
+    copy = 4 * m * n if weight_bytes != 4 else 0
+    return copy + 4 * (m * k + k + k * n)
+
+
+# ------------------------------------------------------------------------------- budgets
+def fit_budget(budget_bytes: int, **kwargs: Any) -> dict[str, Any]:
+    """Whether the plan of ``kwargs`` (:func:`plan_memory`'s arguments) fits ``budget_bytes``.
+
+    Returns ``fits``, ``total_bytes``, ``max_batch_size`` (the largest batch that fits at this
+    ``seq_len``; ``None`` if 1 does not), ``min_rank`` (the smallest rank that fits, ``None``
+    if none or for AdamW) and ``max_rank`` (the largest rank that fits, up to the largest the
+    model allows; LoRA up to the adapted layers' smaller dimension).
+    """
+    plan = plan_memory(**kwargs)
+
+    def fits(**change: Any) -> bool:
+        return plan_memory(**{**kwargs, **change}).total_bytes <= budget_bytes
+
+    result: dict[str, Any] = {
+        "budget_bytes": budget_bytes,
+        "fits": plan.total_bytes <= budget_bytes,
+        "total_bytes": plan.total_bytes,
+        "max_batch_size": _largest(lambda b: fits(batch_size=b), 1, 2**24),
+        "min_rank": None,
+        "max_rank": None,
+    }
+    method = kwargs.get("method", "grass")
+    if method in RANKED_METHODS:
+        config = resolve_config(kwargs["model"])
+        arch = architecture(
+            config,
+            kwargs.get("embeddings", False) and method == "grass",
+            kwargs.get("lm_head", False),
+        )
+        limit = max_rank(arch, method) or min(min(s) for s in arch.lora_shapes)
+        # memory grows with the rank, so the smallest rank that fits is 1 if any does
+        result["min_rank"] = 1 if fits(rank=1) else None
+        result["max_rank"] = _largest(lambda r: fits(rank=r), 1, limit)
+    return result
+
+
+def _largest(ok, low: int, high: int) -> int | None:
+    """The largest ``x`` in ``[low, high]`` with ``ok(x)``, for ``ok`` true up to a point."""
+    if not ok(low):
+        return None
+    step = 1
+    while low + step <= high and ok(low + step):  # gallop, then bisect
+        low += step
+        step *= 2
+    high = min(high, low + step - 1)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if ok(mid):
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``"40GiB"``, ``"1.5 GB"``, ``"512MiB"`` or ``"1024"`` (bytes).
+
+    Units (case-insensitive): B, KB/MB/GB/TB (powers of 1000), KiB/MiB/GiB/TiB (of 1024).
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])(i?)b?|(b))?\s*", str(text), re.I)
+    if match is None:
+        raise UsageError(
+            f"Invalid size {text!r}: use a number with a unit, e.g. 40GiB, 80GB or 512MiB."
+        )
+    value, prefix, binary, _ = match.groups()
+    prefix = (prefix or "").lower()
+    if binary:
+        scale = 1024 ** "bkmgt".index(prefix)
+    else:
+        scale = _UNITS[prefix]
+    return int(round(float(value) * scale))

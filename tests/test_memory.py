@@ -1,0 +1,234 @@
+"""The memory planner: its byte counts equal what a real CPU step allocates; the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from hf_grass import GrassAdamW, enable_layerwise, grassify, projection_of
+from hf_grass.errors import UsageError
+from hf_grass.memory import fit_budget, parse_size, plan_memory
+from hf_grass.models import llama_config
+from hf_grass.report import gradient_bytes, optimizer_state_bytes, tensor_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "memory.py"
+RANK = 8
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.float32}
+
+
+def _optimizer(model, method: str, layerwise: bool = False, **grass):
+    if method == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if method == "adamw-8bit":
+        bnb = pytest.importorskip("bitsandbytes")
+        return bnb.optim.AdamW8bit(model.parameters(), lr=1e-3)
+    if method == "grass":
+        return GrassAdamW(grassify(model, rank=RANK, **grass), lr=1e-3)
+    if method == "galore":
+        galore = pytest.importorskip("galore_torch")
+        linear = {
+            f"{n}.weight"
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n != "lm_head"
+        }
+        params = dict(model.named_parameters())
+        groups = [
+            {"params": [p for n, p in params.items() if n not in linear]},
+            {
+                "params": [p for n, p in params.items() if n in linear],
+                **dict(rank=RANK, update_proj_gap=200, scale=0.25, proj_type="std"),
+            },
+        ]
+        return galore.GaLoreAdamW(groups, lr=1e-3)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+
+def _model(method: str, dtype: str, **overrides):
+    model = tiny_llama(**overrides).to(DTYPES[dtype])
+    if method == "lora":
+        peft = pytest.importorskip("peft")
+        config = peft.LoraConfig(
+            r=RANK, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]
+        )
+        model = peft.get_peft_model(model, config)
+    return model
+
+
+def _measure(model, optimizer, dtype: str, layerwise: bool = False, steps: int = 1):
+    """(weights, peak live gradients, optimizer state) bytes of ``steps`` training steps.
+
+    Layer-wise: the gradients are measured in every grad-ready hook, before the update frees
+    them (the probes are registered first, so they run first)."""
+    params = list(model.parameters())
+    peak = 0
+
+    def probe(_):
+        nonlocal peak
+        peak = max(peak, gradient_bytes(params))
+
+    if layerwise:
+        for p in params:
+            p.register_post_accumulate_grad_hook(probe)
+            projection = projection_of(p)
+            if projection is not None:
+                projection.grad_ready_anchor().register_post_accumulate_grad_hook(probe)
+        enable_layerwise(optimizer, model)
+    autocast = (
+        torch.autocast("cpu", torch.bfloat16) if dtype == "bf16-mixed" else contextlib.nullcontext()
+    )
+    torch.manual_seed(1)
+    for _ in range(steps):
+        ids = torch.randint(0, 512, (2, 16))
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        probe(None)
+        optimizer.step()
+        optimizer.zero_grad()
+    return tensor_bytes(params), peak, optimizer_state_bytes(optimizer)
+
+
+def _planned(method: str, dtype: str, **kwargs) -> tuple[int, int, int]:
+    overrides = kwargs.pop("overrides", {})
+    parts = plan_memory(llama_config("tiny", **overrides), method, RANK, dtype, **kwargs).parts
+    return parts["weights"], parts["gradients"], parts["optimizer_state"] + parts["indices"]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("method", ["adamw", "adamw-8bit", "galore", "lora", "grass"])
+def test_tensor_bytes_equal_a_real_step(method, dtype):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _model(method, dtype)
+        real = _measure(model, _optimizer(model, method), dtype)
+    assert real == _planned(method, dtype)
+
+
+@pytest.mark.parametrize("method", ["adamw", "grass"])
+def test_bf16_mixed_keeps_fp32_weights_gradients_and_state(method):
+    model = _model(method, "bf16-mixed")
+    real = _measure(model, _optimizer(model, method), "bf16-mixed")
+    assert real == _planned(method, "bf16-mixed")
+    assert real == _planned(method, "fp32")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "tied, embeddings, lm_head",
+    [(False, False, False), (False, True, False), (False, False, True), (True, True, True)],
+)
+def test_grass_layerwise_peak_gradient_and_targets(dtype, tied, embeddings, lm_head):
+    overrides = {"tie_word_embeddings": True} if tied else {}
+    for layerwise in (False, True):
+        model = _model("grass", dtype, **overrides)
+        optimizer = _optimizer(model, "grass", embeddings=embeddings, lm_head=lm_head)
+        real = _measure(model, optimizer, dtype, layerwise=layerwise, steps=2)
+        planned = _planned(
+            "grass", dtype, layerwise=layerwise, embeddings=embeddings, lm_head=lm_head,
+            overrides=overrides,
+        )  # fmt: skip
+        assert real == planned, (layerwise, real, planned)
+
+
+def test_activations_scale_with_batch_and_shrink_with_checkpointing():
+    def activations(**kwargs):
+        return plan_memory("1b", "adamw", dtype="bf16", **kwargs).parts["activations"]
+
+    one, two = activations(batch_size=1), activations(batch_size=2)
+    assert two == 2 * one
+    assert activations(activation_checkpointing=True) < one / 4
+    assert activations(attention="eager", seq_len=2048) > activations(seq_len=2048)
+    assert activations(seq_len=512) == 2 * activations(seq_len=256)
+
+
+def test_plan_relations():
+    grass = plan_memory("llama-13b", "grass", 256, "bf16", layerwise=True)
+    adamw = plan_memory("13b", "adamw", dtype="bf16")
+    assert grass.parts["weights"] == adamw.parts["weights"] == 2 * grass.num_parameters
+    assert grass.parts["optimizer_state"] < adamw.parts["optimizer_state"] / 8
+    assert grass.total_bytes == sum(grass.parts.values()) == grass.as_dict()["total_bytes"]
+    mixed = plan_memory("1b", "adamw", dtype="bf16-mixed").parts
+    assert mixed["temporaries"] > plan_memory("1b", "adamw", dtype="fp32").parts["temporaries"]
+
+
+def test_fit_budget_answers_are_consistent():
+    kwargs = dict(model="1b", method="grass", rank=512, dtype="bf16", seq_len=256)
+    budget = parse_size("12GiB")
+    answer = fit_budget(budget, **kwargs)
+    batch = answer["max_batch_size"]
+    assert answer["fits"] and batch > 1
+    assert plan_memory(**{**kwargs, "batch_size": batch}).total_bytes <= budget
+    assert plan_memory(**{**kwargs, "batch_size": batch + 1}).total_bytes > budget
+    rank = fit_budget(budget, **{**kwargs, "batch_size": batch})["max_rank"]
+    assert plan_memory(**{**kwargs, "batch_size": batch, "rank": rank}).total_bytes <= budget
+    assert fit_budget(parse_size("1GiB"), **kwargs) == {
+        "budget_bytes": 2**30, "fits": False, "total_bytes": plan_memory(**kwargs).total_bytes,
+        "max_batch_size": None, "min_rank": None, "max_rank": None,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("40GiB", 40 * 2**30), ("80gb", 80 * 10**9), ("1.5 MiB", 3 * 2**19), ("512", 512),
+     ("2KB", 2000), ("7 b", 7), (".5KiB", 512)],
+)  # fmt: skip
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(model="70b"), dict(model="1b", method="sgd"), dict(model="1b", rank=4096),
+     dict(model="1b", method="galore", rank=4096), dict(model="1b", dtype="fp16"),
+     dict(model="1b", method="adamw", embeddings=True), dict(model="1b", batch_size=0)],
+)  # fmt: skip
+def test_usage_errors(kwargs):
+    with pytest.raises(UsageError):
+        plan_memory(**kwargs)
+    with pytest.raises(UsageError):
+        parse_size("40 gigs")
+
+
+def test_config_json(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(llama_config("tiny").to_json_string())
+    assert plan_memory(str(path), rank=8).parts == plan_memory("tiny", rank=8).parts
+
+
+def test_cli_json_and_table(capsys):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import memory as script
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    assert script.run(["--preset", "tiny", "--method", "adamw", "--budget", "1MiB"]) == 0
+    table = capsys.readouterr().out
+    assert "optimizer_state" in table and "total" in table and "does not fit" in table
+    assert script.run(["--preset", "13b", "--rank", "99999", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("memory.py: error: rank 99999") and err.count("\n") == 1
+
+
+def test_cli_command():
+    cmd = [sys.executable, str(SCRIPT), "--preset", "llama-13b", "--method", "grass", "--rank",
+           "256", "--dtype", "bf16", "--layerwise", "--activation_checkpointing", "--batch_size",
+           "1", "--seq_len", "256", "--json", "--budget", "40GiB"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    result = json.loads(out.stdout)
+    parts = [k for k in result if k.endswith("_bytes") and k not in ("total_bytes", "budget_bytes")]
+    assert len(parts) == 6
+    assert result["total_bytes"] == sum(result[k] for k in parts)
+    assert result["fits"] and result["max_batch_size"] >= 1
+    del result["budget_bytes"], result["fits"], result["max_batch_size"]
+    del result["min_rank"], result["max_rank"]
+    plan = plan_memory("13b", "grass", 256, "bf16", layerwise=True, activation_checkpointing=True)
+    assert result == {**plan.as_dict(), "model": "llama-13b"}
