@@ -13,10 +13,14 @@ A dense parameter is the same step with every row selected once (``rows=None``, 
 step count): so the plain AdamW parameters that need float32 arithmetic (bf16 weights with
 float32 moments, stochastic rounding) share this code. Plain ones go to torch's own kernel.
 
-Two implementations, as in :mod:`torch.optim.adamw`: ``_single_tensor_grass_adamw`` is the
-readable reference, one tensor at a time; ``_multi_tensor_grass_adamw`` does the same arithmetic
-with ``torch._foreach_*`` ops over all tensors of one dtype at once (a model has hundreds of
-projected matrices, and per-matrix kernel launches dominate a GPU step). Tests hold them equal.
+Three implementations: ``_single_tensor_grass_adamw`` is the readable reference, one tensor at a
+time; ``_multi_tensor_grass_adamw`` does the same arithmetic with ``torch._foreach_*`` ops over
+all tensors of one dtype at once, as :mod:`torch.optim.adamw` does; ``_grouped_grass_adamw``
+(the default of :class:`~hf_grass.GrassAdamW`) stacks the projected weights whose compressed
+gradients share shape and dtypes into one (G, r, k) batch and runs the Adam arithmetic on it as
+ordinary tensor ops (optionally one ``torch.compile``-d kernel), leaving two indexing kernels per
+weight for the gather and scatter of its rows. A model has hundreds of projected matrices of a
+few shapes, and per-matrix kernel launches dominate a GPU step. Tests hold all three equal.
 Another base optimizer (Adafactor, Lion, ...) is another function of this shape.
 
 Arithmetic runs in float32 at least (``compute_dtype``); moments are written back in their own
@@ -24,6 +28,8 @@ dtype, tensor by tensor.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -79,6 +85,8 @@ def grass_adamw(
     scale: float = 1.0,
     stochastic_rounding: bool = False,
     foreach: bool = True,
+    batched: bool = False,
+    compiled: bool = False,
 ) -> None:
     """One Grass AdamW step (see the module docstring), in place.
 
@@ -93,9 +101,16 @@ def grass_adamw(
             the update needs a gather and scatter (weight decay, low-precision weights).
         scale: the projected update's multiplier ``alpha``.
         stochastic_rounding: round bf16 weights stochastically (see :func:`round_to`).
-        foreach: use the batched ``torch._foreach_*`` implementation.
+        foreach: use the ``torch._foreach_*`` implementation; False: the reference, everywhere.
+        batched: with ``foreach``, step projected tensors of equal compressed shape and dtypes
+            as one batch (``_grouped_grass_adamw``); dense ones (``rows=None``) go to foreach.
+        compiled: with ``batched``, run the batch's Adam arithmetic as one ``torch.compile``-d
+            function (compiled once per shape and dtype).
     """
-    impl = _multi_tensor_grass_adamw if foreach else _single_tensor_grass_adamw
+    if batched and foreach:
+        impl = functools.partial(_grouped_grass_adamw, compiled=compiled)
+    else:
+        impl = _multi_tensor_grass_adamw if foreach else _single_tensor_grass_adamw
     impl(
         params,
         grads,
@@ -189,6 +204,173 @@ def _multi_tensor_grass_adamw(
             _apply_update(params[i], update, rows[i], uniques[i], cdt, **hp)
 
 
+def _grouped_grass_adamw(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    steps,
+    rows,
+    rhos,
+    uniques,
+    *,
+    compiled: bool,
+    **hp,
+) -> None:
+    """The reference's arithmetic on one (G, r, k) batch per group of projected tensors.
+
+    Tensors are grouped by device, the dtypes of weight, gradient and moments, and the shape
+    (r, k) of the compressed gradient: in a transformer all attention and MLP matrices usually
+    share one (r, k), so a step is a constant number of kernels plus two per weight (gather and
+    scatter of its rows, which live in separate tensors). Per-tensor state stays where it is:
+    the moments and counts are stacked in, updated, and copied back with one ``_foreach_copy_``
+    each (a group of one works on views of the state, in place). Dense tensors (``rows=None``)
+    and sparse gradients go to the foreach implementation.
+    """
+    groups: dict[tuple, list[int]] = {}
+    rest: list[int] = []
+    for i, param in enumerate(params):
+        if rows[i] is None or grads[i].is_sparse:
+            rest.append(i)
+            continue
+        key = (
+            param.device,
+            param.dtype,
+            grads[i].dtype,
+            exp_avgs[i].dtype,
+            exp_avg_sqs[i].dtype,
+            tuple(grads[i].shape),
+        )
+        groups.setdefault(key, []).append(i)
+    lists = (params, grads, exp_avgs, exp_avg_sqs, steps, rows, rhos, uniques)
+    if rest:
+        _multi_tensor_grass_adamw(*([seq[i] for i in rest] for seq in lists), **hp)
+    for (device, *_, shape), index in groups.items():
+        for chunk in _chunks(index, shape[0] * shape[1], device):
+            _step_group(*([seq[i] for i in chunk] for seq in lists), compiled=compiled, **hp)
+
+
+# Elements in one batch (G x r x k). It bounds the step's temporaries (a few float32 batches:
+# 64 MiB each on a GPU, instead of a whole model's compressed gradients at once) while keeping
+# the kernels per batch few. On a CPU, where launches are cheap and memory traffic is not,
+# batches stay cache-sized: one matrix at a time there is faster than any stack.
+BATCH_ELEMENTS = {"cpu": 1 << 18}
+DEFAULT_BATCH_ELEMENTS = 1 << 24
+
+
+def _chunks(index: list[int], numel: int, device: torch.device) -> list[list[int]]:
+    """``index`` split into near-equal batches of at most ``BATCH_ELEMENTS`` elements (at least
+    one tensor each): two batch sizes at most, so a compiled step compiles twice at most."""
+    budget = BATCH_ELEMENTS.get(device.type, DEFAULT_BATCH_ELEMENTS)
+    per_batch = max(1, budget // max(numel, 1))
+    count = -(-len(index) // per_batch)
+    size = -(-len(index) // count)
+    return [index[i : i + size] for i in range(0, len(index), size)]
+
+
+def _batch(tensors: list[Tensor], dtype: torch.dtype) -> tuple[Tensor, bool]:
+    """``tensors`` as one (G, ...) batch in ``dtype``, and whether the batch is a view of them
+    (one tensor already in ``dtype``), so that in-place updates of the batch reach them."""
+    batch = tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+    out = batch.to(dtype)
+    return out, len(tensors) == 1 and out is batch
+
+
+def _unbatch(tensors: list[Tensor], batch: Tensor) -> None:
+    """Copy each slice of ``batch`` back into its tensor (one cast, one multi-tensor copy)."""
+    torch._foreach_copy_(tensors, list(batch.to(tensors[0].dtype).unbind(0)))
+
+
+def _moments_and_direction(
+    grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, beta1: float, beta2: float,
+    eps: float,
+) -> Tensor:  # fmt: skip
+    """Update the moments in place and return the Adam direction ``(m / bc1) / (sqrt(v / bc2) + eps)``.
+
+    ``step``: per-row counts (..., r, 1), already incremented. The reference's ops, in its order,
+    so that eager results equal it elementwise; also the function ``compiled=True`` compiles.
+    """
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step).sqrt()
+    return (exp_avg / bias_correction1) / (exp_avg_sq.sqrt() / bias_correction2_sqrt + eps)
+
+
+@functools.cache
+def _compiled_moments_and_direction():
+    # Compiled lazily (importing hf_grass must not touch the compiler) and once per process;
+    # torch.compile then specializes on each batch shape and dtype (dynamic=False: r and k are
+    # fixed for a run, and static shapes give the simplest fused kernel).
+    return torch.compile(_moments_and_direction, fullgraph=True, dynamic=False)
+
+
+def _step_group(
+    params, grads, exp_avgs, exp_avg_sqs, steps, rows, rhos, uniques, *, compiled, **hp
+) -> None:
+    """One batch of :func:`_grouped_grass_adamw`: same device, dtypes and (r, k)."""
+    cdt = compute_dtype(params[0])
+    grad, _ = _batch(grads, cdt)  # G x r x k
+    exp_avg, m_in_place = _batch(exp_avgs, cdt)
+    exp_avg_sq, v_in_place = _batch(exp_avg_sqs, cdt)
+    step, t_in_place = _batch(steps, steps[0].dtype)  # G x r
+    step.add_(1)
+    if not t_in_place:
+        _unbatch(steps, step)
+    core = _compiled_moments_and_direction() if compiled else _moments_and_direction
+    direction = core(
+        grad, exp_avg, exp_avg_sq, step.to(cdt)[..., None], hp["beta1"], hp["beta2"], hp["eps"]
+    )
+    if not m_in_place:
+        _unbatch(exp_avgs, exp_avg)
+    if not v_in_place:
+        _unbatch(exp_avg_sqs, exp_avg_sq)
+    rho, _ = _batch(rhos, cdt)
+    update = direction * (rho[..., None] * (-hp["lr"] * hp["scale"]))
+    _apply_group_update(params, update, rows, uniques, cdt, **hp)
+
+
+def _apply_group_update(
+    params: list[Tensor],
+    update: Tensor,
+    rows: list[Tensor],
+    uniques: list[tuple[Tensor, Tensor] | None],
+    cdt: torch.dtype,
+    **hp,
+) -> None:
+    """:func:`_apply_update` for a batch: ``W_g[rows_g] = round(W_g[rows_g] * (1 - lr wd) + U_g)``.
+
+    Same values as the reference: a row drawn several times gets the sum of its updates (here
+    summed with ``scatter_add`` in the batch, then given to each of its positions, which all
+    write the same value; with stochastic rounding they share one draw of noise).
+    """
+    decay = 1 - hp["lr"] * hp["weight_decay"]
+    if params[0].dtype == cdt and decay == 1:
+        for param, index, u in zip(params, rows, update.unbind(0), strict=True):
+            param.index_add_(0, index, u)  # the reference's op: repeated rows add up
+        return
+    uniques = [u if u is not None else unique_rows(r) for u, r in zip(uniques, rows, strict=True)]
+    repeats = any(u.numel() != r.numel() for (u, _), r in zip(uniques, rows, strict=True))
+    share = None
+    if repeats:
+        inverse, _ = _batch([inv for _, inv in uniques], torch.int64)  # G x r
+        slots = inverse[..., None].expand_as(update)
+        update = torch.zeros_like(update).scatter_add_(1, slots, update).gather(1, slots)
+        if hp["stochastic_rounding"]:
+            index, _ = _batch(rows, torch.int64)
+            share = torch.searchsorted(index, index)  # first position of each row (sorted)
+    selected = update.new_empty(update.shape, dtype=params[0].dtype)
+    for param, index, out in zip(params, rows, selected.unbind(0), strict=True):
+        torch.index_select(param, 0, index, out=out)
+    w = selected.to(cdt)
+    if decay != 1:
+        w.mul_(decay)
+    w.add_(update)
+    w = round_to(w, params[0].dtype, hp["stochastic_rounding"], share=share)
+    for param, index, new in zip(params, rows, w.unbind(0), strict=True):
+        param.index_put_((index,), new)
+
+
 def _apply_update(
     param: Tensor,
     update: Tensor,
@@ -220,15 +402,21 @@ def _apply_update(
     param[rows_u] = round_to(w, param.dtype, stochastic)
 
 
-def round_to(x: Tensor, dtype: torch.dtype, stochastic: bool) -> Tensor:
+def round_to(
+    x: Tensor, dtype: torch.dtype, stochastic: bool, share: Tensor | None = None
+) -> Tensor:
     """Cast float32 ``x`` to ``dtype``; to bfloat16 stochastically if asked.
 
     Stochastic rounding adds uniform noise below bf16's last bit to the float32 bit pattern and
     truncates, so a value rounds up with probability equal to its distance from the lower
-    neighbour: ``E[round(x)] = x``, and small updates survive on average.
+    neighbour: ``E[round(x)] = x``, and small updates survive on average. ``share`` (G x r, for
+    a G x r x k batch): row j of batch g takes the noise of row ``share[g, j]`` (equal rows
+    round alike).
     """
     if not stochastic or dtype != torch.bfloat16 or x.dtype != torch.float32:
         return x.to(dtype)
     bits = x.contiguous().view(torch.int32)
     noise = torch.randint_like(bits, 0, 1 << 16)
+    if share is not None:
+        noise = noise.gather(1, share[..., None].expand_as(noise))
     return ((bits + noise) & -65536).view(torch.float32).to(dtype)

@@ -51,6 +51,8 @@ _RESUME_TAKES_NEW = (
     "state_dtype",
     "stochastic_rounding",
     "foreach",
+    "batched",
+    "compiled",
 )
 
 
@@ -76,8 +78,14 @@ class GrassAdamW(Optimizer):
             training. The arithmetic always runs in float32 at least. The noise comes from
             the global torch RNG (seed it with ``torch.manual_seed``); it is not part of the
             optimizer state, so a resumed run is exact only without stochastic rounding.
-        foreach: batch the projected arithmetic with ``torch._foreach_*`` ops (default); False
-            runs the single-tensor reference implementation.
+        foreach: batch the arithmetic with ``torch._foreach_*`` ops (default); False runs the
+            single-tensor reference implementation everywhere (``batched`` is then ignored).
+        batched: with ``foreach``, step the projected weights whose compressed gradients share shape and dtypes
+            as one stacked (G, r, k) batch (default; see :mod:`hf_grass.functional`): a constant
+            number of kernels per batch plus two per weight, instead of a dozen per weight.
+            Same results as the reference up to float rounding; the state stays per parameter.
+        compiled: with ``batched``, fuse the batch's Adam arithmetic with ``torch.compile``
+            (compiled at the first step, once per batch shape and dtype). Default off.
     """
 
     def __init__(
@@ -91,6 +99,8 @@ class GrassAdamW(Optimizer):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
         foreach: bool = True,
+        batched: bool = True,
+        compiled: bool = False,
     ):
         if isinstance(lr, torch.Tensor):
             lr = float(lr)
@@ -110,6 +120,8 @@ class GrassAdamW(Optimizer):
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
             foreach=foreach,
+            batched=batched,
+            compiled=compiled,
         )
         self._group_index: dict[int, dict] = {}
         self._projections: dict[int, GrassProjection] = {}
@@ -146,6 +158,8 @@ class GrassAdamW(Optimizer):
             group.setdefault("state_dtype", None)
             group.setdefault("stochastic_rounding", False)
             group.setdefault("foreach", True)
+            group.setdefault("batched", True)
+            group.setdefault("compiled", False)
         self._group_index = {}
         if not hasattr(self, "_projections"):  # unpickled
             self._projections = {}
@@ -187,6 +201,20 @@ class GrassAdamW(Optimizer):
             self._projected_steps([p], group)
         elif p.grad is not None:
             self._dense_steps([p], group)
+
+    @torch.no_grad()
+    def step_params(self, params: Iterable[torch.Tensor]) -> None:
+        """Update several parameters from their gradients, batched per param group (used by
+        layer-wise training with buckets: one batched step instead of one per parameter)."""
+        by_group: dict[int, tuple[dict, list[torch.Tensor]]] = {}
+        for p in params:
+            group = self._group_of(p)
+            by_group.setdefault(id(group), (group, []))[1].append(p)
+        for group, ps in by_group.values():
+            if "rank" in group:
+                self._projected_steps(ps, group)
+            else:
+                self._dense_steps([p for p in ps if p.grad is not None], group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
@@ -282,6 +310,8 @@ class GrassAdamW(Optimizer):
             scale=group["scale"],
             stochastic_rounding=group["stochastic_rounding"],
             foreach=group["foreach"],
+            batched=group["batched"],
+            compiled=group["compiled"],
         )
 
     # -------------------------------------------------------------------------------- selection
