@@ -38,6 +38,15 @@ For an exact global clip, train without layer-wise mode. Loss scaling with inf c
 A parameter used both inside and outside a reentrant checkpointed segment
 (``use_reentrant=True``) gets two notifications per backward; non-reentrant checkpointing
 (transformers' default) gives one.
+
+Buckets (``bucket_mb``). By default each parameter is updated alone, as soon as its gradient is
+complete: one optimizer call per parameter, which on a GPU is a dozen small kernel launches per
+weight and leaves layer-wise mode launch-bound. With ``bucket_mb > 0`` ready parameters wait in
+a bucket until their gradients reach ``bucket_mb`` megabytes (or the backward pass ends), then
+are updated together by one batched ``optimizer.step_params`` (equal results: a parameter's
+update depends only on its own gradient and state, and the backward pass no longer reads a
+weight once its gradient is complete). Up to a bucket of gradients is then alive besides the
+current layer's. Data-parallel averaging and clipping still run per parameter, when it is ready.
 """
 
 from __future__ import annotations
@@ -61,12 +70,17 @@ class LayerwiseHandle:
         gradient_accumulation_steps: int,
         max_grad_norm: float | None,
         reduce_gradient: Callable[[torch.Tensor], None] | None = None,
+        bucket_mb: float = 0.0,
     ):
         self.optimizer = optimizer
         self.params = params
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.max_grad_norm = max_grad_norm
         self.reduce_gradient = reduce_gradient
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self._bucket: list[torch.Tensor] = []  # ready parameters waiting for their update
+        self._bucket_size = 0  # bytes of their gradients
+        self._flush_queued = False
         self._counts: dict[int, int] = {id(p): 0 for p in params}
         self._hooks = []
         self._anchored = []
@@ -108,10 +122,37 @@ class LayerwiseHandle:
             self.reduce_gradient(p)  # data parallel: average across ranks first
         if self.max_grad_norm is not None:
             clip_grad_norm_([p], self.max_grad_norm)
-        self.optimizer.step_param(p)
-        _free_gradient(p)
+        if self.bucket_bytes <= 0:
+            self.optimizer.step_param(p)
+            _free_gradient(p)
+            return
+        self._bucket.append(p)
+        self._bucket_size += _gradient_bytes(p)
+        if self._bucket_size >= self.bucket_bytes:
+            self._flush()
+        elif not self._flush_queued:
+            # Runs when the current backward pass ends (the last bucket is rarely full).
+            torch.autograd.Variable._execution_engine.queue_callback(self._flush)
+            self._flush_queued = True
+
+    @torch.no_grad()
+    def _flush(self) -> None:
+        """Update the parameters of the bucket in one batched call and free their gradients."""
+        self._flush_queued = False
+        bucket, self._bucket, self._bucket_size = self._bucket, [], 0
+        if not bucket:
+            return
+        step_params = getattr(self.optimizer, "step_params", None)
+        if step_params is not None:
+            step_params(bucket)
+        else:
+            for p in bucket:
+                self.optimizer.step_param(p)
+        for p in bucket:
+            _free_gradient(p)
 
     def _before_step(self, optimizer, args, kwargs) -> None:
+        self._flush()  # normally empty: the end of the backward pass flushed it
         # optimizer.step() updates the parameters that still hold a gradient; clip them as the
         # hooks would have.
         if self.max_grad_norm is not None:
@@ -125,6 +166,7 @@ class LayerwiseHandle:
 
     def remove(self) -> None:
         """Remove every hook; the optimizer steps only when ``step()`` is called again."""
+        self._flush()
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
@@ -141,6 +183,13 @@ class LayerwiseHandle:
         self.remove()
 
 
+def _gradient_bytes(p: torch.Tensor) -> int:
+    """Bytes of the gradient ``p`` holds (full ``.grad`` and compressed gradient)."""
+    projection = projection_of(p)
+    grads = (p.grad, None if projection is None else projection.grad)
+    return sum(g.numel() * g.element_size() for g in grads if g is not None)
+
+
 def _free_gradient(p: torch.Tensor) -> None:
     p.grad = None
     projection = projection_of(p)
@@ -154,6 +203,7 @@ def enable_layerwise(
     gradient_accumulation_steps: int = 1,
     max_grad_norm: float | None = None,
     reduce_gradient: Callable[[torch.Tensor], None] | None = None,
+    bucket_mb: float = 0.0,
 ) -> LayerwiseHandle:
     """Update each parameter during the backward pass, as soon as its gradient is complete.
 
@@ -170,6 +220,9 @@ def enable_layerwise(
             :meth:`hf_grass.distributed.GrassDataParallel.reduce_now` (and only the projected
             weights as ``model_or_params``: DDP averages the others, which
             ``optimizer.step()`` then updates).
+        bucket_mb: update ready parameters together once their gradients reach this many
+            megabytes, or at the end of the backward pass (see the module docstring); 0 (the
+            default) updates each parameter alone, at once.
 
     Enable it before the forward pass of the first step (a graph built earlier does not report
     its compressed gradients). Returns a :class:`LayerwiseHandle`; ``handle.remove()`` restores
@@ -191,6 +244,8 @@ def enable_layerwise(
         raise ValueError(f"Invalid gradient_accumulation_steps: {steps!r}; use an integer >= 1.")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r}; use a positive norm or None.")
+    if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb >= 0:
+        raise ValueError(f"Invalid bucket_mb: {bucket_mb!r}; use a number of megabytes >= 0.")
 
     held = [p for g in optimizer.param_groups for p in g["params"]]
     held_ids = {id(p) for p in held}
@@ -212,4 +267,4 @@ def enable_layerwise(
                 "pass only parameters the optimizer updates."
             )
     params = [p for p in params if p.requires_grad]
-    return LayerwiseHandle(optimizer, params, steps, max_grad_norm, reduce_gradient)
+    return LayerwiseHandle(optimizer, params, steps, max_grad_norm, reduce_gradient, bucket_mb)
