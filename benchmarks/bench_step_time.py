@@ -9,7 +9,9 @@ norms, GaLore runs one SVD per matrix) is timed separately and amortized over K 
 to the next multiple of K); GaLore's is its step 0 (an SVD step; a throw-away SVD at start-up
 keeps LAPACK's first-call cost out of it), so that the slow SVD runs once per rank only.
 "Grass, dense path" is GrassAdamW with no projected group: its plain-AdamW code on every
-parameter, which is what embeddings and lm_head cost inside Grass.
+parameter, which is what embeddings and lm_head cost inside Grass. "Grass, full grad, foreach
+step" is Grass with ``batched=False`` (the per-tensor ``torch._foreach_*`` step instead of the
+default batched one, :mod:`hf_grass.functional`).
 
 Part B, the whole training step, forward + backward + step (issue 3): AdamW, GaLore, Grass on
 full gradients (``.grad``, compressed by the optimizer) and Grass with the compressed-gradient
@@ -73,6 +75,10 @@ def make_optimizer(method: str, model, rank: int | None, gap: int = K, lr: float
         return C.new_galore(C.galore_groups(projected, other, rank, update_proj_gap=gap), lr=lr)
     if method == "grass":
         return GrassAdamW(grass_param_groups(model, rank=rank, update_proj_gap=gap), lr=lr)
+    if method == "grass_foreach":  # the per-tensor foreach step, for comparison
+        return GrassAdamW(
+            grass_param_groups(model, rank=rank, update_proj_gap=gap), lr=lr, batched=False
+        )
     if method == "grass_dense":
         return GrassAdamW(model.parameters(), lr=lr)
     if method == "grassify":
@@ -86,6 +92,7 @@ def label(method: str, rank: int | None) -> str:
         "adamw_fused": "AdamW (fused)",
         "galore": "GaLore",
         "grass": "Grass, full grad",
+        "grass_foreach": "Grass, full grad, foreach step",
         "grass_dense": "Grass, dense path (no projection)",
         "grassify": "Grass, compressed bwd",
     }
@@ -117,7 +124,10 @@ def bench_optimizer_step(model_name: str, ranks: list[int], reps: int, refresh_r
 
     runs = [("adamw", None), ("adamw_fused", None), ("grass_dense", None)]
     runs += [
-        (m, r) for r in ranks for m in ("galore", "grass") if m != "galore" or C.import_galore()
+        (m, r)
+        for r in ranks
+        for m in ("galore", "grass", "grass_foreach")
+        if m != "galore" or C.import_galore()
     ]
     opts = {(m, r): make_optimizer(m, with_grads(), r) for m, r in runs}
     t_first = {}
@@ -135,7 +145,9 @@ def bench_optimizer_step(model_name: str, ranks: list[int], reps: int, refresh_r
 
         return run
 
-    t_ref = interleaved({k: forced(k) for k in opts if k[0] == "grass"}, refresh_reps)
+    t_ref = interleaved(
+        {k: forced(k) for k in opts if k[0] in ("grass", "grass_foreach")}, refresh_reps
+    )
     t_ref.update({k: [t_first[k]] for k in opts if k[0] == "galore"})
 
     out = {}
