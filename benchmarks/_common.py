@@ -26,20 +26,11 @@ if str(REPO) not in sys.path:
 
 from hf_grass.models import LLAMA_PRESETS  # noqa: E402
 
-# GaLore's LLaMA configs and the package's "tiny"/"20m" presets. "20m" holds 84% of its parameters
-# in the embedding and output matrices; "20m-wide" is for CPU timing: 20.3M parameters, 70% of them
-# in the projected (attention/MLP) matrices, so that the optimizers' and the backward's
+# GaLore's LLaMA configs and the package's presets (hf_grass.models): "20m" holds 84% of its
+# parameters in the embedding and output matrices; "20m-wide" (20.3M parameters, 70% of them in the
+# projected attention/MLP matrices) is for CPU timing, so that the optimizers' and the backward's
 # differences show rather than the embeddings' plain AdamW.
-LLAMA_CONFIGS = {
-    **LLAMA_PRESETS,
-    "20m-wide": dict(
-        hidden_size=384,
-        intermediate_size=1024,
-        num_attention_heads=6,
-        num_hidden_layers=8,
-        vocab_size=8000,
-    ),
-}
+LLAMA_CONFIGS = dict(LLAMA_PRESETS)
 GALORE_RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
 
 

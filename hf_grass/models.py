@@ -20,8 +20,10 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # Sizes of the LLaMA models used by GaLore, APOLLO and Grass (vocab 32000, as with the LLaMA
 # tokenizer; pass `vocab_size=len(tokenizer)` to `llama_config` for another tokenizer).
 # Parameter counts (untied embeddings): 60m 58.1M, 130m 134M, 350m 368M, 1b 1.34B, 7b 6.74B,
-# 13b 13.0B. "20m" is 19.5M, 84% of it in the embedding and output matrices; "tiny" (vocab 512,
-# 0.15M) is for unit tests.
+# 13b 13.0B. "20m" is 19.5M, 84% of it in the embedding and output matrices; "20m-wide" (20.3M at
+# vocab 8000, 70% of it in the attention and MLP matrices) is the CPU pretraining comparison's
+# model; "demo" (2.9M at vocab 8192, the default pretraining tokenizer's) is the CPU pretraining
+# demo; "tiny" (vocab 512, 0.15M) is for unit tests.
 LLAMA_PRESETS: dict[str, dict[str, int]] = {
     "demo": dict(
         hidden_size=128,
@@ -43,6 +45,13 @@ LLAMA_PRESETS: dict[str, dict[str, int]] = {
         num_attention_heads=4,
         num_hidden_layers=4,
         vocab_size=32000,
+    ),
+    "20m-wide": dict(
+        hidden_size=384,
+        intermediate_size=1024,
+        num_attention_heads=6,
+        num_hidden_layers=8,
+        vocab_size=8000,
     ),
     "60m": dict(
         hidden_size=512,

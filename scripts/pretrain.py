@@ -51,6 +51,9 @@ logger = logging.getLogger("pretrain")
 # the projection methods (with their scale 0.25 / 1), AdamW's usual 1e-3 at these sizes, Grass's
 # from the learning-rate ablation in BENCHMARKS.md.
 LEARNING_RATES = {"grass": 1e-3, "adamw": 1e-3, "galore": 1e-2, "apollo": 1e-2}
+# The attention and MLP matrices (what Grass's all-linear projects): HF's GaLore/APOLLO match one
+# string as a regex on module names; "all-linear" would project the output head as well.
+PROJECTED_MODULES = r".*(self_attn|mlp).*"
 SCRIPT_DEFAULTS: dict[str, Any] = dict(
     optim="grass",
     per_device_train_batch_size=16,
@@ -264,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
     trainer.save_state()
-    metrics = trainer.evaluate()
+    metrics = final_evaluation(trainer)
     metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
@@ -274,6 +277,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  resources: {format_report(report.report)}")
         print(f"  written to {args.output_dir}")
     return {"method": method, "eval": metrics, "resources": report.report}
+
+
+def final_evaluation(trainer: GrassTrainer) -> dict[str, float]:
+    """The evaluation logged at the last step if the schedule ran one there, else a new one."""
+    last = [e for e in trainer.state.log_history if "eval_loss" in e]
+    if last and last[-1].get("step") == trainer.state.global_step:
+        return {k: v for k, v in last[-1].items() if k != "step"}
+    return trainer.evaluate()
 
 
 def run(argv: list[str] | None = None) -> int:
