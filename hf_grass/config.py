@@ -55,6 +55,10 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "reselect_state": (_one_of(RESELECT_STATES), f"use one of {', '.join(RESELECT_STATES)}"),
     "proj_side": (_one_of(PROJ_SIDES), f"use one of {', '.join(PROJ_SIDES)}"),
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "use an integer"),
+    "layerwise_bucket_mb": (
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+        "use a number of megabytes >= 0 (0: each parameter alone)",
+    ),
     "state_dtype": (
         _one_of((*STATE_DTYPES, None)),
         f"use one of {', '.join(STATE_DTYPES)}, or leave it unset (the parameter's dtype)",
@@ -141,6 +145,17 @@ class GrassConfig:
         False,
         "Apply each parameter's update inside the backward pass and free its gradient at once. "
         "Gradient clipping then acts per parameter (a global norm needs every gradient first).",
+    )
+    layerwise_bucket_mb: float = _setting(
+        0.0,
+        "Layer-wise mode: let ready parameters wait until their gradients reach this many MB "
+        "(or the backward ends) and update them with one batched step: same results, fewer "
+        "kernel launches, up to this much more gradient memory. 0: each parameter alone.",
+    )
+    compiled: bool = _setting(
+        False,
+        "Fuse the Adam arithmetic of each batch of same-shape projected weights with "
+        "torch.compile (compiled at the first step, once per shape).",
     )
 
     # Keys of a projected GrassAdamW param group, besides "params" and the AdamW ones.

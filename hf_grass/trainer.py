@@ -98,6 +98,8 @@ class GrassArguments:
     grass_stochastic_rounding: bool = _from_config("stochastic_rounding")
     grass_compressed_backward: bool = _from_config("compressed_backward")
     grass_layerwise: bool = _from_config("layerwise")
+    grass_layerwise_bucket_mb: float = _from_config("layerwise_bucket_mb")
+    grass_compiled: bool = _from_config("compiled")
 
     def __post_init__(self) -> None:
         is_grass = str(getattr(self.optim, "value", self.optim)).lower() == GRASS
@@ -157,6 +159,7 @@ class GrassArguments:
             "eps": getattr(self, "adam_epsilon", 1e-8),
             "weight_decay": getattr(self, "weight_decay", 0.0),
             "stochastic_rounding": config.stochastic_rounding,
+            "compiled": config.compiled,
             "state_dtype": None
             if config.state_dtype is None
             else getattr(torch, config.state_dtype),
@@ -523,4 +526,5 @@ def _enable_layerwise(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
         reduce_gradient=None if data_parallel is None else data_parallel.reduce_now,
+        bucket_mb=args.grass_layerwise_bucket_mb,
     )

@@ -253,14 +253,15 @@ def test_clipping_includes_compressed_gradients(tmp_path):
 
 
 def test_accumulation_and_layerwise_match_full_batch(tmp_path):
-    """Batch 8 == 2 micro-batches of 4 == the same in layer-wise mode (float64).
+    """Batch 8 == 2 micro-batches of 4 == the same in layer-wise mode, bucketed or not (float64).
 
     A causal LM, whose loss honours the Trainer's token count across micro-batches (stock
     sequence-classification heads average per micro-batch, so they sum over accumulation), and
     uniform selection, whose rows do not depend on which micro-batch selects them.
     """
     results = []
-    for bs, accum, layerwise in ((8, 1, False), (4, 2, False), (4, 2, True)):
+    runs = ((8, 1, False, 0), (4, 2, False, 0), (4, 2, True, 0), (4, 2, True, 0.01))
+    for bs, accum, layerwise, bucket_mb in runs:  # 0.01 MB: buckets of a few weights
         model = tiny_lm().double()
         args = make_args(
             tmp_path,
@@ -270,6 +271,7 @@ def test_accumulation_and_layerwise_match_full_batch(tmp_path):
             max_grad_norm=0.0,
             grass_selection="uniform",
             grass_layerwise=layerwise,
+            grass_layerwise_bucket_mb=bucket_mb,
         )
         trainer = GrassTrainer(model=model, args=args, train_dataset=lm_data(n=32))
         trainer.train()
@@ -568,3 +570,18 @@ def test_gradient_bytes_counts_compressed_gradients():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_compiled_flag_reaches_the_optimizer_and_trains_like_the_default(tmp_path):
+    """--grass_compiled fuses the batched Adam arithmetic; results equal the default (float64)."""
+    results = []
+    for compiled in (False, True):
+        model = tiny_lm().double()
+        args = make_args(tmp_path, max_steps=2, grass_compiled=compiled, max_grad_norm=0.0)
+        trainer = GrassTrainer(model=model, args=args, train_dataset=lm_data(n=16))
+        trainer.train()
+        groups = [g for g in trainer.optimizer.param_groups if "rank" in g]
+        assert groups and all(g["compiled"] is compiled for g in groups)
+        results.append(params_of(model))
+    for name, p in results[0].items():
+        torch.testing.assert_close(results[1][name], p, rtol=0, atol=1e-12, msg=name)
