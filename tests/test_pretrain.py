@@ -176,3 +176,34 @@ def test_every_pretrain_config_parses_to_the_values_it_names(config):
         got = getattr(pargs, key, None) if hasattr(pargs, key) else getattr(args, key)
         got = getattr(got, "value", got)  # enums (optim, scheduler) compare by value
         assert got == value or str(got) == str(value), key
+
+
+def test_comparison_runs_each_config_entry_and_writes_table_summary_and_plot(tmp_path):
+    import subprocess
+
+    import yaml
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("Now is the winter of our discontent made glorious summer. " * 300)
+    config = tmp_path / "tiny_compare.yaml"
+    flags = {"preset": "tiny", "train_files": str(text), "tokenizer_vocab_size": 300}
+    flags |= {"seq_len": 32, "per_device_train_batch_size": 4, "max_steps": 4, "eval_steps": 2}
+    flags |= {"save_strategy": "no", "grass_rank": 8}
+    runs = {"adamw": {"optim": "adamw_torch"}, "grass": {"optim": "grass"}}
+    config.write_text(yaml.safe_dump({"title": "tiny", "flags": flags, "runs": runs}))
+    out = tmp_path / "out"
+    env = {"HF_GRASS_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compare_pretrain.py"), str(config)]
+        + ["--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["name"] for r in summary["results"]] == ["adamw", "grass"]
+    for result in summary["results"]:
+        assert [tokens for tokens, _ in result["curve"]] == [2 * 4 * 32, 4 * 4 * 32]
+        assert result["perplexity"] == pytest.approx(torch.tensor(result["eval_loss"]).exp().item())
+    table = (out / "table.md").read_text()
+    assert "| adamw |" in table and "| grass |" in table
+    assert (out / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
