@@ -8,7 +8,8 @@
 
 Prints a table of the parts (weights, gradients, optimizer state, indices, activations,
 temporaries; see ``hf_grass.memory``) and the total, or with ``--json`` one JSON object with
-``total_bytes`` and one ``<part>_bytes`` key per part. ``--budget`` adds whether the plan fits,
+``total_bytes`` (the parts summed), ``peak_bytes`` (the step's peak, activations and gradients
+in turn) and one ``<part>_bytes`` key per part. ``--budget`` adds whether the plan fits,
 the largest batch size that fits and the smallest and largest ranks that fit.
 
 A bad flag value prints one line ``memory.py: error: <problem and fix>`` and exits with status 2.
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     if budget is not None:
         answers = fit_budget(budget, **kwargs)
         answers.pop("total_bytes")
+        answers.pop("peak_bytes")
         result.update(answers)
     if args.json:
         print(json.dumps(result))
@@ -102,6 +104,8 @@ def format_table(parts: dict[str, int], result: dict) -> str:
         share = value / total if total else 0.0
         lines.append(f"{name:<17}{value / gib:>10.3f}{share:>9.1%}")
     lines.append(f"{'total':<17}{total / gib:>10.3f}{1:>9.1%}")
+    peak = result["peak_bytes"]
+    lines.append(f"{'peak (by phase)':<17}{peak / gib:>10.3f}{peak / total:>9.1%}")
     if "budget_bytes" in result:
         lines.append(
             f"budget {result['budget_bytes'] / gib:.3f} GiB: "

@@ -166,14 +166,26 @@ def test_fit_budget_answers_are_consistent():
     answer = fit_budget(budget, **kwargs)
     batch = answer["max_batch_size"]
     assert answer["fits"] and batch > 1
-    assert plan_memory(**{**kwargs, "batch_size": batch}).total_bytes <= budget
-    assert plan_memory(**{**kwargs, "batch_size": batch + 1}).total_bytes > budget
+    assert plan_memory(**{**kwargs, "batch_size": batch}).peak_bytes <= budget
+    assert plan_memory(**{**kwargs, "batch_size": batch + 1}).peak_bytes > budget
     rank = fit_budget(budget, **{**kwargs, "batch_size": batch})["max_rank"]
-    assert plan_memory(**{**kwargs, "batch_size": batch, "rank": rank}).total_bytes <= budget
+    assert plan_memory(**{**kwargs, "batch_size": batch, "rank": rank}).peak_bytes <= budget
+    plan = plan_memory(**kwargs)
     assert fit_budget(parse_size("1GiB"), **kwargs) == {
-        "budget_bytes": 2**30, "fits": False, "total_bytes": plan_memory(**kwargs).total_bytes,
-        "max_batch_size": None, "min_rank": None, "max_rank": None,
+        "budget_bytes": 2**30, "fits": False, "total_bytes": plan.total_bytes,
+        "peak_bytes": plan.peak_bytes, "max_batch_size": None, "min_rank": None, "max_rank": None,
     }  # fmt: skip
+
+
+def test_peak_counts_activations_and_gradients_in_turn():
+    """The peak holds what lives all step, plus the larger of activations and gradients."""
+    for method in ("adamw", "grass"):
+        plan = plan_memory("1b", method, 512, "bf16", batch_size=8)
+        p = plan.parts
+        assert plan.peak_bytes == plan.total_bytes - min(p["activations"], p["gradients"])
+    # Pure-bf16 AdamW on LLaMA-1B, 8 x 256 tokens: activations (4.7 GiB) outweigh gradients.
+    adamw = plan_memory("1b", "adamw", dtype="bf16", batch_size=8)
+    assert adamw.parts["activations"] > adamw.parts["gradients"]
 
 
 @pytest.mark.parametrize(
@@ -224,7 +236,11 @@ def test_cli_command():
            "1", "--seq_len", "256", "--json", "--budget", "40GiB"]  # fmt: skip
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
     result = json.loads(out.stdout)
-    parts = [k for k in result if k.endswith("_bytes") and k not in ("total_bytes", "budget_bytes")]
+    parts = [
+        k
+        for k in result
+        if k.endswith("_bytes") and k not in ("total_bytes", "peak_bytes", "budget_bytes")
+    ]
     assert len(parts) == 6
     assert result["total_bytes"] == sum(result[k] for k in parts)
     assert result["fits"] and result["max_batch_size"] >= 1
