@@ -91,3 +91,35 @@ def run_bounded(cmd: list[str], env: dict[str, str], timeout: float):
         stdout, stderr = proc.communicate()
         pytest.fail(f"{' '.join(cmd[:6])} ... did not finish in {timeout} s:\n{stderr[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def functional_problem(dtype, state_dtype, repeats, gen, shapes, strided_last=False):
+    """Inputs of ``functional.grass_adamw``: projected weights of ``shapes`` ((m, k, r) each),
+    their compressed gradients, moments, per-row counts and sorted selections, then one dense
+    parameter. ``repeats``: rows drawn with replacement, at least one drawn twice per weight.
+    ``strided_last``: the last weight is a transposed view, as a column-selected weight is.
+    """
+    params, grads, ms, vs, steps, rows, rhos = [], [], [], [], [], [], []
+    for j, (m, k, r) in enumerate(shapes):
+        w = torch.randn(m, k, generator=gen).to(dtype)
+        last = j == len(shapes) - 1
+        params.append(w.t().contiguous().t() if strided_last and last else w)
+        if repeats:
+            idx = torch.randint(0, m, (r,), generator=gen)
+            idx[1] = idx[0]
+        else:
+            idx = torch.randperm(m, generator=gen)[:r]
+        rows.append(idx.sort().values)
+        rhos.append(torch.rand(r, generator=gen) + 0.5)
+        grads.append(torch.randn(r, k, generator=gen).to(dtype))
+        ms.append((torch.randn(r, k, generator=gen) * 0.1).to(state_dtype))
+        vs.append((torch.rand(r, k, generator=gen) * 0.1).to(state_dtype))
+        steps.append(torch.randint(0, 5, (r,), generator=gen).float())
+    params.append(torch.randn(5, generator=gen).to(dtype))  # a dense parameter
+    grads.append(torch.randn(5, generator=gen).to(dtype))
+    ms.append(torch.zeros(5, dtype=state_dtype))
+    vs.append(torch.zeros(5, dtype=state_dtype))
+    steps.append(torch.tensor(0.0))
+    rows.append(None)
+    rhos.append(None)
+    return params, grads, ms, vs, steps, rows, rhos

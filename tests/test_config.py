@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+from conftest import functional_problem
 from torch import nn
 
 from hf_grass import GrassAdamW, GrassConfig, grass_param_groups
@@ -104,28 +105,7 @@ def test_load_hooks_see_the_real_state_and_old_groups_get_new_defaults():
 
 def _problem(dtype, state_dtype, repeats, gen):
     """Three weights (one dense), their compressed gradients, moments and selections."""
-    params, grads, ms, vs, steps, rows, rhos = [], [], [], [], [], [], []
-    for m, k, r in ((10, 6, 4), (7, 9, 3)):
-        params.append(torch.randn(m, k, generator=gen).to(dtype))
-        idx = (
-            torch.randint(0, m, (r,), generator=gen)
-            if repeats
-            else torch.randperm(m, generator=gen)[:r]
-        )
-        rows.append(idx.sort().values)
-        rhos.append(torch.rand(r, generator=gen) + 0.5)
-        grads.append(torch.randn(r, k, generator=gen).to(dtype))
-        ms.append(torch.randn(r, k, generator=gen).to(state_dtype) * 0.1)
-        vs.append(torch.rand(r, k, generator=gen).to(state_dtype) * 0.1)
-        steps.append(torch.randint(0, 5, (r,), generator=gen).float())
-    params.append(torch.randn(5, generator=gen).to(dtype))  # a dense parameter
-    grads.append(torch.randn(5, generator=gen).to(dtype))
-    ms.append(torch.zeros(5, dtype=state_dtype))
-    vs.append(torch.zeros(5, dtype=state_dtype))
-    steps.append(torch.tensor(0.0))
-    rows.append(None)
-    rhos.append(None)
-    return params, grads, ms, vs, steps, rows, rhos
+    return functional_problem(dtype, state_dtype, repeats, gen, shapes=((10, 6, 4), (7, 9, 3)))
 
 
 @pytest.mark.parametrize("repeats", [False, True])

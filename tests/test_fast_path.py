@@ -16,7 +16,7 @@ import io
 
 import pytest
 import torch
-from conftest import compressed_grad, tiny_llama
+from conftest import compressed_grad, functional_problem, tiny_llama
 from torch import nn
 
 from hf_grass import GrassAdamW, functional, grass_param_groups
@@ -33,32 +33,8 @@ def _problem(dtype, state_dtype, repeats, gen, shapes=((10, 6), (12, 6), (9, 6),
 
     The fourth weight is stepped through a transposed view, as a column-selected weight is.
     """
-    params, grads, ms, vs, steps, rows, rhos = [], [], [], [], [], [], []
-    r = 4
-    for j, (m, k) in enumerate(shapes):
-        w = torch.randn(m, k, generator=gen).to(dtype)
-        params.append(w if j < 3 else w.t().contiguous().t())  # last one: a strided view
-        idx = (
-            torch.randint(0, m, (r,), generator=gen)
-            if repeats
-            else torch.randperm(m, generator=gen)[:r]
-        )
-        if repeats:
-            idx[1] = idx[0]  # at least one repeat
-        rows.append(idx.sort().values)
-        rhos.append(torch.rand(r, generator=gen) + 0.5)
-        grads.append(torch.randn(r, k, generator=gen).to(dtype))
-        ms.append((torch.randn(r, k, generator=gen) * 0.1).to(state_dtype))
-        vs.append((torch.rand(r, k, generator=gen) * 0.1).to(state_dtype))
-        steps.append(torch.randint(0, 5, (r,), generator=gen).float())
-    params.append(torch.randn(5, generator=gen).to(dtype))  # a dense parameter
-    grads.append(torch.randn(5, generator=gen).to(dtype))
-    ms.append(torch.zeros(5, dtype=state_dtype))
-    vs.append(torch.zeros(5, dtype=state_dtype))
-    steps.append(torch.tensor(0.0))
-    rows.append(None)
-    rhos.append(None)
-    return params, grads, ms, vs, steps, rows, rhos
+    shapes = [(m, k, 4) for m, k in shapes]
+    return functional_problem(dtype, state_dtype, repeats, gen, shapes, strided_last=True)
 
 
 def _run(impl, dtype, state_dtype, repeats, weight_decay, stochastic=False, steps=3, seed=5):
