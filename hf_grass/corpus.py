@@ -231,14 +231,10 @@ def pack(data: Dataset, tokenizer, seq_len: int, num_proc: int | None = None) ->
         return {"input_ids": [stream[i : i + seq_len] for i in range(0, usable, seq_len)]}
 
     # Batches of documents are packed together; a whole-corpus stream would not fit C4.
-    return data.map(
-        tokenize_and_pack,
-        batched=True,
-        batch_size=256,
-        remove_columns=data.column_names,
-        num_proc=num_proc,
-        desc=f"Packing into {seq_len}-token blocks",
-    )
+    kwargs: dict[str, Any] = {"batched": True, "batch_size": 256, "remove_columns": ["text"]}
+    if isinstance(data, Dataset):  # a streamed dataset packs lazily: no processes, no progress
+        kwargs.update(num_proc=num_proc, desc=f"Packing into {seq_len}-token blocks")
+    return data.map(tokenize_and_pack, **kwargs)
 
 
 def packed_blocks(

@@ -207,3 +207,22 @@ def test_comparison_runs_each_config_entry_and_writes_table_summary_and_plot(tmp
     table = (out / "table.md").read_text()
     assert "| adamw |" in table and "| grass |" in table
     assert (out / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_streamed_corpus_packs_the_same_blocks_lazily(cache, tmp_path):
+    from datasets import load_dataset
+
+    text = tmp_path / "stream.txt"
+    text.write_text("A streamed corpus is packed on the fly, block by block. " * 300)
+    spec = corpus.CorpusSpec(train_files=[str(text)])
+    raw = corpus.load_corpus(spec)
+    tokenizer = corpus.default_tokenizer(spec, raw["train"], vocab_size=300)
+    eager = corpus.pack(raw["train"], tokenizer, seq_len=32)["input_ids"]
+    streamed = load_dataset(
+        "text", data_files={"train": [str(text)]}, sample_by="document", streaming=True
+    )
+    spec = corpus.CorpusSpec(dataset_name="local-text", streaming=True)
+    blocks = corpus.packed_blocks(spec, streamed, tokenizer, seq_len=32, max_validation_blocks=3)
+    validation = [b["input_ids"] for b in blocks["validation"]]
+    train = [b["input_ids"] for b in blocks["train"]]
+    assert validation == eager[:3] and train == eager[3:]
