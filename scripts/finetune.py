@@ -53,7 +53,7 @@ from transformers import (
 from hf_grass import cli
 from hf_grass import data as grass_data
 from hf_grass.errors import MissingFileError, UsageError
-from hf_grass.report import ResourceReportCallback, format_report
+from hf_grass.report import ResourceReportCallback, format_report, limit_malloc_caching
 from hf_grass.trainer import GrassTrainer, GrassTrainingArguments
 
 logger = logging.getLogger("finetune")
@@ -413,6 +413,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.output_dir,
     )
 
+    # Freed activations go back to the system at once rather than to glibc's heap: 0.4-0.7 GB
+    # less peak memory on a CPU, same results, more page faults (see limit_malloc_caching).
+    limit_malloc_caching()
     raw = _truncate(load_raw_data(task, data_args), data_args)
     if "validation" not in raw:
         logger.warning("No validation split: training only (pass --validation_file to evaluate).")
