@@ -120,16 +120,26 @@ class Timeline:
         return rows
 
 
-def thin(samples, step: int = MIB) -> list[dict]:
-    """The samples where the phase changes or VmRSS moved by ``step`` bytes since the last kept."""
-    kept, last = [], None
-    for t, phase, status in samples:
-        if last is None or phase != last[1] or abs(status["VmRSS"] - last[2]["VmRSS"]) >= step:
-            kept.append(
-                {"t": round(t, 3), "phase": phase, **{k.lower(): v for k, v in status.items()}}
-            )
-            last = (t, phase, status)
-    return kept
+def thin(samples, count: int = 400) -> list[dict]:
+    """About ``count`` samples: the highest VmRSS of each phase in each of ``count`` time slices."""
+    if not samples:
+        return []
+    width = (samples[-1][0] - samples[0][0]) / count or 1.0
+    best: dict[tuple[str, int], tuple] = {}
+    for sample in samples:
+        key = (sample[1], int((sample[0] - samples[0][0]) / width))
+        if key not in best or sample[2]["VmRSS"] > best[key][2]["VmRSS"]:
+            best[key] = sample
+    return [
+        {"t": round(t, 3), "phase": phase, **{k.lower(): v for k, v in status.items()}}
+        for t, phase, status in sorted(best.values(), key=lambda s: s[0])
+    ]
+
+
+def dumps(record: dict) -> str:
+    """JSON of ``record``, indented, with one line per sample."""
+    samples = "[\n" + ",\n".join(json.dumps(s) for s in record["samples"]) + "\n ]"
+    return json.dumps({**record, "samples": "@samples"}, indent=1).replace('"@samples"', samples)
 
 
 def _wrap(timeline: Timeline, phase: str, fn, after: str | None = None):
@@ -319,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not own.no_save:
         RESULTS.mkdir(parents=True, exist_ok=True)
         path = RESULTS / f"memory_timeline_{label}.json"
-        path.write_text(json.dumps(record, indent=1) + "\n")
+        path.write_text(dumps(record) + "\n")
         print(f"wrote {path}")
     if tmp is not None:
         tmp.cleanup()
