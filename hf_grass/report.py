@@ -131,8 +131,9 @@ def limit_malloc_caching(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     ``benchmarks/memory_timeline.py``). Fixing the threshold with ``mallopt`` turns the raising
     off; results are unchanged. The price is CPU time: every such tensor is a fresh mapping whose
     pages the kernel zeroes on first touch (in a 4-step run of the default finetune, 12x the minor
-    page faults and 13 s of system CPU time instead of 1.5 s, against 38 s of user time). Does nothing (returns False) without glibc,
-    when ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice wins) or with
+    page faults and 13 s of system CPU time instead of 1.5 s, against 38 s of user time), so
+    ``scripts/finetune.py`` calls it only with ``--limit_malloc_caching``. Does nothing (returns
+    False) without glibc, when ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice wins) or with
     ``HF_GRASS_MALLOC_TUNING=0``.
     """
     if os.environ.get(MALLOC_ENV, "1") == "0" or "MALLOC_MMAP_THRESHOLD_" in os.environ:

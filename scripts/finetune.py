@@ -116,6 +116,14 @@ class ModelArguments:
             "--grass_embeddings."
         },
     )
+    limit_malloc_caching: bool = field(
+        default=False,
+        metadata={
+            "help": "CPU, glibc: return freed activations to the system at once (0.4-0.7 GB less "
+            "peak memory on the default finetune, same results, up to 40% more CPU time in page "
+            "faults). See BENCHMARKS.md section 11."
+        },
+    )
     save_final_model: bool = field(
         default=False,
         metadata={"help": "Write the finetuned model (stock transformers format) to output_dir."},
@@ -413,9 +421,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.output_dir,
     )
 
-    # Freed activations go back to the system at once rather than to glibc's heap: 0.4-0.7 GB
-    # less peak memory on a CPU, same results, more page faults (see limit_malloc_caching).
-    limit_malloc_caching()
+    if model_args.limit_malloc_caching:
+        # Freed activations go back to the system at once rather than to glibc's heap: 0.4-0.7 GB
+        # less peak memory on a CPU, same results, more page faults (see limit_malloc_caching).
+        limit_malloc_caching()
     raw = _truncate(load_raw_data(task, data_args), data_args)
     if "validation" not in raw:
         logger.warning("No validation split: training only (pass --validation_file to evaluate).")

@@ -79,7 +79,7 @@ def test_without_glibc_it_does_nothing(monkeypatch):
     assert report.limit_malloc_caching() is False
 
 
-def test_finetune_limits_malloc_caching_before_loading_data(monkeypatch, tmp_path):
+def test_finetune_limits_malloc_caching_before_loading_data_when_asked(monkeypatch, tmp_path):
     spec = importlib.util.spec_from_file_location("finetune", ROOT / "scripts" / "finetune.py")
     finetune = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "finetune", finetune)
@@ -98,6 +98,11 @@ def test_finetune_limits_malloc_caching_before_loading_data(monkeypatch, tmp_pat
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
+    flags = ["--model_name_or_path", str(model), "--output_dir", str(tmp_path / "out")]
     with pytest.raises(Stop):
-        finetune.main(["--model_name_or_path", str(model), "--output_dir", str(tmp_path / "out")])
+        finetune.main(flags)
+    assert calls == ["load_raw_data"]  # off by default: it costs CPU time
+    calls.clear()
+    with pytest.raises(Stop):
+        finetune.main([*flags, "--limit_malloc_caching"])
     assert calls == ["limit", "load_raw_data"]
