@@ -165,17 +165,31 @@ def test_an_empty_corpus_is_refused(cache, tmp_path, capsys):
     assert "holds no text" in capsys.readouterr().err
 
 
+def _flag_sets(config: Path) -> list[dict]:
+    """A pretraining config's flags; for a comparison config, each run's flags."""
+    import yaml
+
+    data = yaml.safe_load(config.read_text())
+    if "runs" not in data:
+        return [data]
+    return [{**data["flags"], **(run or {})} for run in data["runs"].values()]
+
+
 @pytest.mark.parametrize(
     "config", sorted((ROOT / "configs" / "pretrain").glob("*.yaml")), ids=lambda p: p.stem
 )
 def test_every_pretrain_config_parses_to_the_values_it_names(config):
-    import yaml
-
-    pargs, args = pretrain.parse_args([str(config)])
-    for key, value in yaml.safe_load(config.read_text()).items():
-        got = getattr(pargs, key, None) if hasattr(pargs, key) else getattr(args, key)
-        got = getattr(got, "value", got)  # enums (optim, scheduler) compare by value
-        assert got == value or str(got) == str(value), key
+    for flags in _flag_sets(config):
+        tokens = [str(config)]  # a flag config is read as the script reads it
+        if "runs" in config.read_text():
+            tokens = []
+            for key, value in flags.items():
+                tokens += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
+        pargs, args = pretrain.parse_args(tokens)
+        for key, value in flags.items():
+            got = getattr(pargs, key) if hasattr(pargs, key) else getattr(args, key)
+            got = getattr(got, "value", got)  # enums (optim, scheduler) compare by value
+            assert got == value or str(got) == str(value), (config.name, key)
 
 
 def test_comparison_runs_each_config_entry_and_writes_table_summary_and_plot(tmp_path):
