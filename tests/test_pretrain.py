@@ -240,3 +240,13 @@ def test_a_streamed_corpus_packs_the_same_blocks_lazily(cache, tmp_path):
     validation = [b["input_ids"] for b in blocks["validation"]]
     train = [b["input_ids"] for b in blocks["train"]]
     assert validation == eager[:3] and train == eager[3:]
+
+
+def test_grass_pretraining_defaults_follow_the_ablations_and_yield_to_flags():
+    _, args = pretrain.parse_args([])
+    assert args.learning_rate == pretrain.LEARNING_RATES["grass"]
+    assert (args.grass_scale, args.grass_selection) == (0.25, "multinomial_nr")
+    _, args = pretrain.parse_args(["--grass_scale", "1", "--grass_selection", "top_r"])
+    assert (args.grass_scale, args.grass_selection) == (1.0, "top_r")
+    _, args = pretrain.parse_args(["--optim", "adamw_torch"])
+    assert args.learning_rate == pretrain.LEARNING_RATES["adamw"]
