@@ -28,6 +28,18 @@ EPILOG = (
     f"{DEBUG_ENV}=1 to see its traceback as well."
 )
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+# TrainingArguments defaults shared by the scripts (unless given): Grass, batch 16, warm-up over
+# 10% of the steps, no weight decay, clipping at 1.0, seed 42, no reporting services.
+TRAINER_DEFAULTS: dict[str, Any] = dict(
+    optim="grass",
+    per_device_train_batch_size=16,
+    per_device_eval_batch_size=32,
+    warmup_steps=0.1,
+    weight_decay=0.0,
+    max_grad_norm=1.0,
+    seed=42,
+    report_to="none",
+)
 
 
 def method_name(optim: Any, use_lora: bool = False) -> str:

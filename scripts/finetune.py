@@ -64,19 +64,12 @@ TASK_TYPES = ("classification", "instruction")
 LEARNING_RATES = {"grass": 2e-4, "adamw": 5e-5, "lora": 5e-4, "galore": 2e-4}
 # TrainingArguments defaults of this script (Protocol 1's), applied unless given.
 SCRIPT_DEFAULTS: dict[str, Any] = dict(
-    optim="grass",
-    per_device_train_batch_size=16,
-    per_device_eval_batch_size=32,
+    cli.TRAINER_DEFAULTS,
     max_steps=64,
     lr_scheduler_type="linear",
-    warmup_steps=0.1,
-    weight_decay=0.0,
-    max_grad_norm=1.0,
-    seed=42,
     eval_strategy="no",
     save_strategy="no",
     logging_steps=8,
-    report_to="none",
     dataloader_pin_memory=torch.cuda.is_available(),
 )
 

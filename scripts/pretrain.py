@@ -61,22 +61,15 @@ GRASS_PRETRAIN_DEFAULTS = {"grass_scale": 0.25, "grass_selection": "multinomial_
 # string as a regex on module names; "all-linear" would project the output head as well.
 PROJECTED_MODULES = r".*(self_attn|mlp).*"
 SCRIPT_DEFAULTS: dict[str, Any] = dict(
-    optim="grass",
-    per_device_train_batch_size=16,
-    per_device_eval_batch_size=32,
+    cli.TRAINER_DEFAULTS,
     max_steps=400,
     lr_scheduler_type="cosine",
-    warmup_steps=0.1,
-    weight_decay=0.0,
-    max_grad_norm=1.0,
-    seed=42,
     eval_strategy="steps",
     eval_steps=50,
     save_strategy="steps",
     save_steps=200,
     save_total_limit=2,
     logging_steps=10,
-    report_to="none",
     dataloader_pin_memory=torch.cuda.is_available(),
     include_num_input_tokens_seen=True,
 )
