@@ -9,11 +9,12 @@ argparse does. ``HF_GRASS_DEBUG=1`` shows the traceback of such errors as well.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,14 +114,22 @@ def given_flags(argv: Sequence[str], names: Sequence[str]) -> dict[str, str | No
     return vars(pre.parse_known_args(list(argv))[0])
 
 
-def parse_dataclasses(parser, argv: Sequence[str]) -> tuple:
-    """``parser.parse_args_into_dataclasses``; values the dataclasses refuse become UsageError."""
-    try:  # argparse itself exits with status 2 on a malformed flag
-        return parser.parse_args_into_dataclasses(list(argv))
-    except ValueError as err:  # a value that the arguments' own checks refuse
+@contextlib.contextmanager
+def values_as_usage_errors() -> Iterator[None]:
+    """Report a ``ValueError`` raised inside as a `UsageError`: a value the user passed (a flag
+    the arguments' own checks refuse, Grass targets or a rank that do not fit the model)."""
+    try:
+        yield
+    except ValueError as err:
         if isinstance(err, UsageError):
             raise
         raise UsageError(str(err)) from err
+
+
+def parse_dataclasses(parser, argv: Sequence[str]) -> tuple:
+    """``parser.parse_args_into_dataclasses``; values the dataclasses refuse become UsageError."""
+    with values_as_usage_errors():  # argparse itself exits with status 2 on a malformed flag
+        return parser.parse_args_into_dataclasses(list(argv))
 
 
 def resolve_resume(resume: str | None, output_dir: str) -> str | None:

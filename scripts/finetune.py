@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     eval_dataset = _sort_by_length(tokenized["validation"]) if "validation" in tokenized else None
     report = ResourceReportCallback(method=method)
-    try:
+    with cli.values_as_usage_errors():
         trainer = GrassTrainer(  # checks Grass targets and ranks against the model here
             model=model,
             args=args,
@@ -465,10 +465,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             compute_metrics=compute_metrics,
             callbacks=[report],
         )
-    except ValueError as err:  # the flags do not fit this model (targets, rank, ...)
-        if isinstance(err, UsageError):
-            raise
-        raise UsageError(str(err)) from err
     if data_args.task_type == "classification":
         # Classification heads average their loss per micro-batch: let the Trainer divide by the
         # accumulation steps (it would otherwise expect a loss summed over the window's tokens).

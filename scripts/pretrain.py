@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.output_dir,
     )
     report = ResourceReportCallback(method=method)
-    try:
+    with cli.values_as_usage_errors():
         trainer = GrassTrainer(  # checks Grass targets and ranks against the model here
             model=model,
             args=args,
@@ -259,10 +259,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             processing_class=tokenizer,
             callbacks=[report],
         )
-    except ValueError as err:  # the flags do not fit this model (targets, rank, ...)
-        if isinstance(err, UsageError):
-            raise
-        raise UsageError(str(err)) from err
 
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.log_metrics("train", train_result.metrics)
