@@ -158,9 +158,20 @@ def parse_args(argv: list[str]) -> tuple[PretrainArguments, GrassTrainingArgumen
     if method in ("galore", "apollo"):
         # HF's GaLore/APOLLO need target modules; their papers' scale at rank 128.
         scale = 0.25 if method == "galore" else 1.0
-        defaults.update(optim_target_modules=["attn", "mlp"], optim_args=f"rank=128,scale={scale}")
+        defaults.update(
+            optim_target_modules=PROJECTED_MODULES, optim_args=f"rank=128,scale={scale}"
+        )
     parser.set_defaults(**defaults)
     return cli.parse_dataclasses(parser, argv)
+
+
+def check_preset(pargs: PretrainArguments) -> None:
+    """Refuse an unknown ``--preset`` (unless ``--model_config`` replaces it)."""
+    if pargs.model_config is None and pargs.preset not in LLAMA_PRESETS:
+        raise UsageError(
+            f"Unknown --preset {pargs.preset!r}: choose one of {', '.join(LLAMA_PRESETS)}, or "
+            "pass --model_config."
+        )
 
 
 def model_config(pargs: PretrainArguments, vocab_size: int) -> LlamaConfig:
@@ -170,12 +181,8 @@ def model_config(pargs: PretrainArguments, vocab_size: int) -> LlamaConfig:
             raise MissingFileError(f"--model_config {pargs.model_config} does not exist.")
         config = LlamaConfig.from_json_file(pargs.model_config)
         config.vocab_size = vocab_size
-    elif pargs.preset not in LLAMA_PRESETS:
-        raise UsageError(
-            f"Unknown --preset {pargs.preset!r}: choose one of {', '.join(LLAMA_PRESETS)}, or "
-            "pass --model_config."
-        )
     else:
+        check_preset(pargs)
         config = llama_config(pargs.preset, vocab_size=vocab_size)
     if pargs.seq_len > config.max_position_embeddings:
         raise UsageError(
@@ -214,8 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     # Bad input fails here, before the corpus is read or anything is written.
     grass_corpus.check_corpus(spec)
-    if pargs.model_config is None and pargs.preset not in LLAMA_PRESETS:
-        model_config(pargs, 0)  # raises the unknown-preset error
+    check_preset(pargs)
     if pargs.seq_len < 2:
         raise UsageError(f"--seq_len {pargs.seq_len}: a causal LM needs at least 2 tokens.")
     resume = cli.resolve_resume(args.resume_from_checkpoint, args.output_dir)
