@@ -25,8 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ import torch
 from datasets import Dataset, DatasetDict, IterableDatasetDict, load_dataset, load_from_disk
 
 from .errors import MissingFileError, UsageError
-from .resources import cache_dir, shakespeare_dir
+from .resources import cache_dir, shakespeare_dir, write_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -172,21 +170,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return _hash([definition, tokenizer.eos_token, tokenizer.bos_token])
 
 
-def _save_atomically(target: Path, write) -> None:
-    """``write(tmp_dir)`` then rename to ``target``: an interrupted write leaves no half cache."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        write(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process (another rank) finished first: keep its copy
-            if not target.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def default_tokenizer(spec: CorpusSpec, raw_train: Dataset, vocab_size: int = DEFAULT_VOCAB_SIZE):
     """A byte-level BPE trained on the training documents, cached per corpus and size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -214,7 +197,7 @@ def default_tokenizer(spec: CorpusSpec, raw_train: Dataset, vocab_size: int = DE
             fast.pad_token = EOS_TOKEN
             fast.save_pretrained(tmp)
 
-        _save_atomically(target, write)
+        write_cache_dir(target, write)
     return PreTrainedTokenizerFast.from_pretrained(target)
 
 
@@ -275,7 +258,7 @@ def packed_blocks(
                 blocks["train"] = blocks["train"].select(range(total - held_out))
             blocks.save_to_disk(str(tmp))
 
-        _save_atomically(target, write)
+        write_cache_dir(target, write)
     blocks = load_from_disk(str(target))
     for split in ("train", "validation"):
         if len(blocks[split]) == 0:

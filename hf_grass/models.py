@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from .resources import cache_dir, smollm2_gguf_path
+from .resources import cache_dir, smollm2_gguf_path, write_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -140,20 +137,7 @@ def default_model_path() -> Path:
         )
     gguf = smollm2_gguf_path()
     logger.info("Converting %s to a float32 checkpoint in %s (once, about a minute)", gguf, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write next to the target and rename: an interrupted conversion leaves only a temp folder.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
-    try:
-        _convert_gguf(gguf, tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process (e.g. another rank) finished first: use its checkpoint.
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_cache_dir(target, lambda tmp: _convert_gguf(gguf, tmp))
     return target
 
 

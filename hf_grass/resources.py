@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -22,6 +25,26 @@ _SETUP_HINT = "run `bash scripts/setup.sh`"
 def cache_dir() -> Path:
     """The hf-grass cache: `$HF_GRASS_CACHE`, else `~/.cache/hf_grass` (not created here)."""
     return Path(os.environ.get("HF_GRASS_CACHE") or "~/.cache/hf_grass").expanduser()
+
+
+def write_cache_dir(target: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp_dir)`` into a folder beside ``target``, then rename it to ``target``.
+
+    An interrupted write leaves only a hidden temporary folder, never a half-written ``target``;
+    if another process (another rank) renamed its own copy first, that copy is kept.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _package_dir(package: str, pip_spec: str) -> Path:
