@@ -77,7 +77,7 @@ def _weight_gradient(weight: torch.Tensor, ids: torch.Tensor, dy: torch.Tensor):
     present = tokens[pos] == rows if tokens.numel() else torch.zeros_like(rows, dtype=torch.bool)
     compressed = torch.zeros(rows.numel(), dy.shape[1], dtype=dy.dtype, device=dy.device)
     compressed[present] = rows_of_tokens[pos[present]]
-    projection.accumulate(compressed * projection.rho.to(dy.dtype)[:, None])
+    projection.accumulate(projection.scale_rows_(compressed))
     return None
 
 

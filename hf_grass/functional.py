@@ -243,11 +243,20 @@ def _grouped_grass_adamw(
         )
         groups.setdefault(key, []).append(i)
     lists = (params, grads, exp_avgs, exp_avg_sqs, steps, rows, rhos, uniques)
+
+    def pick(index: list[int]) -> list[list]:
+        return [[seq[i] for i in index] for seq in lists]
+
     if rest:
-        _multi_tensor_grass_adamw(*([seq[i] for i in rest] for seq in lists), **hp)
+        # One tensor alone (layer-wise updates): the reference has the least host overhead.
+        impl = _single_tensor_grass_adamw if len(rest) == 1 else _multi_tensor_grass_adamw
+        impl(*pick(rest), **hp)
     for (device, *_, shape), index in groups.items():
         for chunk in _chunks(index, shape[0] * shape[1], device):
-            _step_group(*([seq[i] for i in chunk] for seq in lists), compiled=compiled, **hp)
+            if len(chunk) == 1 and not compiled:
+                _single_tensor_grass_adamw(*pick(chunk), **hp)
+            else:
+                _step_group(*pick(chunk), compiled=compiled, **hp)
 
 
 # Elements in one batch (G x r x k). It bounds the step's temporaries (a few float32 batches:

@@ -132,12 +132,12 @@ def _weight_gradient(
         compressed = projection.compress(full)
         del full  # freed before the next layer's backward allocates its own
     else:
-        rows, rho = projection.rows, projection.rho
+        rows = projection.rows
         if projection.side == "rows":
             compressed = dy2.index_select(1, rows).t() @ x2  # (r x T)(T x n) = r x n
         else:
             compressed = x2.index_select(1, rows).t() @ dy2  # (r x T)(T x m) = r x m
-        compressed.mul_(rho.to(compressed.dtype)[:, None])
+        projection.scale_rows_(compressed)
     projection.accumulate(compressed)
     return None
 

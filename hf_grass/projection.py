@@ -93,6 +93,7 @@ class GrassProjection:
         self._grad_step: int | None = None  # the optimizer step `grad` belongs to
         self.anchor: torch.Tensor | None = None  # grad-ready signal (hf_grass.layerwise)
         self._unique: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._unit_rho: tuple[torch.Tensor, bool] | None = None
         # Set by hf_grass.distributed: averages a full gradient across ranks before selecting.
         self.reduce_full: Callable[[torch.Tensor], torch.Tensor] | None = None
         _PROJECTIONS[param] = self
@@ -141,6 +142,20 @@ class GrassProjection:
             self._unique = (rows, *unique_rows(rows))
         return self._unique[1], self._unique[2]
 
+    def scale_rows_(self, compressed: torch.Tensor) -> torch.Tensor:
+        """``rho[:, None] * compressed``, in place; nothing to do when every ``rho`` is 1.
+
+        ``top_r`` and ``multinomial_nr`` select with ``rho = 1``: skipping the multiply saves
+        two kernels per layer in every backward. Whether ``rho`` is all ones is read once per
+        selection (one device sync every ``update_proj_gap`` steps).
+        """
+        rho = self.rho
+        if self._unit_rho is None or self._unit_rho[0] is not rho:
+            self._unit_rho = (rho, bool((rho == 1).all()))
+        if self._unit_rho[1]:
+            return compressed
+        return compressed.mul_(rho.to(compressed.dtype)[:, None])
+
     def select(self, grad: torch.Tensor) -> None:
         """Choose new rows from a full gradient (m x n, the parameter's own layout).
 
@@ -153,8 +168,7 @@ class GrassProjection:
 
     def compress(self, grad: torch.Tensor) -> torch.Tensor:
         """``rho[:, None] * G[rows]`` for a full gradient in the parameter's layout."""
-        g = oriented(grad, self.side)
-        return g[self.rows] * self.rho.to(g.dtype)[:, None]
+        return self.scale_rows_(oriented(grad, self.side)[self.rows])
 
     # ---- the compressed gradient's lifetime ---------------------------------------------------
     def accumulate(self, compressed: torch.Tensor) -> None:

@@ -456,3 +456,18 @@ def test_on_each_device_compressed_gradient_and_bf16_autocast(side, device):
     assert got.dtype == torch.float32 and layer.bias.grad.dtype == torch.float32
     scale = reference.abs().max()
     torch.testing.assert_close(got / scale, reference / scale, rtol=0, atol=2e-2)
+
+
+def test_unit_scales_skip_the_multiply_and_others_apply_it():
+    """rho = 1 (top_r) leaves the compressed gradient as it is; a new, non-unit rho scales it."""
+    layer, opt = _layer_and_optimizer(12, 6, 4, "rows", "top_r", False)
+    x = torch.randn(5, 6, dtype=F64)
+    _backward(layer, x, torch.ones(5, 12, dtype=F64))  # selects: rho = 1
+    projection = projection_of(layer.weight)
+    c = torch.randn(4, 6, dtype=F64)
+    before = c.clone()
+    assert projection.scale_rows_(c) is c and torch.equal(c, before)
+    rho = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    opt.state[layer.weight]["rho"] = rho  # a new selection's scales
+    expected = c * rho.to(F64)[:, None]
+    assert torch.equal(projection.scale_rows_(c), expected)
