@@ -287,11 +287,9 @@ def _check_same_everywhere(group, optimizer, projected_names: list[str]) -> None
 
 # ---- FSDP2 ---------------------------------------------------------------------------------------
 # GrassAdamW runs on fully_shard's DTensor weights directly (full gradients, reduce-scattered by
-# FSDP2): see hf_grass.optim. Its moments of a row-sharded weight are this rank's part (r x m/W).
-# The two functions below turn that into the state one process would hold and back, so that a
-# checkpoint resumes on any number of processes, one included.
-
-_MOMENTS = ("exp_avg", "exp_avg_sq")
+# FSDP2): see hf_grass.optim. Its state_dict() gives the moments of a row-sharded weight as
+# DTensors, so torch.distributed.checkpoint handles them; the two functions below are the
+# gathered form, one torch.save-able dict that resumes on any number of processes, one included.
 
 
 def full_optimizer_state_dict(optimizer: Any) -> dict:
@@ -303,49 +301,18 @@ def full_optimizer_state_dict(optimizer: Any) -> dict:
     resume with :func:`load_full_optimizer_state_dict` on any number of processes, or with
     ``GrassAdamW.load_state_dict`` on one. Collective: call it on every rank.
     """
-    from torch.distributed.tensor import DTensor, Shard
-
-    from .projection import row_sharded
+    from torch.distributed.tensor import DTensor
 
     state_dict = optimizer.state_dict()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for index, p in enumerate(params):
-        entry = state_dict["state"].get(index)
-        if entry is None:
-            continue
-        entry = dict(entry)
-        for key, value in entry.items():
-            if isinstance(value, DTensor):
-                entry[key] = value.full_tensor()
-            elif key in _MOMENTS and "rows" in entry and row_sharded(p):
-                # Oriented moments are r x m: their columns follow the weight's rows.
-                entry[key] = DTensor.from_local(
-                    value, p.device_mesh, [Shard(1)], shape=(value.shape[0], p.shape[0]),
-                    stride=(p.shape[0], 1),
-                ).full_tensor()  # fmt: skip
-        state_dict["state"][index] = entry
+    state_dict["state"] = {
+        index: {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in entry.items()}
+        for index, entry in state_dict["state"].items()
+    }
     return state_dict
 
 
 def load_full_optimizer_state_dict(optimizer: Any, state_dict: dict) -> None:
     """Load a state from :func:`full_optimizer_state_dict` (or from a single process) into an
-    optimizer over ``fully_shard`` weights: each rank keeps its own rows' part."""
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    from .projection import row_sharded
-
-    state_dict = {**state_dict, "state": dict(state_dict["state"])}
-    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for pid, p in zip(ids, params, strict=True):
-        entry = state_dict["state"].get(pid)
-        if entry is None or not row_sharded(p):
-            continue
-        entry = dict(entry)
-        for key in _MOMENTS:
-            if "rows" in entry:  # Grass moments: plain tensors of this rank's columns
-                entry[key] = distribute_tensor(entry[key], p.device_mesh, [Shard(1)]).to_local()
-            else:  # plain AdamW moments: DTensors sharded like the parameter
-                entry[key] = distribute_tensor(entry[key], p.device_mesh, p.placements)
-        state_dict["state"][pid] = entry
+    optimizer over ``fully_shard`` weights: each rank keeps its own rows' part. The same as
+    ``GrassAdamW.load_state_dict``, which takes full and sharded states alike."""
     optimizer.load_state_dict(state_dict)

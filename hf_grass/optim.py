@@ -26,6 +26,7 @@ here instead. :func:`hf_grass.projection_of` finds a weight's projection.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -39,6 +40,8 @@ from .projection import GrassProjection, local, oriented, projection_of, row_sha
 from .selection import select_rows
 
 logger = logging.getLogger(__name__)
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 # Group keys a resumed run takes from its own arguments rather than from the checkpoint (which is
 # what torch.optim does for every key). lr and initial_lr stay the checkpoint's: the LR scheduler
@@ -166,6 +169,32 @@ class GrassAdamW(Optimizer):
         for group in self.param_groups:
             self._index_group(group)
 
+    def follow_replaced_params(self) -> None:
+        """Index the parameters that a wrapper put into ``param_groups`` after construction.
+
+        accelerate's FSDP2 preparation (the Trainer's ``--fsdp`` with ``fsdp_version: 2``)
+        builds the optimizer on the plain weights, then replaces each of them in the groups with
+        its sharded DTensor. Their projections are made again (selecting columns of a weight
+        sharded by rows). ``step()`` calls this; call it yourself before anything else reads
+        the projections (:func:`clip_grad_norm_` before the first step). Only before the first
+        step: after it the state belongs to the old tensors.
+        """
+        params = [p for g in self.param_groups for p in g["params"]]
+        if len(params) == len(self._group_index) and all(
+            id(p) in self._group_index for p in params
+        ):
+            return
+        if self.state:
+            raise RuntimeError(
+                "GrassAdamW's parameters were replaced after its first step (by a wrapper such "
+                "as FSDP): wrap the model before training starts, or build the optimizer again."
+            )
+        self._group_index, self._projections = {}, {}
+        for group in self.param_groups:
+            if "rank" in group:
+                _validate_projected_group(group)
+            self._index_group(group)
+
     def _group_of(self, p: torch.Tensor) -> dict:
         return self._group_index[id(p)]
 
@@ -186,6 +215,7 @@ class GrassAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.follow_replaced_params()
         for group in self.param_groups:
             if "rank" in group:
                 self._projected_steps(group["params"], group)
@@ -206,6 +236,7 @@ class GrassAdamW(Optimizer):
     def step_params(self, params: Iterable[torch.Tensor]) -> None:
         """Update several parameters from their gradients, batched per param group (used by
         layer-wise training with buckets: one batched step instead of one per parameter)."""
+        self.follow_replaced_params()
         by_group: dict[int, tuple[dict, list[torch.Tensor]]] = {}
         for p in params:
             group = self._group_of(p)
@@ -329,7 +360,12 @@ class GrassAdamW(Optimizer):
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
         norms = _row_norms(p, g)
-        rows, rho = select_rows(norms, group["rank"], group["selection"], generator)
+        with warnings.catch_warnings():
+            if group["lr"] == 0:
+                # torch.distributed.checkpoint creates missing state with an lr-0 step on zero
+                # gradients before loading a checkpoint over it: no warning for that selection.
+                warnings.simplefilter("ignore", RuntimeWarning)
+            rows, rho = select_rows(norms, group["rank"], group["selection"], generator)
         state["rng"] = _rng_bytes(generator.get_state())
         remap_moments(
             state,
@@ -342,6 +378,28 @@ class GrassAdamW(Optimizer):
         state.update(rows=rows, rho=rho, selected_step=state["step"].clone())
 
     # ------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """``torch.optim``'s state dict; Grass moments of a weight sharded by rows are DTensors.
+
+        Under FSDP2 each rank holds the moments of its own rows of the weight: oriented, this
+        rank's columns of the r x m moments. They are returned as DTensors of the global r x m
+        shape, sharded on dim 1 like the weight on dim 0, so that
+        ``torch.distributed.checkpoint`` (``get_optimizer_state_dict``, ``dcp.save``) gathers,
+        saves and reshards them like any sharded state, and a checkpoint resumes on any number
+        of processes. The optimizer's own state is not changed.
+        """
+        state_dict = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, p in enumerate(params):
+            entry = state_dict["state"].get(index)
+            if entry is None or "rows" not in entry or not row_sharded(p):
+                continue
+            entry = dict(entry)  # torch.optim shares the state's own dicts
+            for key in MOMENTS:
+                entry[key] = _global_moment(entry[key], p)
+            state_dict["state"][index] = entry
+        return state_dict
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by :meth:`state_dict`, keeping every tensor's saved dtype.
 
@@ -415,6 +473,43 @@ def _row_norms(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return squares.sqrt()
 
 
+def _moment_placements(p: torch.Tensor) -> list:
+    """Placements of the oriented (r x m) moments of a weight sharded by rows: its own, with
+    the weight's dim-0 sharding on the moments' dim 1."""
+    from torch.distributed.tensor import Shard
+
+    return [Shard(1) if getattr(pl, "dim", None) == 0 else pl for pl in p.placements]
+
+
+def _global_moment(local_moment: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """This rank's r x m/W moments of a row-sharded ``p`` as a DTensor of shape r x m."""
+    from torch.distributed.tensor import DTensor
+
+    r, m = local_moment.shape[0], p.shape[0]
+    return DTensor.from_local(
+        local_moment, p.device_mesh, _moment_placements(p), shape=(r, m), stride=(m, 1)
+    )
+
+
+def _placed_moment(moment: torch.Tensor, p: torch.Tensor, projected: bool) -> torch.Tensor:
+    """Saved moments as ``p``'s state holds them. For a sharded ``p`` (a DTensor) they may come
+    as a DTensor of any placement (what ``torch.distributed.checkpoint`` loads) or as a full
+    tensor (a single process's state, :func:`hf_grass.distributed.full_optimizer_state_dict`):
+    Grass moments of a row-sharded weight become this rank's r x m/W part, plain AdamW moments a
+    DTensor sharded like ``p``."""
+    if not hasattr(p, "device_mesh"):
+        return moment
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    grass_sharded = projected and row_sharded(p)
+    placements = _moment_placements(p) if grass_sharded else list(p.placements)
+    if isinstance(moment, DTensor):
+        moment = moment.redistribute(p.device_mesh, placements)
+    else:
+        moment = distribute_tensor(moment.to(p.device), p.device_mesh, placements)
+    return moment.to_local() if grass_sharded else moment
+
+
 def _rng_bytes(state: torch.Tensor) -> bytes:
     """A generator state as bytes: untouched by ``map_location`` and by dtype casts."""
     return bytes(state.cpu().numpy())
@@ -444,8 +539,9 @@ def _restore_state(p: torch.Tensor, saved: dict, group: dict) -> dict:
             state[key] = value if isinstance(value, bytes) else _rng_bytes(_rng_tensor(value))
         elif key in ("step", "selected_step"):
             state[key] = value.to("cpu", torch.float32, copy=True)
-        elif key in ("exp_avg", "exp_avg_sq"):
-            state[key] = value.to(p.device, moments_dtype, copy=True)
+        elif key in MOMENTS:
+            state[key] = _placed_moment(value, p, "rows" in saved)
+            state[key] = state[key].to(p.device, moments_dtype, copy=True)
         elif isinstance(value, torch.Tensor):
             state[key] = value.to(p.device, copy=True)
         else:

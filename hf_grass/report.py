@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .projection import projection_of
+from .projection import local, projection_of
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +43,12 @@ REPORT_NAME = "resource_report.json"
 
 
 def tensor_bytes(obj: Any, _seen: set[int] | None = None, _depth: int = 0) -> int:
-    """Bytes of the distinct tensors reachable from ``obj`` (dicts, sequences, object attributes)."""
+    """Bytes of the distinct tensors reachable from ``obj`` (dicts, sequences, object attributes).
+
+    A DTensor (FSDP2) counts its local shard: the bytes this process holds."""
     seen = set() if _seen is None else _seen
     if isinstance(obj, torch.Tensor):
+        obj = local(obj)
         if obj.device.type == "meta":
             return 0
         key = hash((obj.data_ptr(), obj.numel(), obj.dtype)) if obj.numel() else id(obj)

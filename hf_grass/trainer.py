@@ -247,12 +247,22 @@ class GrassTrainerMixin:
                 f"optim='grass' needs GrassTrainingArguments (or a TrainingArguments subclass "
                 f"mixing in GrassArguments), got {type(self.args).__name__}."
             )
-        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
+        if getattr(self, "is_deepspeed_enabled", False):
             raise UsageError(
-                "optim='grass' does not run under the Trainer's DeepSpeed or FSDP yet (DeepSpeed "
-                "flattens weights into 1-D buffers, which row selection cannot address): use DDP "
-                "(torchrun / accelerate launch without a DeepSpeed or FSDP config), or FSDP2's "
-                "fully_shard with GrassAdamW in your own loop (README: FSDP2)."
+                "optim='grass' does not run under DeepSpeed (it flattens weights into 1-D "
+                "buffers, which row selection cannot address): use DDP (torchrun / accelerate "
+                f"launch without a DeepSpeed config) or FSDP2 ({FSDP2_FLAGS})."
+            )
+        if getattr(self, "is_fsdp_enabled", False) and not self._grass_fsdp2():
+            raise UsageError(
+                "optim='grass' with FSDP needs FSDP2 (FSDP1 flattens weights into 1-D buffers, "
+                f"which row selection cannot address): pass {FSDP2_FLAGS}."
+            )
+        if self._grass_fsdp2() and self.args.grass_layerwise:
+            raise UsageError(
+                "grass_layerwise=True with FSDP2: layer-wise updates need Grass's compressed "
+                "backward, and under FSDP2 the gradients are FSDP2's own, reduce-scattered after "
+                "the backward. Drop --grass_layerwise, or use DDP (without --fsdp)."
             )
         from transformers.training_args import ParallelMode
 
@@ -280,7 +290,9 @@ class GrassTrainerMixin:
             # A dry run of the grouping: bad target modules or a rank too large raise here.
             try:
                 _refuse_adapter_targets(self.model, self.args.grass_targets())
-                self._grass_param_groups(self.model)
+                groups = self._grass_param_groups(self.model)
+                if self._grass_fsdp2():
+                    _check_fsdp2_groups(groups)
             except ValueError as e:
                 raise UsageError(
                     f"optim='grass' cannot be set up on {type(self.model).__name__}: {e} "
@@ -308,7 +320,7 @@ class GrassTrainerMixin:
             lm_head=config.lm_head,
             **config.group_options(),
         )
-        if install and config.compressed_backward:
+        if install and config.compressed_backward and not self._grass_fsdp2():
             from hf_grass.linear import grassify
 
             return grassify(model, **kwargs)
@@ -327,7 +339,9 @@ class GrassTrainerMixin:
 
         args = self.args
         opt_model = self.model if model is None else model
-        compressed = args.grass_compressed_backward
+        # Under FSDP2 the backward is FSDP2's (full gradients, reduce-scattered); accelerate
+        # then swaps the weights in the optimizer for their shards (followed at the first step).
+        compressed = args.grass_compressed_backward and not self._grass_fsdp2()
         groups = self._grass_param_groups(opt_model, install=True)
         self.optimizer = GrassAdamW(groups, **args.grass_optimizer_kwargs())
         self._grass_dp = None
@@ -350,11 +364,22 @@ class GrassTrainerMixin:
             compressed,
             args.grass_layerwise,
             args.world_size,
-            ", compressed gradients averaged across them" if self._grass_dp else "",
+            ", compressed gradients averaged across them"
+            if self._grass_dp
+            else (", sharded by FSDP2" if self._grass_fsdp2() else ""),
         )
         return self.optimizer
 
+    def _grass_fsdp2(self) -> bool:
+        """Whether accelerate shards the model with FSDP2 (``fully_shard``)."""
+        state = getattr(getattr(self, "accelerator", None), "state", None)
+        plugin = getattr(state, "fsdp_plugin", None)
+        return plugin is not None and getattr(plugin, "fsdp_version", 1) == 2
+
     def training_step(self, model: nn.Module, inputs: Any, *args: Any, **kwargs: Any):
+        if _uses_grass(self.args) and self._grass_fsdp2():
+            # accelerate replaced the weights with their shards: project those before clipping.
+            _inner_optimizer(self.optimizer).follow_replaced_params()
         dp = getattr(self, "_grass_dp", None)
         if dp is not None and isinstance(model, nn.parallel.DistributedDataParallel):
             dp.attach(model)  # once: follow no_sync() and meter DDP's buckets
@@ -448,6 +473,37 @@ class GrassTrainerMixin:
 
 class GrassTrainer(GrassTrainerMixin, Trainer):
     """``transformers.Trainer`` that understands ``optim="grass"`` (see :class:`GrassTrainingArguments`)."""
+
+
+FSDP2_FLAGS = "--fsdp full_shard --fsdp_config '{\"fsdp_version\": 2}'"
+
+
+def _inner_optimizer(optimizer: Any) -> Any:
+    """The optimizer inside accelerate's ``AcceleratedOptimizer`` (and similar wrappers)."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _check_fsdp2_groups(groups: list[dict]) -> None:
+    """FSDP2 shards weights by rows, and Grass selects their columns (``hf_grass.optim``):
+    refuse ``proj_side='rows'`` and a rank above a weight's column count before training."""
+    for group in groups:
+        if "rank" not in group:
+            continue
+        if group.get("proj_side") == "rows":
+            raise ValueError(
+                "proj_side='rows' under FSDP2, which shards weights by rows: Grass selects "
+                "columns there; use --grass_proj_side auto or cols"
+            )
+        narrow = [
+            tuple(p.shape) for p in group["params"] if p.dim() == 2 and p.shape[1] < group["rank"]
+        ]
+        if narrow:
+            raise ValueError(
+                f"rank {group['rank']} is larger than the columns of a weight of shape {narrow[0]}, "
+                f"which Grass selects under FSDP2; use a rank <= {narrow[0][1]}"
+            )
 
 
 def _uses_grass(args: Any) -> bool:

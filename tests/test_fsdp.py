@@ -121,9 +121,69 @@ def _resume_worker(out: str) -> None:
     end_worker()
 
 
+def _dcp_worker(out: str) -> None:
+    """Train 3 of 5 steps sharded; checkpoint through torch.distributed.checkpoint, gathered
+    (``full_state_dict``) and sharded (``dcp.save``); resume each on 2 processes."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in _batches()]
+    model = _sharded(_model())
+    opt = _optimizer(model, "multinomial")
+    _train(model, opt, local[:3], clip=True)
+    full = StateDictOptions(full_state_dict=True)
+    gathered = (
+        get_model_state_dict(model, options=full),
+        get_optimizer_state_dict(model, opt, options=full),
+    )
+    dcp.save(
+        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+        checkpoint_id=str(Path(out, "dcp")),
+    )  # fmt: skip
+
+    finals = {}
+    for kind in ("full", "sharded"):
+        resumed = _sharded(_model())
+        resumed_opt = _optimizer(resumed, "multinomial")
+        if kind == "full":
+            model_sd, optim_sd, options = *gathered, full
+        else:
+            loaded = {
+                "model": get_model_state_dict(resumed),
+                "optim": get_optimizer_state_dict(resumed, resumed_opt),
+            }
+            dcp.load(loaded, checkpoint_id=str(Path(out, "dcp")))
+            model_sd, optim_sd, options = loaded["model"], loaded["optim"], None
+        set_model_state_dict(resumed, model_sd, options=options)
+        set_optimizer_state_dict(resumed, resumed_opt, optim_sd, options=options)
+        _train(resumed, resumed_opt, local[3:], clip=True)
+        finals[kind] = {n: p.full_tensor() for n, p in resumed.named_parameters()}
+
+    reference = _model()
+    _train(reference, _optimizer(reference, "multinomial"), _batches(), clip=True)
+    if rank == 0:
+        ref = dict(reference.named_parameters())
+        result = {
+            kind: max(float((w[n] - ref[n]).abs().max()) for n in ref) for kind, w in finals.items()
+        }
+        Path(out, "dcp.json").write_text(json.dumps(result))
+    end_worker()
+
+
 def _worker(out: str, selection: str) -> None:
     import torch
     import torch.distributed as dist
+
+    from hf_grass.report import tensor_bytes
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -133,6 +193,30 @@ def _worker(out: str, selection: str) -> None:
     norms = _train(model, opt, batches, clip=True)
     sharded = {n: p.full_tensor() for n, p in model.named_parameters()}
     state_rows = opt.state[model[0].weight]["exp_avg"].shape
+    bias = model[0].bias  # a DTensor with plain AdamW moments: the report counts this rank's
+    # Both moments of this rank's 6 of 12 entries: counted once each (a DTensor's data_ptr is 0),
+    # and only the local part.
+    moments = [opt.state[bias]["exp_avg"], opt.state[bias]["exp_avg_sq"]]
+    bias_state_bytes = [
+        [tensor_bytes(moments[0]), tensor_bytes(moments)],
+        bias.to_local().numel() * 8,
+    ]
+
+    # The optimizer built on the plain weights, which sharding then replaces in its groups (what
+    # accelerate's FSDP2 preparation does for the Trainer's --fsdp): the same training.
+    late = _model()
+    late_opt = _optimizer(late, selection)
+    names = {id(p): n for n, p in late.named_parameters()}
+    old_groups = [[names[id(p)] for p in g["params"]] for g in late_opt.param_groups]
+    _sharded(late)
+    new_params = dict(late.named_parameters())
+    for group, group_names in zip(late_opt.param_groups, old_groups, strict=True):
+        group["params"] = [new_params[n] for n in group_names]
+    late_opt.follow_replaced_params()  # before clipping reads the projections
+    _train(late, late_opt, batches, clip=True)
+    late_diff = max(
+        float((p.full_tensor() - sharded[n]).abs().max()) for n, p in new_params.items()
+    )
 
     reference = _model()
     ref_opt = _optimizer(reference, selection)
@@ -145,6 +229,8 @@ def _worker(out: str, selection: str) -> None:
             json.dumps(
                 {
                     "max_diff": max_diff,
+                    "late_diff": late_diff,
+                    "bias_state_bytes": bias_state_bytes,
                     "norms": norms,
                     "ref_norms": ref_norms,
                     "local_state": list(state_rows),
@@ -159,21 +245,29 @@ def _worker(out: str, selection: str) -> None:
     end_worker()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("selection", ["top_r", "multinomial"])
-def test_fully_shard_two_processes_equal_one_process(tmp_path, selection):
+def _two_processes(tmp_path, mode: str) -> None:
+    """Run this file's ``mode`` worker on 2 CPU processes (gloo), bounded in time."""
     from conftest import run_bounded
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-        __file__, str(tmp_path), selection,
+        __file__, str(tmp_path), mode,
     ]  # fmt: skip
     proc = run_bounded(cmd, env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("selection", ["top_r", "multinomial"])
+def test_fully_shard_two_processes_equal_one_process(tmp_path, selection):
+    _two_processes(tmp_path, selection)
     result = json.loads((tmp_path / f"{selection}.json").read_text())
     assert result["rows_equal"]
     assert result["max_diff"] < 1e-10
+    assert result["late_diff"] == 0.0
+    (one, both), local_bytes = result["bias_state_bytes"]
+    assert one == local_bytes and both == 2 * local_bytes
     # every rank clipped by the global norm of the whole (compressed) gradient
     assert result["norms"] == pytest.approx(result["ref_norms"], rel=1e-6)
     # moments: r x (this rank's rows), half of the single-process r x m
@@ -183,19 +277,42 @@ def test_fully_shard_two_processes_equal_one_process(tmp_path, selection):
 @pytest.mark.slow
 def test_sharded_checkpoint_resumes_on_two_processes_and_on_one(tmp_path):
     """The gathered state resumes exactly: sharded again on 2 ranks, or on a single process."""
-    from conftest import run_bounded
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-        __file__, str(tmp_path), "resume",
-    ]  # fmt: skip
-    proc = run_bounded(cmd, env, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _two_processes(tmp_path, "resume")
     for name, (two_vs_one, one_vs_uninterrupted) in json.loads(
         (tmp_path / "resume.json").read_text()
     ).items():
         assert two_vs_one < 1e-12 and one_vs_uninterrupted < 1e-12, name
+
+
+@pytest.mark.slow
+def test_distributed_checkpoint_resumes_sharded_and_on_one_process(tmp_path):
+    """torch.distributed.checkpoint saves Grass's sharded moments: gathered or sharded, the
+    checkpoint resumes exactly on 2 processes, and the sharded one on a single process."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    _two_processes(tmp_path, "dcp")
+    for kind, diff in json.loads((tmp_path / "dcp.json").read_text()).items():
+        assert diff < 1e-12, kind
+
+    # The sharded checkpoint, loaded by one process without any process group.
+    model = _model()
+    opt = _optimizer(model, "multinomial")
+    loaded = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(loaded, checkpoint_id=str(tmp_path / "dcp"))
+    model.load_state_dict(loaded["model"])
+    set_optimizer_state_dict(model, opt, loaded["optim"])
+    batches = _batches()
+    _train(model, opt, batches[3:], clip=True)
+    reference = _model()
+    _train(reference, _optimizer(reference, "multinomial"), batches, clip=True)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12, msg=name)
 
 
 if __name__ == "__main__":
@@ -203,5 +320,7 @@ if __name__ == "__main__":
 
     if sys.argv[2] == "resume":
         _resume_worker(sys.argv[1])
+    elif sys.argv[2] == "dcp":
+        _dcp_worker(sys.argv[1])
     else:
         _worker(sys.argv[1], sys.argv[2])

@@ -911,3 +911,26 @@ def test_no_decay_parameters_get_zero_weight_decay():
 def test_target_modules_matching_nothing_or_a_non_linear_raises(target, match):
     with pytest.raises(ValueError, match=match):
         grass_param_groups(_TinyLM(), 2, target)
+
+
+def test_parameters_replaced_before_the_first_step_are_followed():
+    """A wrapper that swaps the weights in param_groups (accelerate's FSDP2 preparation) before
+    training: the step updates and projects the new tensors; after training starts it refuses."""
+    gen = torch.Generator().manual_seed(0)
+    old = _param(_randn(6, 4, gen=gen))
+    initial = old.detach().clone()
+    opt = GrassAdamW([dict(params=[old], rank=2)], lr=0.1)
+    new = _param(old.detach().clone())
+    opt.param_groups[0]["params"] = [new]
+    new.grad = _randn(6, 4, gen=gen)
+    reference = _param(old.detach().clone())
+    ref_opt = GrassAdamW([dict(params=[reference], rank=2)], lr=0.1)
+    reference.grad = new.grad.clone()
+    opt.step()
+    ref_opt.step()
+    assert projection_of(new) is not None and new in opt.state and old not in opt.state
+    torch.testing.assert_close(new, reference, rtol=0, atol=0)
+    assert torch.equal(old, initial) and not torch.equal(new, initial)
+    opt.param_groups[0]["params"] = [old]
+    with pytest.raises(RuntimeError, match="replaced after its first step"):
+        opt.step()

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -585,3 +586,29 @@ def test_compiled_flag_reaches_the_optimizer_and_trains_like_the_default(tmp_pat
         results.append(params_of(model))
     for name, p in results[0].items():
         torch.testing.assert_close(results[1][name], p, rtol=0, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize(
+    "fsdp_version, kw, match",
+    [
+        (1, {}, "needs FSDP2"),
+        (2, dict(grass_layerwise=True), "grass_layerwise=True with FSDP2"),
+        (2, dict(grass_proj_side="rows"), "selects columns there"),
+        (2, dict(grass_rank=100, grass_target_modules=["up_proj"]), "larger than the columns"),
+    ],
+)
+def test_fsdp_setups_grass_cannot_run_fail_with_the_fix(tmp_path, fsdp_version, kw, match):
+    """The checks GrassTrainer runs when accelerate shards with FSDP (which the stock Trainer
+    only runs on GPUs): FSDP1, layer-wise mode and row selection are refused in one line."""
+    trainer = GrassTrainer(
+        model=tiny_classifier(),
+        args=make_args(tmp_path, **kw),
+        train_dataset=classification_data(n=8),
+    )
+    trainer.is_fsdp_enabled = True
+    trainer.accelerator.state.fsdp_plugin = types.SimpleNamespace(fsdp_version=fsdp_version)
+    try:
+        with pytest.raises(ValueError, match=match):
+            trainer._check_grass_setup()
+    finally:
+        trainer.accelerator.state.fsdp_plugin = None  # accelerate's state is shared
