@@ -354,8 +354,9 @@ def memory_worker(args, part: str, method: str) -> dict:
     if cap is not None:
         result["cap_gib"] = cap
         if cuda:
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2**30 / total), device)
+            index = torch.cuda.current_device()  # the cap wants an index, not "cuda"
+            total = torch.cuda.get_device_properties(index).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2**30 / total), index)
         else:
             result["cap_note"] = "not capped: no GPU"
 
@@ -461,7 +462,10 @@ def attach_plan(result: dict, part: str, method: str, args) -> None:
             batch_size=batch,
             seq_len=seq,
         )
-        result["planned_gib"] = plan.total_bytes / 2**30
+        # The peak (activations and gradients in turn) is what max_memory_allocated measures;
+        # the total (everything at once) is kept beside it.
+        result["planned_gib"] = plan.peak_bytes / 2**30
+        result["planned_total_gib"] = plan.total_bytes / 2**30
     except Exception as error:  # a planner that refuses a setting must not stop the suite
         result["plan_error"] = f"{type(error).__name__}: {error}"[:300]
         return
