@@ -233,6 +233,9 @@ class GrassTrainerMixin:
     optimizer: torch.optim.Optimizer | None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if _uses_grass(training_args):
+            _refuse_fsdp_on_cpu(training_args)
         super().__init__(*args, **kwargs)
         if _uses_grass(self.args):
             _check_trainer_hooks()
@@ -476,6 +479,17 @@ class GrassTrainer(GrassTrainerMixin, Trainer):
 
 
 FSDP2_FLAGS = "--fsdp full_shard --fsdp_config '{\"fsdp_version\": 2}'"
+
+
+def _refuse_fsdp_on_cpu(args: Any) -> None:
+    """transformers runs FSDP on GPUs only: without one it refuses ``--fsdp`` (one process) or
+    ignores it (several, which then train with DDP). Say so, with the alternatives."""
+    if getattr(args, "fsdp", None) and (args.use_cpu or not torch.cuda.is_available()):
+        raise UsageError(
+            "--fsdp needs GPUs (transformers runs FSDP on GPUs only). On CPUs train with DDP "
+            "(torchrun without --fsdp), or use fully_shard with GrassAdamW in your own loop "
+            "(README: FSDP2)."
+        )
 
 
 def _inner_optimizer(optimizer: Any) -> Any:

@@ -612,3 +612,13 @@ def test_fsdp_setups_grass_cannot_run_fail_with_the_fix(tmp_path, fsdp_version, 
             trainer._check_grass_setup()
     finally:
         trainer.accelerator.state.fsdp_plugin = None  # accelerate's state is shared
+
+
+def test_fsdp_without_a_gpu_is_refused_with_the_alternatives(tmp_path):
+    """transformers would refuse --fsdp on one CPU process and ignore it on several."""
+    with pytest.raises(ValueError, match="--fsdp needs GPUs.*torchrun without --fsdp"):
+        GrassTrainer(
+            model=tiny_classifier(),
+            args=make_args(tmp_path, fsdp="full_shard", fsdp_config={"fsdp_version": 2}),
+            train_dataset=classification_data(n=8),
+        )
