@@ -113,7 +113,7 @@ class ModelArguments:
         default=False,
         metadata={
             "help": "CPU, glibc: return freed activations to the system at once (0.4-0.7 GB less "
-            "peak memory on the default finetune, same results, up to 40% more CPU time in page "
+            "peak memory on the default finetune, same results, up to 40 percent more CPU time in page "
             "faults). See BENCHMARKS.md section 11."
         },
     )

@@ -481,3 +481,16 @@ def test_freeze_embeddings_trains_everything_but_the_embedding(tiny_model_dir, t
     with pytest.raises(UsageError, match="--freeze_embeddings with --grass_embeddings"):
         finetune.main(tiny_flags(tiny_model_dir, tmp_path / "o2", "--freeze_embeddings", "true",
                                  "--grass_embeddings", "true"))  # fmt: skip
+
+
+@pytest.mark.parametrize("script", ["finetune.py", "pretrain.py", "memory.py"])
+def test_help_lists_the_flags(script):
+    """--help prints every flag's help (argparse %-formats help texts: a bare % breaks it)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--output_dir" in proc.stdout or "--preset" in proc.stdout
