@@ -496,9 +496,9 @@ def _placed_moment(moment: torch.Tensor, p: torch.Tensor, projected: bool) -> to
     as a DTensor of any placement (what ``torch.distributed.checkpoint`` loads) or as a full
     tensor (a single process's state, :func:`hf_grass.distributed.full_optimizer_state_dict`):
     Grass moments of a row-sharded weight become this rank's r x m/W part, plain AdamW moments a
-    DTensor sharded like ``p``."""
+    DTensor sharded like ``p``; sharded moments for a plain ``p`` are gathered."""
     if not hasattr(p, "device_mesh"):
-        return moment
+        return moment.full_tensor() if hasattr(moment, "full_tensor") else moment
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     grass_sharded = projected and row_sharded(p)

@@ -168,6 +168,14 @@ def _dcp_worker(out: str) -> None:
         _train(resumed, resumed_opt, local[3:], clip=True)
         finals[kind] = {n: p.full_tensor() for n, p in resumed.named_parameters()}
 
+    # The sharded optimizer's own state_dict (DTensor moments) into a single-process optimizer.
+    plain = _model()
+    plain.load_state_dict({n: p.full_tensor() for n, p in model.state_dict().items()})
+    plain_opt = _optimizer(plain, "multinomial")
+    plain_opt.load_state_dict(opt.state_dict())
+    _train(plain, plain_opt, _batches()[3:], clip=True)
+    finals["into one process"] = {n: p.detach() for n, p in plain.named_parameters()}
+
     reference = _model()
     _train(reference, _optimizer(reference, "multinomial"), _batches(), clip=True)
     if rank == 0:
