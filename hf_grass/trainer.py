@@ -36,6 +36,7 @@ from transformers.training_args import OptimizerNames
 
 from hf_grass.config import GrassConfig, check_option, resume_conflicts
 from hf_grass.errors import UsageError
+from hf_grass.report import unwrap_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -382,7 +383,7 @@ class GrassTrainerMixin:
     def training_step(self, model: nn.Module, inputs: Any, *args: Any, **kwargs: Any):
         if _uses_grass(self.args) and self._grass_fsdp2():
             # accelerate replaced the weights with their shards: project those before clipping.
-            _inner_optimizer(self.optimizer).follow_replaced_params()
+            unwrap_optimizer(self.optimizer).follow_replaced_params()
         dp = getattr(self, "_grass_dp", None)
         if dp is not None and isinstance(model, nn.parallel.DistributedDataParallel):
             dp.attach(model)  # once: follow no_sync() and meter DDP's buckets
@@ -490,13 +491,6 @@ def _refuse_fsdp_on_cpu(args: Any) -> None:
             "(torchrun without --fsdp), or use fully_shard with GrassAdamW in your own loop "
             "(README: FSDP2)."
         )
-
-
-def _inner_optimizer(optimizer: Any) -> Any:
-    """The optimizer inside accelerate's ``AcceleratedOptimizer`` (and similar wrappers)."""
-    while hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 def _check_fsdp2_groups(groups: list[dict]) -> None:
