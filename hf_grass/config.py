@@ -152,6 +152,23 @@ class GrassConfig:
         "(or the backward ends) and update them with one batched step: same results, fewer "
         "kernel launches, up to this much more gradient memory. 0: each parameter alone.",
     )
+    recompute_selection: bool = _setting(
+        True,
+        "GrassTrainer: on the steps that select rows (every update_proj_gap steps), recompute "
+        "the decoder layers' activations in the backward (the model's activation "
+        "checkpointing, for that step only). Selection steps need every linear layer's whole "
+        "input, ordinary steps only the selected columns of a cols-side layer's input, so this "
+        "keeps the run's peak memory at an ordinary step's, for one extra forward every "
+        "update_proj_gap steps. Same results. No effect when activation checkpointing is on "
+        "already or the model cannot checkpoint.",
+    )
+    recompute_norms: bool = _setting(
+        True,
+        "GrassTrainer: recompute normalization layers (RMSNorm, LayerNorm) with trainable "
+        "weights in the backward instead of keeping their normalized input for the weight's "
+        "gradient: two hidden-size activations fewer per LLaMA layer, for an elementwise "
+        "recompute. Same results.",
+    )
     compiled: bool = _setting(
         False,
         "Fuse the Adam arithmetic of each batch of same-shape projected weights with "

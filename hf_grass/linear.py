@@ -44,6 +44,7 @@ full ``.grad``. Data parallelism is applied from outside: :mod:`hf_grass.distrib
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -86,9 +87,13 @@ class GrassLinearFunction(torch.autograd.Function):
             return t.to(dtype)
 
         x_c, w_c, b_c = cast(x), cast(weight), cast(bias)
-        ctx.save_for_backward(x_c, w_c)
+        ctx.cols = _columns_to_keep(weight, x_c) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(x_c if ctx.cols is None else x_c.index_select(-1, ctx.cols), w_c)
+        if ctx.cols is None:
+            _KEPT_WHOLE[id(x_c)] = x_c
         ctx.weight = weight  # the Parameter itself: its projection is registered for it
         ctx.x_dtype = x.dtype
+        ctx.x_shape = x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.anchor_device = None if anchor is None else anchor.device
         return F.linear(x_c, w_c, b_c)
@@ -101,29 +106,63 @@ class GrassLinearFunction(torch.autograd.Function):
         m, n = w.shape
         with _autocast_off(grad_out.device.type):
             dy2 = grad_out.to(w.dtype).reshape(-1, m)  # T x m
-            x2 = x.reshape(-1, n)  # T x n
+            x2 = x.reshape(-1, x.shape[-1])  # T x n, or T x r: X[:, cols]
             grad_x = grad_w = grad_b = grad_anchor = None
             if ctx.needs_input_grad[0]:
-                grad_x = (dy2 @ w).reshape(x.shape).to(ctx.x_dtype)
+                grad_x = (dy2 @ w).reshape(ctx.x_shape).to(ctx.x_dtype)
             if ctx.needs_input_grad[2]:
                 grad_b = dy2.sum(0, dtype=ctx.bias_dtype)
             if ctx.needs_input_grad[1]:
-                grad_w = _weight_gradient(weight, dy2, x2)
+                grad_w = _weight_gradient(weight, dy2, x2, ctx.cols)
             if ctx.anchor_device is not None:
                 grad_anchor = torch.empty(0, device=ctx.anchor_device)
         return grad_x, grad_w, grad_b, grad_anchor
 
 
+# Inputs some GrassLinear saved whole for its backward, while they live: a later layer reading the
+# same input (k_proj and v_proj after q_proj) keeps no slice of its own, which would add to it.
+_KEPT_WHOLE: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+
+def _columns_to_keep(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """The selected columns when the backward should save only ``X[:, cols]``, else ``None``.
+
+    A cols-side weight's compressed gradient ``X[:, cols]ᵀ dY`` reads r of X's n columns, so on
+    an ordinary step its layer keeps r/n of its input (LLaMA's ``down_proj``: 64 of 1,536
+    columns). A selection step needs all of ``X`` (the full gradient's column norms), as does a
+    weight without a live projection; and an input already kept whole costs nothing more.
+    """
+    projection = projection_of(weight)
+    if projection is None or projection.side != "cols" or projection.needs_full_gradient():
+        return None
+    if _KEPT_WHOLE.get(id(x)) is x:
+        return None
+    return projection.rows
+
+
 def _weight_gradient(
-    weight: torch.Tensor, dy2: torch.Tensor, x2: torch.Tensor
+    weight: torch.Tensor, dy2: torch.Tensor, x2: torch.Tensor, cols: torch.Tensor | None = None
 ) -> torch.Tensor | None:
     """Deliver the gradient of ``weight`` from ``dY`` (T x m) and ``X`` (T x n).
 
     Returns the full gradient (m x n) for autograd to accumulate into ``.grad`` when the weight
     has no live projection; otherwise adds the compressed gradient to ``projection_of(weight).grad``
-    and returns ``None``.
+    and returns ``None``. With ``cols`` given, ``x2`` is ``X[:, cols]`` (T x r), saved by the
+    forward of an ordinary step; the projection must still select those columns.
     """
     projection = projection_of(weight)
+    if cols is not None:
+        if projection is None or projection.needs_full_gradient() or projection.rows is not cols:
+            raise RuntimeError(
+                "The selected columns of a GrassLinear's weight changed between its forward and "
+                "its backward (re-selected, optimizer state loaded, or optimizer dropped), and "
+                "the forward kept only the old columns of its input: run each forward's backward "
+                "before changing the optimizer."
+            )
+        compressed = x2.t() @ dy2  # (r x T)(T x m) = r x m
+        projection.scale_rows_(compressed)
+        projection.accumulate(compressed)
+        return None
     if projection is None:
         return (dy2.t() @ x2).to(weight.dtype)
     if projection.needs_full_gradient():

@@ -202,6 +202,10 @@ class GrassAdamW(Optimizer):
         """The :class:`GrassProjection` of ``p`` (``None`` for a plain AdamW parameter)."""
         return self._projections.get(id(p))
 
+    def selection_pending(self) -> bool:
+        """True when the coming backward selects rows of some weight (from its full gradient)."""
+        return any(projection.needs_full_gradient() for projection in self._projections.values())
+
     def _param_index(self, p: torch.Tensor) -> int:
         return next(
             i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p

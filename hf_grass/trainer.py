@@ -36,6 +36,7 @@ from transformers.training_args import OptimizerNames
 
 from hf_grass.config import GrassConfig, check_option, resume_conflicts
 from hf_grass.errors import UsageError
+from hf_grass.recompute import layers_recomputed, recompute_norms
 from hf_grass.report import unwrap_optimizer
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ class GrassArguments:
     grass_compressed_backward: bool = _from_config("compressed_backward")
     grass_layerwise: bool = _from_config("layerwise")
     grass_layerwise_bucket_mb: float = _from_config("layerwise_bucket_mb")
+    grass_recompute_selection: bool = _from_config("recompute_selection")
+    grass_recompute_norms: bool = _from_config("recompute_norms")
     grass_compiled: bool = _from_config("compiled")
 
     def __post_init__(self) -> None:
@@ -347,6 +350,8 @@ class GrassTrainerMixin:
         # then swaps the weights in the optimizer for their shards (followed at the first step).
         compressed = args.grass_compressed_backward and not self._grass_fsdp2()
         groups = self._grass_param_groups(opt_model, install=True)
+        if args.grass_recompute_norms and not self._grass_fsdp2():
+            recompute_norms(opt_model)
         self.optimizer = GrassAdamW(groups, **args.grass_optimizer_kwargs())
         self._grass_dp = None
         if args.world_size > 1 and compressed:
@@ -387,6 +392,15 @@ class GrassTrainerMixin:
         dp = getattr(self, "_grass_dp", None)
         if dp is not None and isinstance(model, nn.parallel.DistributedDataParallel):
             dp.attach(model)  # once: follow no_sync() and meter DDP's buckets
+        if (
+            _uses_grass(self.args)
+            and self.args.grass_recompute_selection
+            and self.args.grass_compressed_backward  # what makes ordinary steps keep less
+            and not self._grass_fsdp2()
+            and unwrap_optimizer(self.optimizer).selection_pending()
+        ):
+            with layers_recomputed(self.accelerator.unwrap_model(model)):
+                return super().training_step(model, inputs, *args, **kwargs)
         return super().training_step(model, inputs, *args, **kwargs)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

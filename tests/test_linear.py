@@ -471,3 +471,81 @@ def test_unit_scales_skip_the_multiply_and_others_apply_it():
     opt.state[layer.weight]["rho"] = rho  # a new selection's scales
     expected = c * rho.to(F64)[:, None]
     assert torch.equal(projection.scale_rows_(c), expected)
+
+
+def _inputs_and_saved(model, x, forward=None):
+    """A loss of ``model(x)`` (or ``forward(x)``), and each GrassLinear's input and what it
+    saved for its backward."""
+    seen = {}
+
+    def record(module, args, out):
+        seen[module] = (args[0], out.grad_fn.saved_tensors[0])
+
+    layers = [m for m in model.modules() if isinstance(m, GrassLinear)]
+    hooks = [m.register_forward_hook(record) for m in layers]
+    loss = (forward or model)(x).square().sum()
+    for h in hooks:
+        h.remove()
+    return loss, seen
+
+
+def test_ordinary_steps_keep_only_the_selected_columns_of_a_cols_side_input():
+    """Ordinary steps save X[:, cols] (r of n columns) for a cols-side layer; selection steps and
+    rows-side layers save X itself. (The gradients from X[:, cols] are checked against autograd's
+    in test_compressed_gradient_equals_rho_times_selected_rows_of_full_gradient.)"""
+    model = _mlp()  # 12 -> 20 (rows side), 20 -> 16 and 16 -> 6 (cols side)
+    opt = GrassAdamW(grassify(model, rank=3, update_proj_gap=2), lr=1e-2)
+    layers = [m for m in model if isinstance(m, GrassLinear)]
+    assert [projection_of(m.weight).side for m in layers] == ["rows", "cols", "cols"]
+    for step in range(4):  # selections at steps 0 and 2
+        loss, seen = _inputs_and_saved(model, torch.randn(4, 7, 12, dtype=F64))
+        for layer in layers:
+            x, kept = seen[layer]
+            projection = projection_of(layer.weight)
+            if projection.side == "cols" and step % 2 == 1:
+                assert kept.shape == (4, 7, 3)
+                assert torch.equal(kept, x[..., projection.rows])
+            else:
+                assert kept is x
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_an_input_kept_whole_by_one_layer_is_not_sliced_by_the_next():
+    """q_proj (rows side) keeps the attention input whole; k_proj and v_proj (cols side, same
+    input) then keep no slices of their own, which would only add memory."""
+    model = _tiny_llama()
+    opt = GrassAdamW(grassify(model, rank=4), lr=1e-3)
+    ids = torch.randint(0, 64, (2, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    _, seen = _inputs_and_saved(model, ids, lambda x: model(input_ids=x).logits)
+    attention = model.model.layers[0].self_attn
+    assert projection_of(attention.k_proj.weight).side == "cols"
+    for name in ("q_proj", "k_proj", "v_proj"):
+        x, kept = seen[getattr(attention, name)]
+        assert kept is x, name
+    mlp = model.model.layers[0].mlp
+    assert projection_of(mlp.down_proj.weight).side == "cols"
+    assert seen[mlp.down_proj][1].shape[-1] == 4
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "drop_optimizer"])
+def test_backward_after_the_columns_changed_since_its_forward_is_refused(change):
+    """The forward kept X[:, cols] of the columns selected then: a backward after the optimizer's
+    state was replaced cannot be computed, and says so rather than mixing columns. (An optimizer
+    step in between is refused by autograd already: it modified the weight in place.)"""
+    model = _mlp()
+    opt = GrassAdamW(grassify(model, rank=3, update_proj_gap=2), lr=1e-2)
+    model(torch.randn(5, 12, dtype=F64)).square().sum().backward()
+    opt.step()
+    opt.zero_grad()
+    stale = model(torch.randn(5, 12, dtype=F64)).square().sum()  # step 1: keeps X[:, cols]
+    if change == "load_state_dict":
+        opt.load_state_dict(opt.state_dict())
+    else:
+        del opt
+    with pytest.raises(RuntimeError, match="changed between its forward and its backward"):
+        stale.backward()

@@ -283,6 +283,46 @@ def test_accumulation_and_layerwise_match_full_batch(tmp_path):
             torch.testing.assert_close(other[name], p, rtol=1e-9, atol=1e-10, msg=name)
 
 
+def _train_counting_layer_calls(tmp_path, **kw):
+    """Train ``tiny_lm()`` in float64: its weights and how often its first layer norm ran forward."""
+    model = tiny_lm().double()
+    calls = []
+    model.model.layers[0].input_layernorm.register_forward_hook(lambda *_: calls.append(1))
+    args = make_args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, **kw)
+    GrassTrainer(model=model, args=args, train_dataset=lm_data(n=32)).train()
+    checkpointing = [
+        m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing")
+    ]
+    return params_of(model), len(calls), checkpointing
+
+
+@pytest.mark.parametrize("user_checkpointing", [False, True])
+def test_recomputation_changes_no_result(tmp_path, user_checkpointing):
+    """With grass_recompute_selection (the default), the first micro-batch of each selection step
+    (steps 0 and 3 of 6, gap 3) runs every layer's forward again in its backward: 12 micro-batches
+    make 14 forwards. With it and grass_recompute_norms the weights equal a run without either,
+    bit for bit, and checkpointing is off again afterwards. With the user's own checkpointing
+    every micro-batch recomputes, and it stays on."""
+    runs = {
+        recompute: _train_counting_layer_calls(
+            tmp_path / str(recompute),
+            grass_recompute_selection=recompute,
+            grass_recompute_norms=recompute,
+            gradient_checkpointing=user_checkpointing,
+        )
+        for recompute in (True, False)
+    }
+    (weights, calls, checkpointing), (plain_weights, plain_calls, _) = runs.values()
+    if user_checkpointing:
+        assert calls == plain_calls == 24
+        assert all(checkpointing)
+    else:
+        assert (calls, plain_calls) == (14, 12)
+        assert not any(checkpointing)
+    for name, p in plain_weights.items():
+        assert torch.equal(weights[name], p), name
+
+
 def _relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """||a - b|| / ||b|| over all tensors together."""
     diff = torch.stack([(a[n].double() - b[n].double()).norm() for n in b]).norm()
