@@ -36,7 +36,8 @@ on the GPU, batch 1 x 256 tokens, activation checkpointing (``gradient_checkpoin
 
 Every run is a fresh subprocess (so that memory is freed and peaks are not shared). Where
 ``hf_grass.memory.plan_memory`` exists, its prediction for each run's setting is recorded beside
-the measured peak (``planned_gib``, ``peak_over_planned``). JSON goes to ``$OUT`` (default
+the measured peak (``planned_gib``, ``peak_over_planned``; ``recompute=False``: these runs are
+plain training loops, without GrassTrainer's recomputation). JSON goes to ``$OUT`` (default
 ``benchmarks/results``; ``gpu_suite.json``, or ``gpu_suite_<parts>.json`` with ``--only``), tables
 are printed last.
 
@@ -461,6 +462,9 @@ def attach_plan(result: dict, part: str, method: str, args) -> None:
             activation_checkpointing=ckpt,
             batch_size=batch,
             seq_len=seq,
+            # A plain loop, not GrassTrainer: its selection steps keep every linear's whole
+            # input and the norms keep their full set.
+            recompute=False,
         )
         # The peak (activations and gradients in turn) is what max_memory_allocated measures;
         # the total (everything at once) is kept beside it.

@@ -34,7 +34,16 @@ Parts (bytes):
   :func:`layer_activation_bytes` for the formula), times the layers; with activation
   checkpointing only each layer's input (``T h``, stream dtype) plus one layer's full set.
   Plus the final norm, the output head's input and the loss's float32 log-probabilities
-  ``4 T V`` (``T = batch * seq``, ``V`` the vocabulary).
+  ``4 T V`` (``T = batch * seq``, ``V`` the vocabulary). Grass with ``recompute=True`` (the
+  default) models :class:`~hf_grass.GrassTrainer`'s defaults (``grass_recompute_selection``,
+  ``grass_recompute_norms``; ``scripts/finetune.py``, ``scripts/pretrain.py``): selection steps
+  run under activation checkpointing, so the peak is an ordinary step, where a cols-side layer
+  (``m < n``: ``down_proj``; ``k_proj``/``v_proj`` when ``g d < h``, ``q_proj`` when
+  ``a d < h``) keeps ``X[:, cols]`` (``T r``) instead of its input and every norm keeps only its
+  input (``s T h``). With activation checkpointing on, the selection step is the peak: its one
+  recomputed layer keeps its whole inputs (norms still recomputed). ``recompute=False`` models
+  a plain training loop without GrassTrainer: its selection steps (step 0 among them) keep
+  every linear's whole input and the norms' full set.
 - ``temporaries``: with ``bf16-mixed``, autocast's bf16 copies of the linear weights (2 bytes
   per element, saved from forward to backward), plus the largest transient buffer: the loss's
   (``T V`` logits in the compute dtype and two float32 ``T V`` gradients), Grass's full
@@ -52,8 +61,9 @@ are freed during the backward as the gradients appear, which peak at ``optimizer
     peak = weights + optimizer_state + indices + temporaries + max(activations, gradients)
 
 On an H200 (LLaMA-1B, pure bf16, 8 x 256 tokens) it came within 2% of the measured
-``max_memory_allocated`` for AdamW and Grass (BENCHMARKS.md). Allocator fragmentation and the
-CUDA context (about 0.5-1 GiB, outside ``max_memory_allocated``) are left out.
+``max_memory_allocated`` for AdamW and Grass (BENCHMARKS.md; Grass as a plain loop,
+``recompute=False``). Allocator fragmentation and the CUDA context (about 0.5-1 GiB, outside
+``max_memory_allocated``) are left out.
 """
 
 from __future__ import annotations
@@ -71,6 +81,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .errors import MissingFileError, UsageError
 from .models import LLAMA_PRESETS, llama_config
+from .projection import projection_side
 from .targets import grass_target_names, match_target_modules
 
 METHODS = ("adamw", "adamw-8bit", "galore", "lora", "grass")
@@ -270,6 +281,7 @@ def plan_memory(
     embeddings: bool = False,
     lm_head: bool = False,
     attention: str = "sdpa",
+    recompute: bool = True,
 ) -> MemoryPlan:
     """Plan the memory of training ``model`` with ``method`` (see the module docstring).
 
@@ -279,9 +291,15 @@ def plan_memory(
     and ``lm_head``: Grass also projects the input embedding / output head (``lm_head`` also for
     GaLore: Hugging Face's ``optim_target_modules="all-linear"`` projects an untied head).
     ``attention``: ``sdpa`` (flash/memory-efficient kernels, O(s) memory) or ``eager``.
+    ``recompute`` (Grass only): model :class:`~hf_grass.GrassTrainer`'s defaults
+    (``grass_recompute_selection``, ``grass_recompute_norms``): the peak is an ordinary step whose
+    cols-side layers keep ``X[:, cols]`` and whose norms keep only their input; ``False`` models a
+    plain training loop, whose selection steps (step 0 among them) keep every linear's whole input.
     Raises :class:`~hf_grass.errors.UsageError` for a bad value.
     """
     _check_inputs(method, rank, dtype, batch_size, seq_len, embeddings, lm_head, attention)
+    if not isinstance(recompute, bool):
+        raise UsageError(f"Invalid recompute={recompute!r}: use True or False.")
     config = resolve_config(model)
     arch = architecture(config, embeddings and method == "grass", lm_head)
     _check_rank(arch, method, rank)
@@ -294,7 +312,15 @@ def plan_memory(
         "optimizer_state": optimizer_state_bytes(arch, method, rank, prec),
         "indices": indices_bytes(arch, method, rank),
         "activations": activation_bytes(
-            arch, method, rank, prec, batch_size, seq_len, activation_checkpointing, attention
+            arch,
+            method,
+            rank,
+            prec,
+            batch_size,
+            seq_len,
+            activation_checkpointing,
+            attention,
+            recompute,
         ),
         "temporaries": temporary_bytes(arch, method, prec, tokens),
     }
@@ -310,6 +336,7 @@ def plan_memory(
         embeddings=embeddings,
         lm_head=lm_head,
         attention=attention,
+        recompute=recompute if method == "grass" else None,
     )
     return MemoryPlan(parts, inputs, arch.num_parameters)
 
@@ -440,6 +467,77 @@ def indices_bytes(arch: Architecture, method: str, rank: int) -> int:
     return len(arch.projected) * rank * (8 + 4)
 
 
+@dataclass(frozen=True)
+class LayerLinear:
+    """One linear of a decoder layer: its name, weight shape ``(m, n)`` and whether Grass
+    projects it."""
+
+    name: str
+    shape: tuple[int, int]
+    projected: bool
+
+    @property
+    def side(self) -> str:
+        """The side Grass selects (``proj_side="auto"``): ``rows`` when ``m >= n``, else ``cols``."""
+        return projection_side(self.shape)
+
+
+def layer_linears(arch: Architecture) -> list[list[LayerLinear]]:
+    """A LLaMA-style decoder layer's linears in forward order, grouped by the input they read:
+    q/k/v (the normed hidden state, ``n = h``), o (the attention output, ``n = a d``), gate/up
+    (the normed hidden state, ``n = h``) and down (the MLP's hidden state, ``n = f``)."""
+    h, f, a, g, d = arch.hidden, arch.intermediate, arch.heads, arch.kv_heads, arch.head_dim
+    projected = {p.name.split(".")[-2] for p in arch.projected if ".layers." in p.name}
+    groups = (
+        (("q_proj", (a * d, h)), ("k_proj", (g * d, h)), ("v_proj", (g * d, h))),
+        (("o_proj", (h, a * d)),),
+        (("gate_proj", (f, h)), ("up_proj", (f, h))),
+        (("down_proj", (h, f)),),
+    )
+    return [[LayerLinear(name, shape, name in projected) for name, shape in g] for g in groups]
+
+
+def linear_input_bytes(
+    arch: Architecture, rank: int, prec: Precision, tokens: int, sliced: bool = False
+) -> int:
+    """Bytes one decoder layer's linears keep of their inputs for the backward.
+
+    Each input ``X`` (T x n) is kept whole (``eTn``): once when its linears share it (no
+    autocast), once per linear under autocast (each casts and saves its own bf16 copy).
+    ``sliced`` (a Grass ordinary step, :mod:`hf_grass.linear`): a projected cols-side linear
+    keeps ``X[:, cols]`` (``eTr``) instead; without autocast it keeps nothing when an earlier
+    Grass linear kept the same ``X`` whole (k/v after a rows-side q).
+    """
+    e, t = prec.compute, tokens
+    total = 0
+    for group in layer_linears(arch):
+        whole = e * t * group[0].shape[1]
+        counted = grass_whole = False  # X's storage counted; X kept whole by a Grass linear
+        for linear in group:
+            cols = sliced and linear.projected and linear.side == "cols"
+            if prec.autocast:
+                total += e * t * rank if cols else whole
+            elif cols:
+                total += 0 if grass_whole else e * t * rank
+            else:
+                total += 0 if counted else whole
+                counted = True
+                grass_whole = grass_whole or linear.projected
+    return total
+
+
+def norm_activation_bytes(
+    prec: Precision, tokens: int, hidden: int, trained: bool, recomputed: bool = False
+) -> int:
+    """Bytes one RMSNorm keeps: float32 input ``4Th``, rsqrt ``4T`` and, for a trainable
+    weight, the normalized tensor ``sTh``; recomputed (:func:`hf_grass.recompute.recompute_norms`)
+    only its input ``sTh``."""
+    t, h, s = tokens, hidden, prec.stream
+    if recomputed:
+        return s * t * h
+    return 4 * t * h + 4 * t + (s * t * h if trained else 0)
+
+
 def layer_activation_bytes(
     arch: Architecture,
     method: str,
@@ -448,32 +546,52 @@ def layer_activation_bytes(
     batch_size: int,
     seq_len: int,
     attention: str = "sdpa",
+    recompute: bool = True,
 ) -> int:
     """Bytes one decoder layer saves for the backward (T = batch*seq tokens; h hidden, f
-    intermediate, a heads, g kv heads, d head dim; e compute bytes, s stream bytes)::
+    intermediate, a heads, g kv heads, d head dim, r rank; e compute bytes, s stream bytes)::
 
         norms      2 (4Th + 4T + sTh)        float32 input, rsqrt, normalized (for the weight)
-        linears    (c_qkv + c_mlp + 1) eTh + eTf
-                                             inputs of q/k/v, gate/up, o and down; under
-                                             autocast each linear saves its own bf16 copy
-                                             (c_qkv = 3, c_mlp = 2), else one shared (1, 1)
+                   recompute: 2 sTh          the input only, the rest redone in the backward
+        linears    eTh (c_qkv + c_mlp)       inputs of q/k/v and gate/up: under autocast each
+                                             linear saves its own bf16 copy (c_qkv = 3,
+                                             c_mlp = 2), else one shared (1, 1)
+                   + eTad + eTf              inputs of o and down
+                   recompute: a projected cols-side linear (m < n: down; k/v when gd < h, q
+                   when ad < h) keeps eTr, X[:, cols], instead of its input; without autocast
+                   an input shared with an earlier rows-side Grass linear is kept once whole
+                   (k/v after q), else the slices add up (q, k, v all cols side: 3eTr)
         attention  eT(a + 2g)d               q, k, v after RoPE
                    + eTad + 4Ta              sdpa: output and float32 logsumexp
                    or batch a seq² (4 + e)   eager: float32 softmax and its cast (4 only in fp32)
         mlp        3eTf                      gate, up, silu(gate)
 
-    LoRA's base weights are frozen, so the linears' inputs and the normalized tensors are not
-    saved; each adapter (q, v) saves its dropout mask and input (T h (1 + 4)) and A's output
-    (4 T r).
+    ``recompute`` (Grass only) models an ordinary step under :class:`~hf_grass.GrassTrainer`'s
+    defaults (see :func:`linear_input_bytes` and :func:`norm_activation_bytes`); without it, a
+    selection step, where every linear keeps its whole input. LoRA's base weights are frozen, so
+    the linears' inputs and the normalized tensors are not saved; each adapter (q, v) saves its
+    dropout mask and input (T h (1 + 4)) and A's output (4 T r).
     """
+    grass = recompute and method == "grass"
+    return _layer_bytes(arch, method, rank, prec, batch_size, seq_len, attention, grass, grass)
+
+
+def _layer_bytes(
+    arch: Architecture,
+    method: str,
+    rank: int,
+    prec: Precision,
+    batch_size: int,
+    seq_len: int,
+    attention: str,
+    norms_recomputed: bool,
+    sliced: bool,
+) -> int:
     h, f, a, g, d = arch.hidden, arch.intermediate, arch.heads, arch.kv_heads, arch.head_dim
-    t, e, s = batch_size * seq_len, prec.compute, prec.stream
+    t, e = batch_size * seq_len, prec.compute
     frozen = method == "lora"
-    norms = 2 * (4 * t * h + 4 * t + (0 if frozen else s * t * h))
-    linears = 0
-    if not frozen:
-        copies = 5 if prec.autocast else 2
-        linears = (copies + 1) * e * t * h + e * t * f
+    norms = 2 * norm_activation_bytes(prec, t, h, not frozen, norms_recomputed)
+    linears = 0 if frozen else linear_input_bytes(arch, rank, prec, t, sliced)
     attn = e * t * (a + 2 * g) * d
     if attention == "sdpa":
         attn += e * t * a * d + 4 * t * a
@@ -493,19 +611,29 @@ def activation_bytes(
     seq_len: int,
     checkpointing: bool = False,
     attention: str = "sdpa",
+    recompute: bool = True,
 ) -> int:
     """Saved activations: ``L`` layers (checkpointing: ``L`` layer inputs ``sTh`` plus one
     layer), token ids and labels ``16T``, the final norm ``4Th + 4T (+ sTh)``, the head's input
-    ``eTh`` (when trained) and the loss's float32 log-probabilities ``4TV``."""
+    ``eTh`` (when trained) and the loss's float32 log-probabilities ``4TV``.
+
+    ``recompute`` (Grass only, :class:`~hf_grass.GrassTrainer`'s defaults): the layers of an
+    ordinary step (:func:`layer_activation_bytes`) and a final norm of ``sTh``, or a selection
+    step, run under activation checkpointing (``L`` layer inputs plus one layer keeping its whole
+    inputs, norms recomputed), whichever is larger: the ordinary step but for very few layers;
+    with ``checkpointing``, the selection step.
+    """
     t = batch_size * seq_len
     h = arch.hidden
-    layer = layer_activation_bytes(arch, method, rank, prec, batch_size, seq_len, attention)
-    if checkpointing:
-        layers = arch.layers * prec.stream * t * h + layer
-    else:
-        layers = arch.layers * layer
+    grass = recompute and method == "grass"
+    layer = layer_activation_bytes(arch, method, rank, prec, batch_size, seq_len, attention, grass)
+    inputs = arch.layers * prec.stream * t * h
+    layers = inputs + layer if checkpointing else arch.layers * layer
+    if grass:
+        whole = _layer_bytes(arch, method, rank, prec, batch_size, seq_len, attention, True, False)
+        layers = max(layers, inputs + whole)
     trained = method != "lora"
-    final_norm = 4 * t * h + 4 * t + (prec.stream * t * h if trained else 0)
+    final_norm = norm_activation_bytes(prec, t, h, trained, grass)
     head_input = prec.compute * t * h if trained else 0
     return layers + 16 * t + final_norm + head_input + 4 * t * arch.vocab
 
@@ -534,7 +662,8 @@ def _svd_bytes(shape: tuple[int, ...], weight_bytes: int) -> int:
 
 # ------------------------------------------------------------------------------- budgets
 def fit_budget(budget_bytes: int, **kwargs: Any) -> dict[str, Any]:
-    """Whether the plan of ``kwargs`` (:func:`plan_memory`'s arguments) fits ``budget_bytes``.
+    """Whether the plan of ``kwargs`` (:func:`plan_memory`'s arguments, ``recompute`` among
+    them) fits ``budget_bytes``.
 
     Judged by ``peak_bytes``. Returns ``fits``, ``total_bytes``, ``peak_bytes``, ``max_batch_size`` (the largest batch that fits at this
     ``seq_len``; ``None`` if 1 does not), ``min_rank`` (the smallest rank that fits, ``None``

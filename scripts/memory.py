@@ -12,6 +12,9 @@ temporaries; see ``hf_grass.memory``) and the total, or with ``--json`` one JSON
 in turn) and one ``<part>_bytes`` key per part. ``--budget`` adds whether the plan fits,
 the largest batch size that fits and the smallest and largest ranks that fit.
 
+Grass plans model GrassTrainer's defaults (``scripts/finetune.py``, ``scripts/pretrain.py``:
+selection steps and norms recomputed); ``--no_recompute`` models a plain training loop instead.
+
 A bad flag value prints one line ``memory.py: error: <problem and fix>`` and exits with status 2.
 """
 
@@ -54,6 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--embeddings", action="store_true", help="Grass on the embedding too")
     parser.add_argument("--lm_head", action="store_true", help="Grass on the output head too")
+    parser.add_argument(
+        "--no_recompute",
+        dest="recompute",
+        action="store_false",
+        help="Grass: model a plain training loop without GrassTrainer (selection steps keep "
+        "every linear's whole input, norms their full set). By default the plan models "
+        "GrassTrainer's --grass_recompute_selection and --grass_recompute_norms (on by "
+        "default): ordinary steps set the peak, cols-side layers keep X[:, cols] and norms "
+        "only their input",
+    )
     parser.add_argument("--budget", help="memory budget, e.g. 40GiB or 80GB")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
@@ -76,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         embeddings=args.embeddings,
         lm_head=args.lm_head,
         attention=args.attention,
+        recompute=args.recompute,
     )
     plan = plan_memory(**kwargs)
     result = plan.as_dict()

@@ -15,8 +15,18 @@ from conftest import tiny_llama
 
 from hf_grass import GrassAdamW, enable_layerwise, grassify, projection_of
 from hf_grass.errors import UsageError
-from hf_grass.memory import fit_budget, parse_size, plan_memory
+from hf_grass.memory import (
+    METHODS,
+    PRECISIONS,
+    architecture,
+    fit_budget,
+    layer_linears,
+    linear_input_bytes,
+    parse_size,
+    plan_memory,
+)
 from hf_grass.models import llama_config
+from hf_grass.recompute import is_norm, recompute_norms
 from hf_grass.report import gradient_bytes, optimizer_state_bytes, tensor_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,6 +198,138 @@ def test_peak_counts_activations_and_gradients_in_turn():
     assert adamw.parts["activations"] > adamw.parts["gradients"]
 
 
+def _saved_bytes(model, ids, dtype: str) -> tuple[torch.Tensor, int]:
+    """One forward's loss and the bytes of the distinct non-parameter storages it keeps for the
+    backward: what autograd packs, plus the inputs of recomputed norms, which their checkpoint
+    holds itself (what it saves goes through its own hooks, not this one)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()  # alive until the backward: no reuse
+
+    def pack(t):
+        keep(t)
+        return t
+
+    def norm_input(module, args):
+        if "forward" in vars(module):  # replaced by recompute_norms
+            keep(args[0])
+
+    hooks = [m.register_forward_pre_hook(norm_input) for m in model.modules() if is_norm(m)]
+    autocast = (
+        torch.autocast("cpu", torch.bfloat16) if dtype == "bf16-mixed" else contextlib.nullcontext()
+    )
+    try:
+        with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return loss, sum(kept.values())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16-mixed", "bf16"])
+@pytest.mark.parametrize(
+    "overrides", [dict(num_key_value_heads=2), dict(num_key_value_heads=2, head_dim=8)]
+)
+def test_recompute_matches_what_real_steps_keep(dtype, overrides):
+    """``recompute`` against real steps: a plain loop's selection step (every linear keeps its
+    whole input, norms their full set), an ordinary step (cols-side layers keep ``X[:, cols]``)
+    and an ordinary step with the norms recomputed, as GrassTrainer runs them.
+
+    The planner's attention and loss terms model the CUDA kernels (sdpa's flash kernel), not
+    the CPU ones, so the totals are compared by their differences, which only the linears and
+    the norms make: these must be exact. Config: k/v (32 x 64) and down (64 x 128) are cols
+    side; with head_dim 8, q (32 x 64) too and o reads a 32-wide input.
+    """
+    model = _model("grass", dtype, **overrides)
+    optimizer = _optimizer(model, "grass")
+    ids = torch.randint(0, 512, (2, 16))
+    measured = []
+    for step in range(3):  # step 0 selects rows; 1 and 2 are ordinary (update_proj_gap 200)
+        if step == 2:
+            recompute_norms(model)
+        loss, nbytes = _saved_bytes(model, ids, dtype)
+        measured.append(nbytes)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    selection, ordinary, recomputed = measured
+
+    config = llama_config("tiny", **overrides)
+    arch = architecture(config, False, False)
+    # the planner's layer linears are the model's: same shapes, same sides as the engine's
+    modules = dict(model.named_modules())
+    for linear in (linear for group in layer_linears(arch) for linear in group):
+        name = next(n for n in modules if ".layers.0." in n and n.endswith(f".{linear.name}"))
+        weight = modules[name].weight
+        assert (tuple(weight.shape), projection_of(weight).side) == (linear.shape, linear.side)
+        assert linear.projected
+    assert {ln.name for g in layer_linears(arch) for ln in g if ln.side == "cols"} >= {
+        "k_proj", "v_proj", "down_proj"
+    }  # fmt: skip
+
+    tokens = ids.numel()
+    lin = [linear_input_bytes(arch, RANK, PRECISIONS[dtype], tokens, s) for s in (False, True)]
+    assert selection - ordinary == arch.layers * (lin[0] - lin[1]) > 0
+
+    def activations(recompute: bool) -> int:
+        plan = plan_memory(
+            config, "grass", RANK, dtype, batch_size=2, seq_len=16, recompute=recompute
+        )
+        return plan.parts["activations"]
+
+    assert selection - recomputed == activations(False) - activations(True)
+
+
+def test_recompute_relations():
+    for model, dtype in (("tiny", "fp32"), ("1b", "bf16"), ("7b", "bf16-mixed")):
+        for method in METHODS:
+            on, off = (
+                plan_memory(model, method, 64, dtype, batch_size=2, recompute=r)
+                for r in (True, False)
+            )
+            if method == "grass":
+                assert on.parts["activations"] < off.parts["activations"]
+                del on.parts["activations"], off.parts["activations"]
+            assert on.parts == off.parts, (model, method)
+    # With checkpointing the peak is the selection step, whose one recomputed layer keeps its
+    # whole inputs: the rank does not change the activations there.
+    ckpt = dict(model="1b", dtype="bf16", activation_checkpointing=True)
+    assert (
+        plan_memory(rank=64, **ckpt).parts["activations"]
+        == plan_memory(rank=1024, **ckpt).parts["activations"]
+        < plan_memory(rank=64, recompute=False, **ckpt).parts["activations"]
+    )
+    # Without it, the ordinary step's slices grow with the rank.
+    plain = {**ckpt, "activation_checkpointing": False}
+    low, high = (plan_memory(rank=r, **plain).parts["activations"] for r in (64, 1024))
+    assert low < high
+
+
+@pytest.mark.parametrize(
+    "dtype, overrides, width",
+    [
+        # down (64 x 128) is the only cols-side linear keeping a slice: k/v (32 x 64) read the
+        # input q (rows side) keeps whole; rank 128 slices all of down's input
+        ("fp32", dict(num_key_value_heads=2), "intermediate_size"),
+        # k, v (32 x 64), gate, up (32 x 64) are cols side, each with its own bf16 copy of a
+        # 64-wide input; rank 64 slices all of it
+        ("bf16-mixed", dict(num_key_value_heads=2, intermediate_size=32), "hidden_size"),
+    ],
+)
+def test_slicing_every_column_keeps_the_whole_input(dtype, overrides, width):
+    config = llama_config("tiny", **overrides)
+    arch = architecture(config, False, False)
+    rank, prec = getattr(config, width), PRECISIONS[dtype]
+    sliced = linear_input_bytes(arch, rank, prec, 32, sliced=True)
+    assert sliced == linear_input_bytes(arch, rank, prec, 32, sliced=False)
+    assert linear_input_bytes(arch, rank // 2, prec, 32, sliced=True) < sliced
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [("40GiB", 40 * 2**30), ("80gb", 80 * 10**9), ("1.5 MiB", 3 * 2**19), ("512", 512),
@@ -228,6 +370,11 @@ def test_cli_json_and_table(capsys):
     assert script.run(["--preset", "13b", "--rank", "99999", "--json"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("memory.py: error: rank 99999") and err.count("\n") == 1
+    for flags, recompute in (([], True), (["--no_recompute"], False)):
+        assert script.run(["--preset", "tiny", "--rank", "8", "--json", *flags]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result == plan_memory("tiny", rank=8, recompute=recompute).as_dict()
+    assert result["recompute"] is False
 
 
 def test_cli_command():
