@@ -28,6 +28,17 @@ METHODS = {
     "grass-embeddings": ["--optim", "grass", "--grass_embeddings", "true"],
     # what users do today to save the embedding's state: freeze it
     "grass-frozen-embeddings": ["--optim", "grass", "--freeze_embeddings", "true"],
+    # grass-embeddings keeping what the recomputation saves (the cost and gain of recomputing)
+    "grass-embeddings-kept": [
+        "--optim",
+        "grass",
+        "--grass_embeddings",
+        "true",
+        "--grass_recompute_selection",
+        "false",
+        "--grass_recompute_norms",
+        "false",
+    ],
 }
 
 

@@ -15,7 +15,10 @@ states in bf16 too: no fp32 master copy), batch 8 x 256 tokens, no activation ch
 - ``grass_layerwise``: ``grass`` plus ``hf_grass.layerwise.enable_layerwise`` (update in backward,
   one parameter at a time);
 - ``grass_layerwise_bucket``: layer-wise with ``bucket_mb=--bucket-mb`` (ready parameters updated
-  together, one batched step per bucket).
+  together, one batched step per bucket);
+- ``grass_recompute``: ``grass`` as GrassTrainer runs it by default: norms recomputed
+  (``hf_grass.recompute.recompute_norms``) and selection steps under ``layers_recomputed``, so
+  ordinary steps keep ``X[:, cols]`` of cols-side layers and set the peak.
 
 Refresh steps (GaLore's SVD, Grass's re-selection, every K steps) are timed separately: the step is
 forced with the optimizers' step counters set to the next multiple of K, then amortized:
@@ -37,7 +40,7 @@ on the GPU, batch 1 x 256 tokens, activation checkpointing (``gradient_checkpoin
 Every run is a fresh subprocess (so that memory is freed and peaks are not shared). Where
 ``hf_grass.memory.plan_memory`` exists, its prediction for each run's setting is recorded beside
 the measured peak (``planned_gib``, ``peak_over_planned``; ``recompute=False``: these runs are
-plain training loops, without GrassTrainer's recomputation). JSON goes to ``$OUT`` (default
+plain training loops, without GrassTrainer's recomputation, except ``grass_recompute``). JSON goes to ``$OUT`` (default
 ``benchmarks/results``; ``gpu_suite.json``, or ``gpu_suite_<parts>.json`` with ``--only``), tables
 are printed last.
 
@@ -62,6 +65,7 @@ comparisons (foreach, compiled, GaLore 1B with its 40 s SVD) last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import importlib
 import json
@@ -86,6 +90,7 @@ METHODS = (
     "grass_compiled",
     "grass_layerwise",
     "grass_layerwise_bucket",
+    "grass_recompute",
 )
 MEMORY_METHODS = {"13b": ("grass_layerwise", "adamw", "galore"), "30b": ("grass_layerwise",)}
 PARTS = ("1b", "13b", "30b")
@@ -95,6 +100,7 @@ RUN_ORDER = (
     "1b:grass",
     "1b:grass_layerwise",
     "1b:grass_layerwise_bucket",
+    "1b:grass_recompute",
     "13b:grass_layerwise",
     "13b:adamw",
     "13b:galore",
@@ -111,6 +117,7 @@ LABELS = {
     "grass_compiled": "Grass, compiled step",
     "grass_layerwise": "Grass layer-wise",
     "grass_layerwise_bucket": "Grass layer-wise, buckets",
+    "grass_recompute": "Grass, GrassTrainer's recompute",
 }
 # LLaMA-30B (LLaMA-1's 32.5B): the 13B preset with these overrides.
 LLAMA_30B = dict(
@@ -222,6 +229,10 @@ def worker(args) -> dict:
             stochastic_rounding=args.stochastic_rounding,
             **variant.get(args.worker, {}),
         )
+        if args.worker == "grass_recompute":
+            from hf_grass.recompute import recompute_norms
+
+            recompute_norms(model)
         if args.worker.startswith("grass_layerwise"):
             from hf_grass.layerwise import enable_layerwise
 
@@ -235,9 +246,17 @@ def worker(args) -> dict:
 
     losses = []
 
+    def recomputed():
+        if args.worker == "grass_recompute" and opt.selection_pending():
+            from hf_grass.recompute import layers_recomputed
+
+            return layers_recomputed(model)
+        return contextlib.nullcontext()
+
     def step():
-        loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
+        with recomputed():
+            loss = model(input_ids=tokens, labels=tokens).loss
+            loss.backward()
         opt.step()  # layer-wise: a no-op for parameters already updated in the backward
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
@@ -463,8 +482,8 @@ def attach_plan(result: dict, part: str, method: str, args) -> None:
             batch_size=batch,
             seq_len=seq,
             # A plain loop, not GrassTrainer: its selection steps keep every linear's whole
-            # input and the norms keep their full set.
-            recompute=False,
+            # input and the norms keep their full set (but grass_recompute recomputes both).
+            recompute=method == "grass_recompute",
         )
         # The peak (activations and gradients in turn) is what max_memory_allocated measures;
         # the total (everything at once) is kept beside it.

@@ -13,7 +13,9 @@ bias gradients, but for the weight only the compressed gradient that
 ``C`` equals ``rho[:, None] * G_oriented[rows]`` with ``G = dYᵀ X`` (m x n), but costs r/m (r/n)
 of the dense weight-gradient matmul and is added to the weight's compressed gradient
 (``projection_of(weight).grad``); ``weight.grad`` stays ``None``. The rows come from the weight's
-:class:`~hf_grass.projection.GrassProjection`, which GrassAdamW owns.
+:class:`~hf_grass.projection.GrassProjection`, which GrassAdamW owns. Since the cols side reads
+only ``X[:, cols]``, its forward keeps only those r columns of ``X`` for the backward (T x r
+instead of T x n) on ordinary steps.
 
 Selection steps. When ``needs_full_gradient()`` (before the first step and every
 ``update_proj_gap`` steps), the backward forms ``G`` for this layer only, hands it to ``select``,
