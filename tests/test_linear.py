@@ -331,15 +331,21 @@ def test_grassify_ungrassify_round_trip_keeps_outputs_and_state_dict():
     assert torch.equal(model(input_ids=ids).logits, before)
 
 
-def test_save_pretrained_of_a_grassified_llama_loads_into_the_stock_class(tmp_path):
-    from transformers import LlamaForCausalLM
-
+def _llama_after_one_step(seq: int, rank: int = 4):
+    """A grassified tiny LLaMA, its GrassAdamW and a batch, after one (selecting) step."""
     model = _tiny_llama()
-    opt = GrassAdamW(grassify(model, rank=4), lr=1e-2)
-    ids = torch.randint(0, 64, (2, 10))
+    opt = GrassAdamW(grassify(model, rank=rank), lr=1e-2)
+    ids = torch.randint(0, 64, (2, seq))
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
     opt.zero_grad()
+    return model, opt, ids
+
+
+def test_save_pretrained_of_a_grassified_llama_loads_into_the_stock_class(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model, _, ids = _llama_after_one_step(seq=10)
     model.save_pretrained(tmp_path)
     loaded, info = LlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -515,12 +521,7 @@ def test_ordinary_steps_keep_only_the_selected_columns_of_a_cols_side_input():
 def test_an_input_kept_whole_by_one_layer_is_not_sliced_by_the_next():
     """q_proj (rows side) keeps the attention input whole; k_proj and v_proj (cols side, same
     input) then keep no slices of their own, which would only add memory."""
-    model = _tiny_llama()
-    opt = GrassAdamW(grassify(model, rank=4), lr=1e-3)
-    ids = torch.randint(0, 64, (2, 12))
-    model(input_ids=ids, labels=ids).loss.backward()
-    opt.step()
-    opt.zero_grad()
+    model, opt, ids = _llama_after_one_step(seq=12)  # opt keeps the projections alive
     _, seen = _inputs_and_saved(model, ids, lambda x: model(input_ids=x).logits)
     attention = model.model.layers[0].self_attn
     assert projection_of(attention.k_proj.weight).side == "cols"
