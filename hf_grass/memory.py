@@ -547,6 +547,8 @@ def layer_activation_bytes(
     seq_len: int,
     attention: str = "sdpa",
     recompute: bool = True,
+    *,
+    sliced: bool | None = None,
 ) -> int:
     """Bytes one decoder layer saves for the backward (T = batch*seq tokens; h hidden, f
     intermediate, a heads, g kv heads, d head dim, r rank; e compute bytes, s stream bytes)::
@@ -570,23 +572,11 @@ def layer_activation_bytes(
     defaults (see :func:`linear_input_bytes` and :func:`norm_activation_bytes`); without it, a
     selection step, where every linear keeps its whole input. LoRA's base weights are frozen, so
     the linears' inputs and the normalized tensors are not saved; each adapter (q, v) saves its
-    dropout mask and input (T h (1 + 4)) and A's output (4 T r).
+    dropout mask and input (T h (1 + 4)) and A's output (4 T r). ``sliced=False`` with
+    ``recompute``: a selection step under recomputation (norms recomputed, whole inputs kept).
     """
-    grass = recompute and method == "grass"
-    return _layer_bytes(arch, method, rank, prec, batch_size, seq_len, attention, grass, grass)
-
-
-def _layer_bytes(
-    arch: Architecture,
-    method: str,
-    rank: int,
-    prec: Precision,
-    batch_size: int,
-    seq_len: int,
-    attention: str,
-    norms_recomputed: bool,
-    sliced: bool,
-) -> int:
+    norms_recomputed = recompute and method == "grass"
+    sliced = norms_recomputed and sliced is not False
     h, f, a, g, d = arch.hidden, arch.intermediate, arch.heads, arch.kv_heads, arch.head_dim
     t, e = batch_size * seq_len, prec.compute
     frozen = method == "lora"
@@ -630,7 +620,9 @@ def activation_bytes(
     inputs = arch.layers * prec.stream * t * h
     layers = inputs + layer if checkpointing else arch.layers * layer
     if grass:
-        whole = _layer_bytes(arch, method, rank, prec, batch_size, seq_len, attention, True, False)
+        whole = layer_activation_bytes(
+            arch, method, rank, prec, batch_size, seq_len, attention, True, sliced=False
+        )
         layers = max(layers, inputs + whole)
     trained = method != "lora"
     final_norm = norm_activation_bytes(prec, t, h, trained, grass)
