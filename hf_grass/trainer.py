@@ -327,7 +327,7 @@ class GrassTrainerMixin:
             lm_head=config.lm_head,
             **config.group_options(),
         )
-        if install and config.compressed_backward and not self._grass_fsdp2():
+        if install and self._grass_compressed_backward():
             from hf_grass.linear import grassify
 
             return grassify(model, **kwargs)
@@ -348,7 +348,7 @@ class GrassTrainerMixin:
         opt_model = self.model if model is None else model
         # Under FSDP2 the backward is FSDP2's (full gradients, reduce-scattered); accelerate
         # then swaps the weights in the optimizer for their shards (followed at the first step).
-        compressed = args.grass_compressed_backward and not self._grass_fsdp2()
+        compressed = self._grass_compressed_backward()
         groups = self._grass_param_groups(opt_model, install=True)
         if args.grass_recompute_norms and not self._grass_fsdp2():
             recompute_norms(opt_model)
@@ -379,6 +379,11 @@ class GrassTrainerMixin:
         )
         return self.optimizer
 
+    def _grass_compressed_backward(self) -> bool:
+        """Whether Grass's layers deliver compressed gradients (under FSDP2 FSDP2's backward does,
+        with full gradients reduce-scattered)."""
+        return self.args.grass_compressed_backward and not self._grass_fsdp2()
+
     def _grass_fsdp2(self) -> bool:
         """Whether accelerate shards the model with FSDP2 (``fully_shard``)."""
         state = getattr(getattr(self, "accelerator", None), "state", None)
@@ -395,8 +400,7 @@ class GrassTrainerMixin:
         if (
             _uses_grass(self.args)
             and self.args.grass_recompute_selection
-            and self.args.grass_compressed_backward  # what makes ordinary steps keep less
-            and not self._grass_fsdp2()
+            and self._grass_compressed_backward()  # what makes ordinary steps keep less
             and unwrap_optimizer(self.optimizer).selection_pending()
         ):
             with layers_recomputed(self.accelerator.unwrap_model(model)):
