@@ -31,7 +31,7 @@ NORM_SUFFIXES = ("RMSNorm", "LayerNorm")
 
 def is_norm(module: nn.Module) -> bool:
     """An ``nn.LayerNorm``/``nn.RMSNorm`` or a model's own ``...RMSNorm``/``...LayerNorm`` leaf."""
-    if isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         return True
     return type(module).__name__.endswith(NORM_SUFFIXES) and not any(module.children())
 
