@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import Any
 import yaml
 
 from .errors import MissingFileError, UsageError
+
+logger = logging.getLogger(__name__)
 
 # Set to 1 to see the traceback of a usage error (a bad flag, config or data file) too.
 DEBUG_ENV = "HF_GRASS_DEBUG"
@@ -126,30 +129,110 @@ def values_as_usage_errors() -> Iterator[None]:
         raise UsageError(str(err)) from err
 
 
+@contextlib.contextmanager
+def without_bitsandbytes() -> Iterator[None]:
+    """Inside, ``import bitsandbytes`` raises ImportError unless it is imported already.
+
+    peft imports bitsandbytes where it is installed (GaLore's and APOLLO's packages pull it in),
+    and that import logs a warning about CPU kernels that no user of the scripts can act on.
+    peft treats a failed import as bitsandbytes being absent, which is right for a model that
+    holds no bitsandbytes layer: such a model could only exist with bitsandbytes imported. peft
+    remembers some of these checks, so use it where no such model comes later in the process.
+    """
+    hold = "bitsandbytes" not in sys.modules
+    if hold:
+        sys.modules["bitsandbytes"] = None  # how Python marks a module as not importable
+    try:
+        yield
+    finally:
+        if hold and sys.modules.get("bitsandbytes", False) is None:
+            del sys.modules["bitsandbytes"]
+
+
 def parse_dataclasses(parser, argv: Sequence[str]) -> tuple:
     """``parser.parse_args_into_dataclasses``; values the dataclasses refuse become UsageError."""
     with values_as_usage_errors():  # argparse itself exits with status 2 on a malformed flag
         return parser.parse_args_into_dataclasses(list(argv))
 
 
-def resolve_resume(resume: str | None, output_dir: str) -> str | None:
-    """The checkpoint folder to resume from (``true``: the last one in ``output_dir``)."""
-    from transformers.trainer_utils import get_last_checkpoint
+# The Trainer writes a checkpoint's trainer_state.json last: a folder without a readable one is
+# a save that was interrupted, and resuming from it fails halfway through loading.
+TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
+
+def incomplete_reason(checkpoint: str | Path) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from (its save was interrupted), or None."""
+    state = Path(checkpoint) / TRAINER_STATE
+    if not state.is_file():
+        return f"it has no {TRAINER_STATE}, so its save was interrupted"
+    try:
+        json.loads(state.read_text())
+    except ValueError:  # JSON and UTF-8 decoding errors alike: a file cut short
+        return f"its {TRAINER_STATE} is unreadable, so its save was interrupted"
+    return None
+
+
+def _step(checkpoint: Path) -> int | None:
+    match = _CHECKPOINT.match(checkpoint.name)
+    return int(match[1]) if match else None
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    """The ``checkpoint-<step>`` folders in ``folder``, latest step first."""
+    found = [p for p in folder.iterdir() if _step(p) is not None and p.is_dir()]
+    return sorted(found, key=_step, reverse=True)
+
+
+def resolve_resume(resume: str | None, output_dir: str) -> str | None:
+    """The checkpoint folder to resume from (``true``: the last complete one in ``output_dir``).
+
+    A checkpoint whose save was interrupted is skipped (with one log line) when choosing the last
+    one, and refused, naming the complete one before it, when named.
+    """
     if resume is None:
         return None
     if str(resume).lower() == "true":
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if last is None:
+        folder = Path(output_dir)
+        checkpoints = _checkpoints(folder) if folder.is_dir() else []
+        if not checkpoints:
             raise MissingFileError(
                 f"--resume_from_checkpoint true, but {output_dir} holds no checkpoint-* "
                 "folder: pass the checkpoint folder, or drop the flag."
             )
-        return last
+        skipped = []
+        for checkpoint in checkpoints:
+            reason = incomplete_reason(checkpoint)
+            if reason is None:
+                if skipped:
+                    logger.warning("Skipping %s; resuming from %s", "; ".join(skipped), checkpoint)
+                return str(checkpoint)
+            skipped.append(f"{checkpoint.name} ({reason})")
+        raise UsageError(
+            f"--resume_from_checkpoint true, but {output_dir} holds no complete checkpoint "
+            f"({'; '.join(skipped)}): drop the flag to start afresh."
+        )
     if not os.path.isdir(resume):
         raise MissingFileError(
             f"--resume_from_checkpoint {resume} does not exist; pass a checkpoint folder."
         )
+    reason = incomplete_reason(resume)
+    if reason is not None:
+        named = Path(resume)
+        step = _step(named)
+        earlier = [
+            c
+            for c in _checkpoints(named.parent)
+            if (step is None or _step(c) < step) and incomplete_reason(c) is None
+        ]
+        if earlier:
+            fix = f"resume from {earlier[0]} instead"
+        else:
+            fix = (
+                f"no complete checkpoint precedes it in {named.parent}: drop the flag to start "
+                "afresh"
+            )
+        raise UsageError(f"--resume_from_checkpoint {resume} cannot be used: {reason}; {fix}.")
     return resume
 
 

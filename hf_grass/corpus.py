@@ -13,10 +13,12 @@ trains the causal LM on all of its tokens. Without validation files, the last
 ``validation_fraction`` of the training blocks are held out (the end of the corpus, unseen).
 
 Caching: packed blocks are saved under ``cache_dir()/pretrain/blocks-<key>`` where the key hashes
-the corpus files (path, size, modification time), the tokenizer's full definition and
-``seq_len``: a changed corpus or tokenizer gets a new folder, an unchanged one is read back.
-The default tokenizer is a byte-level BPE (8,192 tokens) trained on the default corpus's
-training works once and cached the same way.
+the corpus files (path, size, modification time; for a local ``dataset_name`` folder, every file
+in it; for a Hub dataset, the revision it resolves to), the tokenizer's full definition and
+``seq_len``: a changed corpus or tokenizer gets a new folder, an unchanged one is read back (one
+log line says so), and one that cannot be read is built again. The default tokenizer is a
+byte-level BPE (8,192 tokens) trained on the default corpus's training works once and cached the
+same way.
 """
 
 from __future__ import annotations
@@ -25,15 +27,22 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from datasets import Dataset, DatasetDict, IterableDatasetDict, load_dataset, load_from_disk
+from datasets import (
+    Dataset,
+    DatasetDict,
+    IterableDatasetDict,
+    load_dataset,
+    load_dataset_builder,
+    load_from_disk,
+)
 
-from .errors import MissingFileError, UsageError
+from .errors import MissingFileError, UsageError, discard_unreadable_cache
 from .resources import cache_dir, shakespeare_dir, write_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -142,21 +151,51 @@ def load_corpus(spec: CorpusSpec) -> DatasetDict | IterableDatasetDict:
 
 
 def corpus_fingerprint(spec: CorpusSpec) -> str:
-    """A hash of the corpus files (path, size, modification time) or of the Hub dataset's name."""
+    """A hash of what the corpus is read from: its files (path, size, modification time), the
+    files of a local dataset folder, or a Hub dataset's name and the revision it resolves to."""
     if spec.dataset_name:
         parts: list[Any] = [spec.dataset_name, spec.dataset_config_name, spec.text_column]
-    else:
-        files = (
-            shakespeare_files()
-            if spec.is_default
-            else {"train": spec.train_files, "validation": spec.validation_files}
-        )
-        parts = [spec.text_column]
-        for split, paths in files.items():
-            for path in paths:
-                stat = os.stat(path)
-                parts.append([split, str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns])
+        folder = Path(spec.dataset_name)
+        if folder.is_dir():  # what load_dataset reads first, before it asks the Hub
+            parts += _file_keys("folder", _dataset_folder_files(folder))
+        else:
+            parts.append(_hub_revision(spec))
+        return _hash(parts)
+    files = (
+        shakespeare_files()
+        if spec.is_default
+        else {"train": spec.train_files, "validation": spec.validation_files}
+    )
+    parts = [spec.text_column]
+    for split, paths in files.items():
+        parts += _file_keys(split, paths)
     return _hash(parts)
+
+
+def _file_keys(split: str, paths: Sequence[str | Path]) -> list[list[Any]]:
+    keys = []
+    for path in paths:
+        stat = os.stat(path)
+        keys.append([split, str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns])
+    return keys
+
+
+def _dataset_folder_files(folder: Path) -> list[Path]:
+    """The files of a local dataset folder, but hidden ones (``datasets`` does not read them)."""
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.is_file() and not any(p.startswith(".") for p in path.relative_to(folder).parts)
+    )
+
+
+def _hub_revision(spec: CorpusSpec) -> str | None:
+    """The commit a Hub dataset resolves to (``datasets`` keys its own cache by it), or None
+    where it cannot be found: then the name alone keys the caches."""
+    try:
+        return load_dataset_builder(spec.dataset_name, spec.dataset_config_name).hash
+    except Exception:  # offline without a cached copy, or a dataset that has no revision
+        return None
 
 
 def _hash(obj: Any) -> str:
@@ -179,26 +218,48 @@ def default_tokenizer(spec: CorpusSpec, raw_train: Dataset, vocab_size: int = DE
         raise UsageError("A streamed corpus needs --tokenizer_name (a local folder or Hub id).")
     key = _hash([corpus_fingerprint(spec), vocab_size])
     target = cache_dir() / "pretrain" / f"tokenizer-{key}"
-    if not (target / "tokenizer.json").is_file():
+
+    def write(tmp: Path) -> None:
         logger.info("Training a %d-token byte-level BPE on the corpus (once)", vocab_size)
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOS_TOKEN],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        bpe.train_from_iterator(raw_train["text"], trainer=trainer)
+        fast = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN)
+        fast.pad_token = EOS_TOKEN
+        fast.save_pretrained(tmp)
 
-        def write(tmp: Path) -> None:
-            bpe = Tokenizer(models.BPE())
-            bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-            bpe.decoder = decoders.ByteLevel()
-            trainer = trainers.BpeTrainer(
-                vocab_size=vocab_size,
-                special_tokens=[EOS_TOKEN],
-                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                show_progress=False,
-            )
-            bpe.train_from_iterator(raw_train["text"], trainer=trainer)
-            fast = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN)
-            fast.pad_token = EOS_TOKEN
-            fast.save_pretrained(tmp)
+    return _cached(
+        target, "tokenizer", "tokenizer.json", write, PreTrainedTokenizerFast.from_pretrained
+    )
 
-        write_cache_dir(target, write)
-    return PreTrainedTokenizerFast.from_pretrained(target)
+
+T = TypeVar("T")
+
+
+def _cached(
+    target: Path, what: str, marker: str, write: Callable[[Path], None], read: Callable[[Path], T]
+) -> T:
+    """``read(target)``, after ``write`` made it unless ``target/marker`` exists already.
+
+    An entry that cannot be read (a truncated file) is removed and written again, in one log line.
+    """
+    if (target / marker).is_file():
+        try:
+            value = read(target)
+        except Exception as err:  # tokenizers raises a bare Exception for a malformed file
+            discard_unreadable_cache(target, what, err)
+        else:
+            logger.info("Reusing the %s in %s (same corpus and settings)", what, target)
+            return value
+    write_cache_dir(target, write)
+    return read(target)
 
 
 def pack(data: Dataset, tokenizer, seq_len: int, num_proc: int | None = None) -> Dataset:
@@ -245,21 +306,24 @@ def packed_blocks(
         [corpus_fingerprint(spec), tokenizer_fingerprint(tokenizer), seq_len, validation_fraction]
     )
     target = cache_dir() / "pretrain" / f"blocks-{key}"
-    if (target / "dataset_dict.json").is_file():
-        logger.info("Reusing the packed corpus in %s", target)
-    else:
 
-        def write(tmp: Path) -> None:
-            blocks = DatasetDict({k: pack(v, tokenizer, seq_len) for k, v in raw.items()})
-            if "validation" not in blocks:
-                total = len(blocks["train"])
-                held_out = max(1, int(total * validation_fraction)) if total > 1 else 0
-                blocks["validation"] = blocks["train"].select(range(total - held_out, total))
-                blocks["train"] = blocks["train"].select(range(total - held_out))
-            blocks.save_to_disk(str(tmp))
+    def write(tmp: Path) -> None:
+        blocks = DatasetDict({k: pack(v, tokenizer, seq_len) for k, v in raw.items()})
+        if "validation" not in blocks:
+            total = len(blocks["train"])
+            held_out = max(1, int(total * validation_fraction)) if total > 1 else 0
+            blocks["validation"] = blocks["train"].select(range(total - held_out, total))
+            blocks["train"] = blocks["train"].select(range(total - held_out))
+        blocks.save_to_disk(str(tmp))
 
-        write_cache_dir(target, write)
-    blocks = load_from_disk(str(target))
+    def read(folder: Path) -> DatasetDict:
+        blocks = load_from_disk(str(folder))
+        missing = {"train", "validation"} - set(blocks)
+        if missing:
+            raise KeyError(f"no {', '.join(sorted(missing))} split")
+        return blocks
+
+    blocks = _cached(target, "packed corpus", "dataset_dict.json", write, read)
     for split in ("train", "validation"):
         if len(blocks[split]) == 0:
             raise UsageError(

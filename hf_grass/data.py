@@ -95,7 +95,14 @@ def load_alpaca_eval(validation_fraction: float = 0.1, seed: int = 42) -> Datase
         raise ValueError(
             f"validation_fraction={validation_fraction} must lie strictly between 0 and 1, e.g. 0.1."
         )
-    records = json.loads(alpaca_eval_path().read_text(encoding="utf-8"))
+    path = alpaca_eval_path()
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # a download cut short; JSON and UTF-8 errors are ValueErrors
+        raise UsageError(
+            f"{path} is unreadable ({type(err).__name__}: {err}): delete it and run "
+            "`bash scripts/setup.sh` to fetch the records again."
+        ) from err
     dataset = Dataset.from_dict(
         {
             "instruction": [r["instruction"] for r in records],

@@ -15,12 +15,20 @@ norms, heads) as usual::
 How it averages, per backward pass on which DDP would synchronise (not inside ``no_sync()``, so
 gradient accumulation sends nothing before the last micro-batch):
 
-- each projected weight reports when its compressed gradient is complete (the grad-ready anchor
-  of its projection); the gradient joins a bucket, and a full bucket (``bucket_cap_mb``) is
-  flattened and all-reduced asynchronously while the backward goes on;
-- when the backward ends (a callback queued on the autograd engine, as DDP does), the last bucket
-  is sent, every reduction is waited on and divided by the world size. So after
+- each projected weight reports when its gradient is complete (its projection's grad-ready
+  hook, after the compressed part and any full ``.grad`` from a use outside its layer, which is
+  folded in); buckets of about ``bucket_cap_mb`` have fixed members and a fixed order from
+  construction, and each is flattened and all-reduced asynchronously, in order, as soon as all
+  its members are ready, while the backward goes on;
+- when the backward ends (a callback queued on the autograd engine, as DDP does), the buckets
+  left are sent, every reduction is waited on and divided by the world size. So after
   ``loss.backward()`` every rank holds the same averaged compressed gradients.
+
+A projected weight that some rank did not use in a backward (a branch, a route; HF ``Trainer``
+turns DDP's ``find_unused_parameters`` on by default) is sent as zeros by that rank, with a flag
+per weight in the bucket, so the collectives never depend on which weights got gradients: the
+result is DDP's (the sum over the ranks that used it, divided by the world size), and a weight no
+rank used gets no gradient.
 
 Same rows everywhere. At a selection step (every ``update_proj_gap`` steps) each layer's full
 gradient is all-reduced before its rows are chosen, so every rank selects from the gradient of
@@ -31,19 +39,24 @@ norms alone cannot be averaged (``||sum G|| != sum ||G||``).
 
 Layer-wise mode (``layerwise=True``): each projected weight's compressed gradient is averaged
 synchronously when its last micro-batch's gradient is complete, and the weight is updated at
-once (:func:`hf_grass.enable_layerwise` with ``reduce_gradient=grass_dp.reduce_now``); the
-plain parameters keep DDP's averaging and are updated by ``optimizer.step()``.
+once (:func:`hf_grass.enable_layerwise` with ``reduce_gradient=grass_dp.reduce_now``); a weight
+whose window was cut short (the last window of an epoch) is averaged in ``optimizer.step()``;
+the plain parameters keep DDP's averaging and are updated by ``optimizer.step()``.
 
-Like DDP without ``find_unused_parameters``, every rank must give every projected weight a
-gradient in every synchronising backward (the same buckets in the same order on all ranks).
+The synchronous averages (selection steps, layer-wise mode) follow the backward's order, so there
+every rank must use every projected weight: each is preceded by a 16-byte check that all ranks
+average the same weight, and a weight missing on some rank stops the job with an error naming it
+(rather than pairing unrelated gradients, or hanging).
 
 All of Grass's collectives use a process group of their own, so their order cannot interleave
 with DDP's. At construction every rank checks that all ranks have the same Grass settings and
-weights, and fails with one clear error otherwise.
+weights, and fails with one clear error otherwise; then rank 0's projected weights are broadcast
+(DDP broadcasts the others, but not the parameters it is told to ignore).
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections import defaultdict
 from typing import Any
@@ -56,7 +69,7 @@ from torch.autograd import Variable
 
 from .embedding import GrassEmbedding
 from .linear import GrassLinear
-from .projection import GrassProjection
+from .projection import GrassProjection, oriented
 
 _METERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -128,14 +141,11 @@ class GrassDataParallel:
         ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
         self.group = dist.new_group(ranks=ranks)
         self.world_size = dist.get_world_size(self.group)
-        self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
         self.layerwise = layerwise
         self.meter = CommMeter()
         self._ddp: nn.Module | None = None
-        self._pending: list[GrassProjection] = []
-        self._pending_bytes = 0
-        self._in_flight: list[tuple[Any, torch.Tensor, list[GrassProjection]]] = []
-        self._callback_queued = False
+        self._end_queued = False
+        self._selected = False  # this backward averaged a full gradient (a selection step)
         self._hooks = []
 
         self.projected: dict[str, torch.Tensor] = {}
@@ -151,17 +161,28 @@ class GrassDataParallel:
         _check_same_everywhere(self.group, optimizer, ignore_names)
         ignore = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
         model._ddp_params_and_buffers_to_ignore = sorted(ignore | set(ignore_names))
-        for weight in self.projected.values():
-            projection = optimizer.projection(weight)
-            projection.reduce_full = self._average_full_gradient
-            if not layerwise:
-                anchor = projection.grad_ready_anchor()
-                self._hooks.append(
-                    anchor.register_post_accumulate_grad_hook(self._ready_hook(projection))
+        # DDP broadcasts rank 0's parameters at construction, but not the ones it ignores.
+        with torch.no_grad():
+            for weight in self.projected.values():
+                dist.broadcast(
+                    weight.data, src=dist.get_global_rank(self.group, 0), group=self.group
                 )
+        self._names = list(self.projected)
+        self._device = next(iter(self.projected.values())).device if self.projected else None
+        self._index = {id(w): i for i, w in enumerate(self.projected.values())}
+        self._projection_of = {id(w): optimizer.projection(w) for w in self.projected.values()}
+        for weight in self.projected.values():
+            self._projection_of[id(weight)].reduce_full = self._full_gradient_reducer(weight)
+        self._buckets = [] if layerwise else self._make_buckets(bucket_cap_mb)
+        for index, bucket in enumerate(self._buckets):
+            for projection in bucket.projections:
+                handle = projection.register_grad_ready_hook(self._ready_hook(index, projection))
+                self._hooks.append(handle)
+        if layerwise:
+            # A rank that skipped a weight's average meets the others' at the step's end.
+            optimizer.register_step_post_hook(lambda *_: self._check_same_weight(len(self._names)))
         optimizer.register_step_post_hook(lambda *_: self.meter.end_step())
         _METERS[optimizer] = self.meter
-        self._projection_of = {id(w): optimizer.projection(w) for w in self.projected.values()}
 
     # ---- wiring ---------------------------------------------------------------------------------
     def attach(self, ddp_model: nn.Module) -> None:
@@ -189,51 +210,106 @@ class GrassDataParallel:
         self.meter.add(kind, tensor.numel() * tensor.element_size())
         return tensor
 
+    def _check_same_weight(self, index: int) -> None:
+        """Stop unless every rank is about to average the same projected weight (``index``;
+        ``len(names)`` stands for "no more weights").
+
+        Synchronous averages (selection steps, layer-wise mode) happen in backward order, as
+        each weight's gradient arrives; a weight that got no gradient on some rank (a branch or
+        a route taken on some ranks only) would pair one rank's collective with another weight's
+        on the others, and average unrelated gradients. A 16-byte all-reduce before each one
+        turns that into an error naming the weights.
+        """
+        both = torch.tensor([index, -index], dtype=torch.int64, device=self._device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
+        highest, lowest = int(both[0]), -int(both[1])
+        if highest != lowest:
+            names = [self._names[i] if i < len(self._names) else "the end of the step"
+                     for i in (lowest, highest)]  # fmt: skip
+            raise RuntimeError(
+                f"Ranks disagree on the projected weight to average: {names[0]!r} on some, "
+                f"{names[1]!r} on others. A projected weight got no gradient on some ranks; "
+                "Grass averages every projected weight on every rank at selection steps and in "
+                "layer-wise mode: leave weights that ranks use differently out of target_modules."
+            )
+
     # ---- selection steps ------------------------------------------------------------------------
-    def _average_full_gradient(self, grad: torch.Tensor) -> torch.Tensor:
-        """The rank-averaged full gradient of one layer (selection steps only)."""
-        return self._average(grad.contiguous(), "selection")
+    def _full_gradient_reducer(self, weight: torch.Tensor):
+        index = self._index[id(weight)]
+
+        def reduce_full(grad: torch.Tensor) -> torch.Tensor:
+            """The rank-averaged full gradient of one layer (selection steps only)."""
+            self._check_same_weight(index)
+            self._selected = True
+            self._queue_end_of_backward()
+            return self._average(grad.contiguous(), "selection")
+
+        return reduce_full
 
     # ---- bucketed, asynchronous averaging ----------------------------------------------------------
-    def _ready_hook(self, projection: GrassProjection):
-        def hook(anchor: torch.Tensor) -> None:
-            anchor.grad = None
-            if projection.grad is None or not self._syncing():
+    def _make_buckets(self, bucket_cap_mb: float) -> list[_Bucket]:
+        """Fixed buckets, in the reverse order of the model's modules (about the order in which
+        the backward completes gradients), one dtype each, about ``bucket_cap_mb`` each.
+
+        Membership and order never depend on which weights got gradients, so every rank sends
+        the same collectives in the same order: a weight unused on some rank is sent as zeros
+        (see :class:`_Bucket`).
+        """
+        cap = int(bucket_cap_mb * 2**20)
+        buckets: list[_Bucket] = []
+        for weight in reversed(list(self.projected.values())):
+            projection = self._projection_of[id(weight)]
+            last = buckets[-1] if buckets else None
+            if last is None or last.dtype != weight.dtype or last.nbytes >= cap:
+                last = _Bucket(weight.dtype)
+                buckets.append(last)
+            last.add(projection)
+        return buckets
+
+    def _ready_hook(self, index: int, projection: GrassProjection):
+        def hook() -> None:
+            if not self._syncing():
                 return
-            if not self._callback_queued:
-                Variable._execution_engine.queue_callback(self._finish)
-                self._callback_queued = True
-            self._pending.append(projection)
-            self._pending_bytes += projection.grad.numel() * projection.grad.element_size()
-            if self._pending_bytes >= self.bucket_cap_bytes:
-                self._launch()
+            projection.absorb_full_grad()  # a use outside the Grass layer: average it too
+            self._queue_end_of_backward()
+            self._buckets[index].ready.add(id(projection))
+            self._launch_ready()
 
         return hook
 
-    def _launch(self) -> None:
-        if not self._pending:
-            return
-        by_dtype: dict[torch.dtype, list[GrassProjection]] = defaultdict(list)
-        for projection in self._pending:
-            by_dtype[projection.grad.dtype].append(projection)
-        for projections in by_dtype.values():
-            flat = _flatten_dense_tensors([p.grad for p in projections])
-            self.meter.add("compressed", flat.numel() * flat.element_size())
-            work = dist.all_reduce(flat, group=self.group, async_op=True)
-            self._in_flight.append((work, flat, projections))
-        self._pending, self._pending_bytes = [], 0
+    def _launch_ready(self) -> None:
+        """Launch, in order, every bucket whose weights all have their gradients."""
+        for bucket in self._buckets:
+            if bucket.work is None:
+                if len(bucket.ready) < len(bucket.projections):
+                    return
+                self._launch(bucket)
 
-    def _finish(self) -> None:
-        """End of backward: send the last bucket, wait for all, write back the averages."""
-        self._callback_queued = False
-        self._launch()
-        for work, flat, projections in self._in_flight:
-            work.wait()
-            flat.div_(self.world_size)
-            grads = _unflatten_dense_tensors(flat, [p.grad for p in projections])
-            for projection, grad in zip(projections, grads, strict=True):
-                projection.grad.copy_(grad)
-        self._in_flight.clear()
+    def _launch(self, bucket: _Bucket) -> None:
+        flat = bucket.flatten()
+        self.meter.add("compressed", flat.numel() * flat.element_size())
+        bucket.work = dist.all_reduce(flat, group=self.group, async_op=True)
+        bucket.flat = flat
+
+    def _queue_end_of_backward(self) -> None:
+        if not self._end_queued:
+            Variable._execution_engine.queue_callback(self._end_of_backward)
+            self._end_queued = True
+
+    def _end_of_backward(self) -> None:
+        """Check the ranks' selections met, send the buckets left, write back the averages."""
+        self._end_queued = False
+        if self._selected:
+            self._selected = False
+            self._check_same_weight(len(self._names))
+        if not self._syncing() or not self._buckets:
+            return
+        for bucket in self._buckets:
+            if bucket.work is None:
+                self._launch(bucket)
+        for bucket in self._buckets:
+            bucket.work.wait()
+            bucket.write_back(self.world_size)
 
     # ---- layer-wise ------------------------------------------------------------------------------
     def reduce_now(self, param: torch.Tensor) -> None:
@@ -242,7 +318,11 @@ class GrassDataParallel:
         Plain parameters are left to DDP (they are updated by ``optimizer.step()``).
         """
         projection = self._projection_of.get(id(param))
-        if projection is not None and projection.grad is not None:
+        if projection is None:
+            return
+        projection.absorb_full_grad()  # a use outside the Grass layer: average it too
+        if projection.grad is not None:
+            self._check_same_weight(self._index[id(param)])
             self._average(projection.grad, "compressed")
 
     def remove(self) -> None:
@@ -251,6 +331,59 @@ class GrassDataParallel:
         self._hooks.clear()
         for projection in self._projection_of.values():
             projection.reduce_full = None
+
+
+class _Bucket:
+    """Compressed gradients averaged by one all-reduce: fixed members, rank-independent layout.
+
+    The flat tensor holds each member's gradient (zeros where this rank has none: a weight unused
+    in this rank's backward), then one flag per member, 1 where this rank had a gradient. After
+    the sum, a member no rank used gets no gradient, the others the sum over the world size,
+    what DDP computes for a parameter some ranks did not use.
+    """
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.projections: list[GrassProjection] = []
+        self.nbytes = 0
+        self.ready: set[int] = set()
+        self.work: Any = None
+        self.flat: torch.Tensor | None = None
+
+    def add(self, projection: GrassProjection) -> None:
+        self.projections.append(projection)
+        self.nbytes += math.prod(self._shape(projection)) * self.dtype.itemsize
+
+    @staticmethod
+    def _shape(projection: GrassProjection) -> tuple[int, int]:
+        return projection.rank, oriented(projection.weight, projection.side).shape[1]
+
+    def flatten(self) -> torch.Tensor:
+        used, grads = [], []
+        for projection in self.projections:
+            projection.absorb_full_grad()  # a weight used only outside its layer on this rank
+            used.append(float(projection.grad is not None))
+            if projection.grad is None:
+                weight = projection.weight
+                zeros = torch.zeros(self._shape(projection), dtype=self.dtype, device=weight.device)
+                projection.accumulate(zeros)
+            grads.append(projection.grad)
+        flags = torch.tensor(used, dtype=self.dtype, device=grads[0].device)
+        return _flatten_dense_tensors([*grads, flags])
+
+    def write_back(self, world_size: int) -> None:
+        grads = [p.grad for p in self.projections]
+        flags = torch.empty(len(grads), dtype=self.dtype, device=self.flat.device)
+        *averages, flags = _unflatten_dense_tensors(self.flat, [*grads, flags])
+        for projection, average, used in zip(
+            self.projections, averages, flags.tolist(), strict=True
+        ):
+            if used == 0:
+                projection.grad = None
+            else:
+                projection.grad.copy_(average.div_(world_size))
+        self.ready.clear()
+        self.work = self.flat = None
 
 
 def dense_ddp_bytes(model: nn.Module) -> int:

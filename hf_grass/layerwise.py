@@ -5,11 +5,11 @@
 runs ``optimizer.step_param(p)`` and drops the gradient, so at most one layer's gradient is alive
 at a time instead of the whole model's. "Complete" is signalled by autograd:
 
-- a full ``.grad``: ``p.register_post_accumulate_grad_hook``;
-- a compressed gradient (a :class:`~hf_grass.GrassLinear` weight): the post-accumulate-grad
-  hook of the zero-size anchor of the weight's projection
-  (:meth:`hf_grass.projection.GrassProjection.grad_ready_anchor`), which the engine runs once per
-  backward, after every use of the weight has added to the compressed gradient.
+- a plain parameter's ``.grad``: ``p.register_post_accumulate_grad_hook``;
+- a projected weight's gradient: its projection's grad-ready hook
+  (:meth:`hf_grass.projection.GrassProjection.register_grad_ready_hook`), which runs once per
+  backward, after every use of the weight has added to the compressed gradient and after a full
+  ``.grad`` from a use outside its Grass layer, so such a weight is counted once, not twice.
 
 Gradient accumulation. Each parameter counts the backward passes that delivered it a gradient;
 the one that brings its count to ``gradient_accumulation_steps`` steps it (the last micro-batch
@@ -85,29 +85,24 @@ class LayerwiseHandle:
         self._hooks = []
         self._anchored = []
         for p in params:
-            self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook))
             projection = projection_of(p)
-            if projection is not None:
-                if projection.anchor is None:
-                    self._anchored.append(projection)
-                anchor = projection.grad_ready_anchor()
-                self._hooks.append(anchor.register_post_accumulate_grad_hook(self._anchor_hook(p)))
+            if projection is None:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook))
+                continue
+            if projection.anchor is None:
+                self._anchored.append(projection)
+            # One signal per backward, after the compressed part and any full .grad part.
+            self._hooks.append(projection.register_grad_ready_hook(self._ready_hook(p)))
         self._hooks.append(optimizer.register_step_pre_hook(self._before_step))
         self._hooks.append(optimizer.register_step_post_hook(self._after_step))
         optimizer._grass_layerwise = self
 
     def _grad_hook(self, p: torch.Tensor) -> None:
-        # Autograd also runs this hook when no gradient reached .grad (a GrassLinear weight
-        # returns None and reports through its anchor): count only real deliveries.
         if p.grad is not None:
             self._on_grad_ready(p)
 
-    def _anchor_hook(self, p: torch.Tensor):
-        def hook(anchor: torch.Tensor) -> None:
-            anchor.grad = None
-            self._on_grad_ready(p)
-
-        return hook
+    def _ready_hook(self, p: torch.Tensor) -> Callable[[], None]:
+        return lambda: self._on_grad_ready(p)
 
     def _on_grad_ready(self, p: torch.Tensor) -> None:
         self._counts[id(p)] += 1
@@ -153,10 +148,15 @@ class LayerwiseHandle:
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         self._flush()  # normally empty: the end of the backward pass flushed it
-        # optimizer.step() updates the parameters that still hold a gradient; clip them as the
-        # hooks would have.
-        if self.max_grad_norm is not None:
-            for p in self.params:
+        # optimizer.step() updates the parameters that still hold a gradient (a window cut
+        # short, a parameter that missed the last micro-batch): average and clip them as the
+        # hooks would have, in the same order on every rank.
+        for p in self.params:
+            if not _has_gradient(p):
+                continue
+            if self.reduce_gradient is not None:
+                self.reduce_gradient(p)
+            if self.max_grad_norm is not None:
                 clip_grad_norm_([p], self.max_grad_norm)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
@@ -188,6 +188,11 @@ def _gradient_bytes(p: torch.Tensor) -> int:
     projection = projection_of(p)
     grads = (p.grad, None if projection is None else projection.grad)
     return sum(g.numel() * g.element_size() for g in grads if g is not None)
+
+
+def _has_gradient(p: torch.Tensor) -> bool:
+    projection = projection_of(p)
+    return p.grad is not None or (projection is not None and projection.grad is not None)
 
 
 def _free_gradient(p: torch.Tensor) -> None:

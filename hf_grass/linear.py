@@ -30,9 +30,13 @@ alive until the last micro-batch. Without accumulation both are the same.
 
 Gradient checkpointing. All side effects (selection, accumulation) happen in the backward, which
 autograd runs once per use whether or not the forward is recomputed; the forward only saves
-tensors, so a recomputed forward changes nothing. The parameter itself is kept on ``ctx`` rather
-than through ``save_for_backward``: checkpointing (and ``save_on_cpu``) unpacks saved tensors as
-new tensors, which are not the weight its projection is registered for.
+tensors. A recomputed forward must save what the original saved (checkpointing checks their
+shapes), but it runs inside the backward, possibly after that backward selected: a weight shared
+by layers in two checkpointed blocks selects in the later block's backward, before the earlier
+block is recomputed. So a forward run inside the backward that selected its weight's columns
+keeps all of ``X``, as its original did before the selection. The parameter itself is kept on
+``ctx`` rather than through ``save_for_backward``: checkpointing (and ``save_on_cpu``) unpacks
+saved tensors as new tensors, which are not the weight its projection is registered for.
 
 Autocast. Under autocast the forward casts ``x``, ``W`` and ``b`` to the autocast dtype, as
 autocast does for ``F.linear``, and the backward computes in that dtype with autocast off; the
@@ -56,7 +60,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .config import check_option
-from .projection import projection_of
+from .projection import GrassProjection, projection_of
 from .targets import TargetModules, grass_param_groups, grass_target_names
 
 
@@ -135,11 +139,38 @@ def _columns_to_keep(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | No
     weight without a live projection; and an input already kept whole costs nothing more.
     """
     projection = projection_of(weight)
-    if projection is None or projection.side != "cols" or projection.needs_full_gradient():
+    if projection is None or projection.side != "cols" or _selecting(projection):
         return None
     if _KEPT_WHOLE.get(id(x)) is x:
         return None
     return projection.rows
+
+
+# The backward (autograd graph task id) in which each projection last selected from a full
+# gradient of a GrassLinear. A forward that runs inside that backward is gradient checkpointing's
+# recomputation of a forward that ran before the selection.
+_SELECTED_IN: weakref.WeakKeyDictionary[GrassProjection, int] = weakref.WeakKeyDictionary()
+
+
+def _current_backward() -> int:
+    """The id of the backward running on this thread, -1 outside a backward. (torch's own
+    non-reentrant checkpointing keys its recomputations by the same id.)"""
+    return torch._C._current_graph_task_id()
+
+
+def _selecting(projection: GrassProjection) -> bool:
+    """True when a forward of the weight must keep all of ``X`` for a selection.
+
+    That is while the rows are still to be chosen, and also for a forward recomputed inside the
+    backward that chose them: its original ran before the selection and kept all of ``X``, and a
+    recomputation must save what the original saved. (Not covered: two checkpointed graphs
+    forwarded on a selection step before either runs backward; the second one's recomputation
+    runs after the first backward selected, in a backward of its own.)
+    """
+    if projection.needs_full_gradient():
+        return True
+    backward = _current_backward()
+    return backward != -1 and _SELECTED_IN.get(projection) == backward
 
 
 def _weight_gradient(
@@ -170,6 +201,7 @@ def _weight_gradient(
     if projection.needs_full_gradient():
         full = dy2.t() @ x2  # m x n, this layer only
         projection.select(full)  # under data parallelism, averages `full` across ranks first
+        _SELECTED_IN[projection] = _current_backward()
         compressed = projection.compress(full)
         del full  # freed before the next layer's backward allocates its own
     else:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from .errors import discard_unreadable_cache
 from .resources import cache_dir, smollm2_gguf_path, write_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -125,12 +128,19 @@ def default_model_path() -> Path:
     """A Hugging Face checkpoint of SmolLM2-135M-Instruct, converted once from the bundled GGUF.
 
     The weights are dequantized to float32 and saved with the tokenizer under
-    `cache_dir()/SmolLM2-135M-Instruct`; later calls return that folder at once.
+    `cache_dir()/SmolLM2-135M-Instruct`; later calls return that folder at once, or convert again
+    if one of its files is unreadable.
     """
     target = cache_dir() / DEFAULT_MODEL_NAME
     if (target / "config.json").is_file():
-        return target
-    if target.exists() and any(target.iterdir()):
+        try:
+            _check_converted(target)
+        except (OSError, ValueError, SafetensorError) as err:
+            discard_unreadable_cache(target, f"{DEFAULT_MODEL_NAME} checkpoint", err)
+        else:
+            logger.info("Reusing the %s checkpoint converted in %s", DEFAULT_MODEL_NAME, target)
+            return target
+    elif target.exists() and any(target.iterdir()):
         raise FileExistsError(
             f"{target} holds files but no config.json, so it is not a finished conversion; "
             "delete that folder and run again to convert anew."
@@ -139,6 +149,16 @@ def default_model_path() -> Path:
     logger.info("Converting %s to a float32 checkpoint in %s (once, about a minute)", gguf, target)
     write_cache_dir(target, lambda tmp: _convert_gguf(gguf, tmp))
     return target
+
+
+def _check_converted(folder: Path) -> None:
+    """Raise if a file of a converted checkpoint is missing or cut short (a full disk, a copy
+    interrupted): its JSON files must parse and the safetensors header must cover its file. Cheap:
+    no tensor is read."""
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        json.loads((folder / name).read_text(encoding="utf-8"))
+    with safe_open(folder / "model.safetensors", framework="pt"):
+        pass
 
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:

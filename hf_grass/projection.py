@@ -104,6 +104,11 @@ class GrassProjection:
         return self._optimizer() is not None and self._param() is not None
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The projected weight."""
+        return self._param()
+
+    @property
     def _state(self) -> dict:
         return self._optimizer().state[self._param()]
 
@@ -214,6 +219,18 @@ class GrassProjection:
             )
         return grad
 
+    def register_grad_ready_hook(self, hook: Callable[[], None]) -> GradReadyHandle:
+        """Run ``hook()`` once per backward pass, when the weight's gradient of that pass is
+        complete: after its Grass layer has added to ``grad`` (the anchor) and after a full
+        ``weight.grad`` from a use outside the layer (an L2 penalty, ``F.linear(x, weight)``)
+        has been accumulated, whichever comes last.
+
+        Autograd runs the two post-accumulate-grad hooks in no fixed order, and runs the
+        weight's own even when only the Grass layer (which returns no ``weight.grad``) used it;
+        so the hook waits for each of the two that the engine will run in this backward.
+        """
+        return GradReadyHandle(self._param(), self.grad_ready_anchor(), hook)
+
     def grad_ready_anchor(self) -> torch.Tensor:
         """A zero-size leaf whose gradient hook fires when ``grad`` is complete for a backward.
 
@@ -224,3 +241,46 @@ class GrassProjection:
         if self.anchor is None:
             self.anchor = torch.empty(0, device=self._param().device, requires_grad=True)
         return self.anchor
+
+
+def _grad_accumulator(t: torch.Tensor):
+    """The autograd node that accumulates the leaf ``t``'s gradient.
+
+    Held strongly: autograd keeps only a weak reference, and makes a new node for the next
+    graph once nobody holds the old one.
+    """
+    with torch.enable_grad():
+        return t.view_as(t).grad_fn.next_functions[0][0]
+
+
+class GradReadyHandle:
+    """The hooks of :meth:`GrassProjection.register_grad_ready_hook`; ``remove()`` undoes them."""
+
+    def __init__(self, param: torch.Tensor, anchor: torch.Tensor, hook: Callable[[], None]):
+        self._hook = hook
+        self._nodes = {"weight": _grad_accumulator(param), "anchor": _grad_accumulator(anchor)}
+        self._seen: set[str] = set()
+        self._handles = [
+            param.register_post_accumulate_grad_hook(lambda _: self._signal("weight")),
+            anchor.register_post_accumulate_grad_hook(self._anchor_signal),
+        ]
+
+    def _anchor_signal(self, anchor: torch.Tensor) -> None:
+        anchor.grad = None  # a zero-size signal, never a gradient to keep
+        self._signal("anchor")
+
+    def _signal(self, which: str) -> None:
+        self._seen.add(which)
+        expected = (
+            name
+            for name, node in self._nodes.items()
+            if torch._C._will_engine_execute_node(node)  # the engine runs it in this backward
+        )
+        if all(name in self._seen for name in expected):
+            self._seen.clear()
+            self._hook()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

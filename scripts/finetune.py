@@ -34,9 +34,21 @@ from pathlib import Path
 from typing import Any
 
 try:
+    # transformers imports peft, and peft imports bitsandbytes when it is installed (GaLore's and
+    # APOLLO's packages pull it in); that import logs a warning about CPU kernels that no user of
+    # this script can act on. So hf_grass, and with it transformers and peft, is imported while
+    # `import bitsandbytes` fails, which peft allows for (`cli.without_bitsandbytes`, written
+    # out here as hf_grass is not loaded yet). A baseline that uses it imports it when chosen.
+    _hold_bitsandbytes = "bitsandbytes" not in sys.modules
+    if _hold_bitsandbytes:
+        sys.modules["bitsandbytes"] = None  # an import of it raises ImportError
     import hf_grass  # noqa: F401
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import hf_grass  # noqa: F401
+finally:
+    if _hold_bitsandbytes:
+        del sys.modules["bitsandbytes"]
 
 import numpy as np
 import torch
@@ -339,7 +351,8 @@ def apply_lora(model, model_args: ModelArguments, task_type: str):
         lora_dropout=model_args.lora_dropout,
         target_modules=list(model_args.lora_target_modules),
     )
-    model = get_peft_model(model, config)
+    with cli.without_bitsandbytes():  # peft's bitsandbytes layers only fit quantized models
+        model = get_peft_model(model, config)
     model.print_trainable_parameters()
     return model
 

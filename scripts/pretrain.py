@@ -31,13 +31,31 @@ from pathlib import Path
 from typing import Any
 
 try:
+    # transformers imports peft, and peft imports bitsandbytes when it is installed (GaLore's and
+    # APOLLO's packages pull it in); that import logs a warning about CPU kernels that no user of
+    # this script can act on. So hf_grass, and with it transformers and peft, is imported while
+    # `import bitsandbytes` fails, which peft allows for (`cli.without_bitsandbytes`, written
+    # out here as hf_grass is not loaded yet). A baseline that uses it imports it when chosen.
+    _hold_bitsandbytes = "bitsandbytes" not in sys.modules
+    if _hold_bitsandbytes:
+        sys.modules["bitsandbytes"] = None  # an import of it raises ImportError
     import hf_grass  # noqa: F401
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import hf_grass  # noqa: F401
+finally:
+    if _hold_bitsandbytes:
+        del sys.modules["bitsandbytes"]
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, LlamaConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    HfArgumentParser,
+    LlamaConfig,
+    PreTrainedModel,
+)
 
 from hf_grass import cli
 from hf_grass import corpus as grass_corpus
@@ -192,18 +210,39 @@ def model_config(pargs: PretrainArguments, vocab_size: int) -> LlamaConfig:
     return config
 
 
+def build_model(config: LlamaConfig, tokenizer, dtype: torch.dtype) -> PreTrainedModel:
+    """A randomly initialized causal LM of ``config``, with the tokenizer's special tokens.
+
+    Packed blocks hold no padding, so the model gets no pad token: LLaMA makes the pad token's
+    embedding row a zero ``padding_idx`` that never trains, and the default tokenizer pads with
+    its end-of-text token, the one that ends every document of the corpus (`load_tokenizer`
+    drops such a pad token, so that the Trainer does not copy it into the config either).
+    """
+    config.pad_token_id = None
+    config.eos_token_id = tokenizer.eos_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
 def load_tokenizer(pargs: PretrainArguments, spec: grass_corpus.CorpusSpec, raw):
+    """The tokenizer of ``--tokenizer_name`` or the default one, without a pad token that is its
+    end-of-text token (see `build_model`)."""
     if pargs.tokenizer_name is None:
-        return grass_corpus.default_tokenizer(spec, raw["train"], pargs.tokenizer_vocab_size)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(pargs.tokenizer_name)
-    except OSError as e:
-        raise UsageError(
-            f"Cannot load the tokenizer {pargs.tokenizer_name}: {e}. Offline, pass a local "
-            "folder, or leave --tokenizer_name out to train one on the corpus."
-        ) from e
-    if tokenizer.eos_token is None:
-        raise UsageError(f"The tokenizer {pargs.tokenizer_name} has no end-of-text token.")
+        tokenizer = grass_corpus.default_tokenizer(spec, raw["train"], pargs.tokenizer_vocab_size)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(pargs.tokenizer_name)
+        except OSError as e:
+            raise UsageError(
+                f"Cannot load the tokenizer {pargs.tokenizer_name}: {e}. Offline, pass a local "
+                "folder, or leave --tokenizer_name out to train one on the corpus."
+            ) from e
+        if tokenizer.eos_token is None:
+            raise UsageError(f"The tokenizer {pargs.tokenizer_name} has no end-of-text token.")
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # The Trainer copies the tokenizer's pad token into the model's config, and a model
+        # loaded from that config (a checkpoint) would make end-of-text its padding row.
+        tokenizer.pad_token = None
     return tokenizer
 
 
@@ -238,10 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         eval_blocks = eval_blocks.select(range(min(pargs.max_eval_samples, len(eval_blocks))))
 
     transformers.set_seed(args.seed)  # the initial weights
-    config.pad_token_id = tokenizer.pad_token_id
-    config.eos_token_id = tokenizer.eos_token_id
-    config.bos_token_id = tokenizer.bos_token_id
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, pargs.model_dtype))
+    model = build_model(config, tokenizer, getattr(torch, pargs.model_dtype))
     n_params = sum(p.numel() for p in model.parameters())
     train_size = "streamed" if spec.streaming else f"{len(blocks['train']):,} blocks"
     logger.info(

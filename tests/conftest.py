@@ -7,6 +7,9 @@ Fixtures (`device`, `fresh_warning`) are found by pytest; the plain helpers
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification
@@ -87,10 +90,27 @@ def run_bounded(cmd: list[str], env: dict[str, str], timeout: float):
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
+        # torchrun starts its workers in sessions of their own: kill every descendant, or a
+        # hung worker keeps the pipes open and the test waits forever.
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=60)
         pytest.fail(f"{' '.join(cmd[:6])} ... did not finish in {timeout} s:\n{stderr[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (Linux /proc), children before their own children."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for children in Path(f"/proc/{parent}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                for child in map(int, children.read_text().split()):
+                    found.append(child)
+                    todo.append(child)
+    return found
 
 
 def functional_problem(dtype, state_dtype, repeats, gen, shapes, strided_last=False):

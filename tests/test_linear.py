@@ -276,6 +276,59 @@ def test_gradient_checkpointing_gives_the_same_compressed_gradients(use_reentran
             opt.zero_grad()
 
 
+class _SharedAcrossBlocks(nn.Module):
+    """Two residual blocks whose second layers share one 6 x 24 weight (wider than tall: Grass
+    selects its columns), each block checkpointed (non-reentrant) when ``checkpointing``. The
+    shared layers read an activation of their block, which checkpointing recomputes."""
+
+    def __init__(self, checkpointing: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Tanh(), nn.Linear(24, 6), nn.GELU(), nn.Linear(6, 24))
+            for _ in range(2)
+        )
+        self.blocks[1][1].weight = self.blocks[0][1].weight
+        self.checkpointing = checkpointing
+
+    def forward(self, x):
+        for block in self.blocks:
+            if self.checkpointing:
+                x = x + checkpoint(block, x, use_reentrant=False)
+            else:
+                x = x + block(x)
+        return x
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_weight_shared_by_two_checkpointed_blocks_trains_as_without_checkpointing(micro_batches):
+    """The second block's backward selects the shared weight's columns before the first block is
+    recomputed; the recomputed forward keeps all of X, as its original did. Each step's compressed
+    gradient is rho * G[rows] of the dense gradient of both uses (rows fixed by the first
+    micro-batch), and the weights equal those of the same run without checkpointing."""
+    plain, ckpt = _SharedAcrossBlocks(False).double(), _SharedAcrossBlocks(True).double()
+    options = dict(rank=3, update_proj_gap=2, selection="multinomial")
+    opts = [GrassAdamW(grassify(m, **options), lr=1e-2) for m in (plain, ckpt)]
+    assert projection_of(ckpt.blocks[1][1].weight).side == "cols"
+    for _ in range(4):  # selections at steps 0 and 2
+        batches = [torch.randn(5, 24, dtype=F64) for _ in range(micro_batches)]
+        dense = _SharedAcrossBlocks(False).double()  # nn.Linear: autograd's full gradients
+        dense.load_state_dict(plain.state_dict())
+        for x in batches:
+            for model in (dense, plain, ckpt):
+                model(x).square().mean().backward()
+        full = dense.blocks[0][1].weight.grad  # both uses, all micro-batches: 6 x 24
+        for model in (plain, ckpt):
+            projection = projection_of(model.blocks[0][1].weight)
+            expected = projection.rho.to(F64)[:, None] * full.t()[projection.rows]
+            torch.testing.assert_close(projection.grad, expected, rtol=0, atol=1e-12)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+        for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+            assert torch.equal(q, p), name
+
+
 def _tiny_llama(tie=False, seed=0):
     # Grouped-query attention: k_proj and v_proj are narrower than q_proj.
     return tiny_llama(seed=seed, num_key_value_heads=2, tie_word_embeddings=tie)

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from hf_grass import corpus
+from hf_grass.errors import UsageError
+from hf_grass.trainer import GrassTrainer, GrassTrainingArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("pretrain", ROOT / "scripts" / "pretrain.py")
@@ -102,6 +107,151 @@ def test_packed_corpus_is_cached_and_invalidated_when_corpus_or_tokenizer_change
     changed = corpus.packed_blocks(spec, raw, tokenizer, seq_len=32)
     assert len(packs) == 2  # a changed file: packed anew
     assert changed["train"]["input_ids"] != first["train"]["input_ids"]
+
+
+def test_a_local_dataset_folder_is_cached_by_its_files(cache, tmp_path, caplog):
+    """``--dataset_name <folder>`` (as ``datasets.load_dataset`` reads it): text appended to its
+    files must reach the tokenizer and the packed blocks, not a stale cache entry."""
+    folder = tmp_path / "my_corpus"
+    folder.mkdir()
+    lines = [f"Line {i} of a small corpus that grows later." for i in range(40)]
+    for name in ("a.txt", "b.txt"):
+        (folder / name).write_text("\n".join(lines) + "\n")
+    spec = corpus.CorpusSpec(dataset_name=str(folder))
+    raw = corpus.load_corpus(spec)
+    tokenizer = corpus.default_tokenizer(spec, raw["train"], vocab_size=300)
+    first = corpus.packed_blocks(spec, raw, tokenizer, seq_len=32)
+    with caplog.at_level(logging.INFO, logger="hf_grass"):
+        corpus.default_tokenizer(spec, raw["train"], vocab_size=300)
+        corpus.packed_blocks(spec, raw, tokenizer, seq_len=32)
+    assert [r.getMessage().split(" in ")[0] for r in caplog.records] == [
+        "Reusing the tokenizer",
+        "Reusing the packed corpus",
+    ]
+
+    for name in ("a.txt", "b.txt"):
+        with open(folder / name, "a") as f:
+            f.write("\n".join(lines * 3) + "\n")
+    raw = corpus.load_corpus(spec)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hf_grass"):
+        corpus.default_tokenizer(spec, raw["train"], vocab_size=300)
+    assert not any("Reusing" in r.getMessage() for r in caplog.records)  # trained anew
+    grown = corpus.packed_blocks(spec, raw, tokenizer, seq_len=32)
+    expected = len(corpus.pack(raw["train"], tokenizer, seq_len=32))  # packed without a cache
+    assert len(grown["train"]) + len(grown["validation"]) == expected
+    assert expected > 3 * (len(first["train"]) + len(first["validation"]))
+
+
+def test_a_hub_dataset_is_cached_by_the_revision_it_resolves_to(monkeypatch):
+    """The revision comes from ``datasets`` (its builder's hash is the dataset's commit); where
+    it cannot be found (offline, no cached copy) the name alone keys the caches, as before."""
+    revision = {"allenai/c4": "0123abc"}
+
+    def builder(name, config_name=None):
+        if name not in revision:
+            raise ConnectionError(f"Couldn't reach '{name}' on the Hub")
+        return SimpleNamespace(hash=revision[name])
+
+    monkeypatch.setattr(corpus, "load_dataset_builder", builder)
+    spec = corpus.CorpusSpec(dataset_name="allenai/c4", dataset_config_name="en")
+    first = corpus.corpus_fingerprint(spec)
+    assert corpus.corpus_fingerprint(spec) == first
+    revision["allenai/c4"] = "4567def"  # a new commit on the Hub
+    assert corpus.corpus_fingerprint(spec) != first
+    offline = corpus.CorpusSpec(dataset_name="someone/unreachable")
+    assert corpus.corpus_fingerprint(offline) == corpus.corpus_fingerprint(offline)
+
+
+def _corrupt(entry: Path, kind: str) -> None:
+    if kind == "blocks":  # an interrupted copy, a full disk: a truncated block file
+        for arrow in entry.glob("train/*.arrow"):
+            arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    else:
+        (entry / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+
+
+@pytest.mark.parametrize("kind", ["blocks", "tokenizer"])
+def test_an_unreadable_cache_entry_is_built_again(tmp_path, monkeypatch, caplog, kind):
+    monkeypatch.setenv("HF_GRASS_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "a.txt"
+    text.write_text("Once upon a time there was a corpus. " * 100)
+    spec = corpus.CorpusSpec(train_files=[str(text)])
+    raw = corpus.load_corpus(spec)
+    tokenizer = corpus.default_tokenizer(spec, raw["train"], vocab_size=300)
+    # read before the files under it are cut short (they are memory-mapped)
+    expected = list(corpus.packed_blocks(spec, raw, tokenizer, seq_len=32)["train"]["input_ids"])
+    (entry,) = (tmp_path / "cache" / "pretrain").glob(f"{kind}-*")
+    _corrupt(entry, kind)
+    with caplog.at_level(logging.INFO, logger="hf_grass"):
+        again = corpus.default_tokenizer(spec, raw["train"], vocab_size=300)
+        rebuilt = corpus.packed_blocks(spec, raw, again, seq_len=32)
+    assert again.get_vocab() == tokenizer.get_vocab()
+    assert rebuilt["train"]["input_ids"] == expected
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and str(entry) in warnings[0], caplog.text
+    assert "unreadable" in warnings[0] and "building it again" in warnings[0]
+
+
+def test_an_unreadable_cache_entry_that_cannot_be_removed_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_GRASS_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "a.txt"
+    text.write_text("Once upon a time there was a corpus. " * 100)
+    spec = corpus.CorpusSpec(train_files=[str(text)])
+    raw = corpus.load_corpus(spec)
+    corpus.default_tokenizer(spec, raw["train"], vocab_size=300)
+    (entry,) = (tmp_path / "cache" / "pretrain").glob("tokenizer-*")
+    _corrupt(entry, "tokenizer")
+
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", read_only)
+    with pytest.raises(UsageError, match="delete that folder") as err:
+        corpus.default_tokenizer(spec, raw["train"], vocab_size=300)
+    assert str(entry) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_end_of_text_is_no_padding_row_and_trains(cache, tmp_path):
+    """The default tokenizer pads with its end-of-text token, which ends every packed document:
+    it must not become LLaMA's ``padding_idx`` (a zero embedding row that never trains), neither
+    in the model the script builds nor in the config that its checkpoints save."""
+    files = [tmp_path / f"{i}.txt" for i in range(8)]  # short documents: every block ends some
+    for i, path in enumerate(files):
+        path.write_text(f"Document {i}: once upon a time there was a corpus.")
+    spec = corpus.CorpusSpec(train_files=[str(f) for f in files])
+    raw = corpus.load_corpus(spec)
+    assert corpus.default_tokenizer(spec, raw["train"], vocab_size=300).pad_token == "<|endoftext|>"
+    pargs = pretrain.PretrainArguments(preset="tiny", seq_len=32, tokenizer_vocab_size=300)
+    tokenizer = pretrain.load_tokenizer(pargs, spec, raw)
+    eos = tokenizer.eos_token_id
+    config = pretrain.model_config(pargs, len(tokenizer))
+    model = pretrain.build_model(config, tokenizer, torch.float32)
+    embedding = model.get_input_embeddings()
+    assert embedding.padding_idx != eos
+    assert embedding.weight[eos].norm() > 0  # initialized like every other row
+
+    blocks = corpus.packed_blocks(spec, raw, tokenizer, seq_len=32)["train"]
+    ids = torch.tensor([blocks[0]["input_ids"]])
+    assert (ids == eos).any()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert embedding.weight.grad[eos].norm() > 0
+
+    args = GrassTrainingArguments(
+        output_dir=str(tmp_path / "out"), optim="adamw_torch", max_steps=1, report_to="none",
+        per_device_train_batch_size=2, use_cpu=True, disable_tqdm=True, save_strategy="no",
+    )  # fmt: skip
+    trainer = GrassTrainer(
+        model=model,
+        args=args,
+        train_dataset=blocks,
+        data_collator=corpus.causal_lm_collator,
+        processing_class=tokenizer,
+    )
+    trainer.train()  # the Trainer aligns the config with the tokenizer's special tokens
+    assert model.config.pad_token_id != eos
+    reloaded = type(model)(model.config)  # what a checkpoint's config builds
+    assert reloaded.get_input_embeddings().padding_idx != eos
 
 
 # ---- end to end ---------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -9,6 +10,9 @@ import torch
 from conftest import tiny_llama
 from torch import nn
 
+from hf_grass.linear import grassify
+from hf_grass.optim import GrassAdamW
+from hf_grass.projection import projection_of
 from hf_grass.recompute import is_norm, keep_norms, layers_recomputed, recompute_norms
 
 
@@ -96,6 +100,85 @@ def test_recomputed_norms_inside_checkpointed_layers_give_the_same_gradients():
     assert not any(layer.gradient_checkpointing for layer in recomputed.model.layers)
     for name, g in plain_grads.items():
         assert torch.equal(grads[name], g), name
+
+
+def _llama_sharing_down_proj():
+    """``_llama()`` in float64 whose two layers share one ``mlp.down_proj`` weight (64 x 128:
+    Grass selects its columns)."""
+    model = _llama().double()
+    first, second = model.model.layers
+    second.mlp.down_proj.weight = first.mlp.down_proj.weight
+    return model
+
+
+@pytest.mark.parametrize("recomputed_steps", ["selection", "all"])
+def test_recomputed_layers_with_a_weight_shared_by_two_layers_change_no_result(recomputed_steps):
+    """Layers recomputed on selection steps (as GrassTrainer does) or on every step (the user's
+    own gradient checkpointing): layer 1's backward selects the shared weight's columns before
+    layer 0 is recomputed, and the recomputation keeps what layer 0's forward kept. The weights
+    equal, bit for bit, those of a run that recomputes nothing."""
+    plain, recomputed = _llama_sharing_down_proj(), _llama_sharing_down_proj()
+    opts = [
+        GrassAdamW(grassify(m, rank=8, update_proj_gap=2), lr=1e-2) for m in (plain, recomputed)
+    ]
+    assert projection_of(recomputed.model.layers[1].mlp.down_proj.weight).side == "cols"
+    if recomputed_steps == "all":
+        recomputed.gradient_checkpointing_enable()  # non-reentrant, transformers' default
+    for _ in range(3):  # selections at steps 0 and 2
+        ids = torch.randint(0, 64, (2, 16))
+        for model, opt in zip((plain, recomputed), opts, strict=True):
+            recompute = model is recomputed and opt.selection_pending()
+            with layers_recomputed(model) if recompute else contextlib.nullcontext():
+                model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        for (name, p), q in zip(plain.named_parameters(), recomputed.parameters(), strict=True):
+            assert torch.equal(q, p), name
+
+
+def _train_sharing_down_proj(output_dir, recompute: bool):
+    """GrassTrainer on ``_llama_sharing_down_proj()`` for 3 steps of two micro-batches (gap 2):
+    how often layer 0's attention ran forward, and the weights."""
+    from datasets import Dataset
+
+    from hf_grass.trainer import GrassTrainer, GrassTrainingArguments
+
+    ids = torch.randint(1, 64, (24, 12), generator=torch.Generator().manual_seed(0))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    model = _llama_sharing_down_proj()
+    calls = []
+    model.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+    args = GrassTrainingArguments(
+        output_dir=str(output_dir),
+        optim="grass",
+        grass_rank=8,
+        grass_update_proj_gap=2,
+        grass_recompute_selection=recompute,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    GrassTrainer(model=model, args=args, train_dataset=data).train()
+    return len(calls), {n: p.detach() for n, p in model.named_parameters()}
+
+
+def test_grass_trainer_with_a_weight_shared_by_two_layers_recomputes_and_changes_no_result(
+    tmp_path,
+):
+    """GrassTrainer's grass_recompute_selection (the default) with the shared down_proj weight:
+    the first micro-batch of each selection step (steps 0 and 2 of 3) is recomputed, so 6
+    micro-batches make 8 forwards of layer 0's attention, and the weights equal, bit for bit,
+    those of a run that recomputes nothing."""
+    calls, weights = _train_sharing_down_proj(tmp_path / "recomputed", recompute=True)
+    plain_calls, plain_weights = _train_sharing_down_proj(tmp_path / "plain", recompute=False)
+    assert (calls, plain_calls) == (8, 6)
+    for name, p in plain_weights.items():
+        assert torch.equal(weights[name], p), name
 
 
 def test_layers_recomputed_leaves_the_users_checkpointing_and_plain_modules_alone():

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ from datasets import Dataset
 from torch import nn
 
 from hf_grass import GrassAdamW, clip_grad_norm_, grass_param_groups, grassify, projection_of
+from hf_grass.cli import resolve_resume
+from hf_grass.errors import UsageError
 from hf_grass.targets import match_target_modules
 from hf_grass.trainer import GrassTrainer, GrassTrainingArguments
 
@@ -226,7 +229,7 @@ def test_all_linear_under_peft_skips_heads_and_lora_factors(tmp_path):
         GrassTrainer(model=peft_model, args=args, train_dataset=_tiny_data())
 
 
-# ---- 7. the RNG state survives map_location; checkpoints of 0.1 still resume exactly -------------
+# ---- 7. the RNG state survives map_location; checkpoints of 0.1 resume as 0.1 did ---------------
 
 
 def test_rng_state_survives_a_non_cpu_map_location():
@@ -242,10 +245,8 @@ def test_rng_state_survives_a_non_cpu_map_location():
             )
 
 
-def test_checkpoint_of_version_0_1_resumes_bit_exactly():
-    """A state written by hf-grass 0.1.0 (rng as a uint8 tensor, derived rows saved) continues
-    exactly as 0.1.0 continued it, across a re-selection with multinomial draws."""
-    legacy = torch.load(LEGACY, weights_only=True)
+def _resume_legacy(legacy: dict) -> tuple[nn.Module, GrassAdamW, dict]:
+    """The 0.1.0 model and optimizer state, loaded; returns them and the state as loaded."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 6))
     model.load_state_dict(legacy["model"])
@@ -261,12 +262,39 @@ def test_checkpoint_of_version_0_1_resumes_bit_exactly():
     )
     opt = GrassAdamW(groups, lr=1e-2, weight_decay=0.01)
     opt.load_state_dict(legacy["optimizer"])
+    # copies: the state dict's entries are the optimizer's live state
+    loaded = {pid: dict(entry) for pid, entry in opt.state_dict()["state"].items()}
     for x, y in legacy["batches"][3:]:
         opt.zero_grad()
         F.mse_loss(model(x), y).backward()
         opt.step()
+    return model, opt, loaded
+
+
+def test_checkpoint_of_version_0_1_resumes_as_0_1_did():
+    """A state written by hf-grass 0.1.0 (rng as a uint8 tensor, derived rows saved) continues
+    as 0.1.0 continued it, across re-selections with multinomial draws.
+
+    The fixture's floats were computed on another machine: another vector width or kernel
+    rounds differently by an ulp now and then, so weights are compared within float32 rounding
+    over five steps (about 8 ulps; a row selected differently would be off by about lr = 1e-2).
+    Integers are exact: rows, RNG bytes, step counts, and which weights moved at all. Two resumes
+    on this machine are bit-identical."""
+    legacy = torch.load(LEGACY, weights_only=True)
+    model, opt, loaded = _resume_legacy(legacy)
+    steps = len(legacy["batches"][3:])
+    for pid, saved in legacy["optimizer"]["state"].items():
+        if "rng" in saved:
+            assert loaded[pid]["rng"] == bytes(saved["rng"].tolist()), pid
+            assert torch.equal(loaded[pid]["rows"], saved["rows"]), pid
+        assert int(opt.state_dict()["state"][pid]["step"]) == int(saved["step"]) + steps, pid
     for name, value in model.state_dict().items():
-        assert torch.equal(value, legacy["final"][name]), name
+        start, final = legacy["model"][name], legacy["final"][name]
+        assert torch.equal(value != start, final != start), name  # the same rows were updated
+        torch.testing.assert_close(value, final, rtol=1e-6, atol=1e-7, msg=name)
+    again = _resume_legacy(legacy)[0].state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, again[name]), name
 
 
 # ---- 9. corrupt checkpoint files: one line naming the file and the fix ---------------------------
@@ -289,8 +317,6 @@ def saved_run(tmp_path_factory) -> Path:
     ],
 )
 def test_corrupt_checkpoint_file_is_named(saved_run, tmp_path, name, content, match):
-    import shutil
-
     checkpoint = tmp_path / "checkpoint-2"
     shutil.copytree(saved_run, checkpoint)
     path = checkpoint / name
@@ -356,3 +382,83 @@ def test_clipping_gradients_on_two_devices_measures_on_one():
         total = clip_grad_norm_([a, b], 1.0)
         assert total.device == torch.device("cuda:0")
         assert a.grad.device == torch.device("cuda:0") and b.grad.device == torch.device("cuda:1")
+
+
+# ---- a checkpoint whose save was interrupted before trainer_state.json --------------------------
+
+
+def _interrupted_copy(saved_run: Path, tmp_path: Path) -> Path:
+    """The saved run's output folder with its last checkpoint (step 4) cut short of its state."""
+    out = tmp_path / "out"
+    shutil.copytree(saved_run.parent, out)
+    (out / "checkpoint-4" / "trainer_state.json").unlink()  # written last by the Trainer
+    return out
+
+
+def test_resume_true_skips_an_incomplete_checkpoint_and_resumes(saved_run, tmp_path, caplog):
+    out = _interrupted_copy(saved_run, tmp_path)
+    with caplog.at_level(logging.INFO, logger="hf_grass"):
+        resume = resolve_resume("true", str(out))
+    assert resume == str(out / "checkpoint-2")
+    skipped = [r.getMessage() for r in caplog.records if "checkpoint-4" in r.getMessage()]
+    assert len(skipped) == 1 and "trainer_state.json" in skipped[0], caplog.text
+    trainer = GrassTrainer(model=tiny_llama(), args=_args(tmp_path), train_dataset=_tiny_data())
+    trainer.train(resume_from_checkpoint=resume)
+    assert trainer.state.global_step == 4
+
+
+def test_resume_from_a_named_incomplete_checkpoint_names_the_complete_one(saved_run, tmp_path):
+    out = _interrupted_copy(saved_run, tmp_path)
+    with pytest.raises(UsageError) as err:
+        resolve_resume(str(out / "checkpoint-4"), str(out))
+    message = str(err.value)
+    assert "\n" not in message and "trainer_state.json" in message
+    assert str(out / "checkpoint-4") in message and str(out / "checkpoint-2") in message
+    (out / "checkpoint-2" / "trainer_state.json").unlink()  # no complete one left
+    with pytest.raises(UsageError, match=r"no complete checkpoint.*drop the flag"):
+        resolve_resume(str(out / "checkpoint-4"), str(out))
+    with pytest.raises(UsageError, match=r"no complete checkpoint.*drop the flag"):
+        resolve_resume("true", str(out))
+
+
+# ---- an unreadable entry of the hf-grass cache is built again -----------------------------------
+
+
+def _fake_conversion(conversions: list[str]):
+    """Stands for the GGUF conversion (a minute): writes a tiny LLaMA and its tokenizer."""
+
+    def convert(gguf: Path, out_dir: Path) -> None:
+        from tokenizers import Tokenizer, models
+        from transformers import PreTrainedTokenizerFast
+
+        conversions.append(str(out_dir))
+        tiny_llama().save_pretrained(out_dir)
+        vocab = {"<unk>": 0, "</s>": 1, "hello": 2}
+        backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        PreTrainedTokenizerFast(
+            tokenizer_object=backend, unk_token="<unk>", eos_token="</s>"
+        ).save_pretrained(out_dir)
+
+    return convert
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "model.safetensors", "config.json"])
+def test_an_unreadable_converted_checkpoint_is_converted_again(tmp_path, monkeypatch, caplog, name):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from hf_grass import models
+
+    monkeypatch.setenv("HF_GRASS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: tmp_path / "model.gguf")
+    conversions: list[str] = []
+    monkeypatch.setattr(models, "_convert_gguf", _fake_conversion(conversions))
+    path = models.default_model_path()
+    assert models.default_model_path() == path and len(conversions) == 1  # reused
+    damaged = path / name
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING, logger="hf_grass"):
+        assert models.default_model_path() == path
+    assert len(conversions) == 2
+    assert len(caplog.records) == 1 and str(path) in caplog.records[0].getMessage()
+    AutoTokenizer.from_pretrained(path)
+    LlamaForCausalLM.from_pretrained(path)
