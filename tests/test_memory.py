@@ -18,6 +18,7 @@ from hf_grass.errors import UsageError
 from hf_grass.memory import (
     METHODS,
     PRECISIONS,
+    RNG_STATE_BYTES,
     architecture,
     fit_budget,
     layer_linears,
@@ -121,6 +122,75 @@ def test_tensor_bytes_equal_a_real_step(method, dtype):
         model = _model(method, dtype)
         real = _measure(model, _optimizer(model, method), dtype)
     assert real == _planned(method, dtype)
+
+
+def _walk_state(state: dict) -> tuple[int, int]:
+    """(tensor bytes, ``bytes`` lengths) of an optimizer's per-parameter state, by a plain walk
+    of its values (GrassAdamW keeps flat dicts of tensors, scalars and bytes)."""
+    tensors = host = 0
+    for per_param in state.values():
+        for value in per_param.values():
+            if isinstance(value, torch.Tensor):
+                tensors += value.nbytes
+            elif isinstance(value, bytes):
+                host += len(value)
+    return tensors, host
+
+
+def test_grass_state_bytes_count_the_rng_state():
+    """GrassAdamW keeps each projected weight's selection RNG state as ``bytes`` (about 5 KB):
+    ``optimizer_state_bytes`` counts it with the tensors, and the planner plans it."""
+    model = _model("grass", "fp32")
+    optimizer = _optimizer(model, "grass")
+    _measure(model, optimizer, "fp32")
+    tensors, host = _walk_state(optimizer.state)
+    projected = [p for p in model.parameters() if projection_of(p) is not None]
+    rng = [optimizer.state[p]["rng"] for p in projected]
+    assert all(isinstance(r, bytes) for r in rng)
+    assert host == sum(len(r) for r in rng) == len(projected) * RNG_STATE_BYTES > 0
+    assert optimizer_state_bytes(optimizer) == tensors + host
+    # the plan's share of the RNG states: the same plan less RNG_STATE_BYTES per matrix is
+    # what the tensors alone come to
+    assert _planned("grass", "fp32")[2] - len(projected) * RNG_STATE_BYTES == tensors
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_galore_layerwise_per_parameter_optimizers_match_the_plan(dtype):
+    """Hugging Face's layer-wise GaLore (one GaLoreAdamW per parameter, stepped and zeroed from
+    its grad-ready hook) keeps what ``plan_memory("galore", layerwise=True)`` counts: GaLore's
+    state, and one parameter's dense gradient alive at a time."""
+    galore = pytest.importorskip("galore_torch")
+    model = _model("galore", dtype)
+    linear = {
+        f"{n}.weight"
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    }
+    projected = dict(rank=RANK, update_proj_gap=200, scale=0.25, proj_type="std")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimizers = {
+            p: galore.GaLoreAdamW([{"params": [p], **(projected if n in linear else {})}])
+            for n, p in model.named_parameters()
+        }
+    params = list(model.parameters())
+    peak = 0
+
+    def hook(p):
+        nonlocal peak
+        peak = max(peak, gradient_bytes(params))
+        optimizers[p].step()
+        optimizers[p].zero_grad(set_to_none=True)
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(hook)
+    torch.manual_seed(1)
+    for _ in range(2):
+        ids = torch.randint(0, 512, (2, 16))
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert gradient_bytes(params) == 0
+    state = sum(optimizer_state_bytes(o) for o in optimizers.values())
+    assert (tensor_bytes(params), peak, state) == _planned("galore", dtype, layerwise=True)
 
 
 @pytest.mark.parametrize("method", ["adamw", "grass"])
