@@ -127,6 +127,16 @@ def test_layerwise_updates_before_the_backward_pass_ends_with_one_layer_gradient
     assert all(len(names) == 1 for names in alive_at_update)  # gradients of one module at most
 
 
+def _step_both_and_compare(ref, ref_opt, model, opt) -> None:
+    """``step()`` both optimizers (the layer-wise one updates what the hooks left), then the
+    layer-wise model must equal the reference."""
+    for optimizer in (ref_opt, opt):
+        optimizer.step()
+        optimizer.zero_grad()
+    for p, q in zip(ref.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
+
+
 def test_optimizer_step_updates_parameters_that_missed_the_last_micro_batch():
     """A branch used only in the first micro-batch of a window is updated by optimizer.step()."""
     ref, ref_opt, _, _ = _setup(False)
@@ -142,12 +152,7 @@ def test_optimizer_step_updates_parameters_that_missed_the_last_micro_batch():
             loss(ref, batch, k == 0).backward()
             loss(model, batch, k == 0).backward()
         assert model.norm.weight.grad is not None  # missed micro-batch 2: not stepped yet
-        ref_opt.step()
-        ref_opt.zero_grad()
-        opt.step()
-        opt.zero_grad()
-        for p, q in zip(ref.parameters(), model.parameters(), strict=True):
-            torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
+        _step_both_and_compare(ref, ref_opt, model, opt)
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
@@ -168,12 +173,7 @@ def test_a_weight_also_used_outside_its_layer_is_updated_once_per_window(accumul
         for batch in window:
             loss(ref, batch).backward()
             loss(model, batch).backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
-        opt.step()
-        opt.zero_grad()
-        for p, q in zip(ref.parameters(), model.parameters(), strict=True):
-            torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
+        _step_both_and_compare(ref, ref_opt, model, opt)
     assert sum(steps) == len(windows)
 
 
