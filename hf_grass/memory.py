@@ -23,13 +23,15 @@ Parts (bytes):
   float32 absmax per block of 256 elements and moment (bitsandbytes' optimizer block size;
   its 2048 is for weight quantization), tensors under 4096 elements keep two float32 moments,
   and the two 256-entry float32 quantization maps are shared. GrassAdamW per projected weight:
-  moments ``2 r k`` (``k = min(m, n)``), per-row step counts (float32 r) and two step scalars;
-  dense parameters get AdamW state. GaLore (``galore_torch``): moments ``2 r max(m, n)`` and the
-  projection ``r min(m, n)`` per projected matrix, in the parameter's dtype (its step counter
-  is a Python int). LoRA: AdamW on the adapters only.
+  moments ``2 r k`` (``k = min(m, n)``), per-row step counts (float32 r), two step scalars and
+  the selection RNG state (``RNG_STATE_BYTES``: a CPU generator's state, kept as ``bytes``, so
+  in host memory even on a GPU; about 5 KB per matrix); dense parameters get AdamW state.
+  GaLore (``galore_torch``): moments ``2 r max(m, n)`` and the projection ``r min(m, n)`` per
+  projected matrix, in the parameter's dtype (its step counter is a Python int). LoRA: AdamW on
+  the adapters only.
 - ``indices``: Grass's selection per projected weight, rows (int64 r) and scales ``rho``
   (float32 r). ``optimizer_state + indices`` is what ``report.optimizer_state_bytes`` counts
-  (the selection RNG state is host-side ``bytes``, not counted).
+  (its tensors and its ``bytes`` values, the RNG states among them).
 - ``activations``: tensors saved for the backward, LLaMA-style layer (see
   :func:`layer_activation_bytes` for the formula), times the layers; with activation
   checkpointing only each layer's input (``T h``, stream dtype) plus one layer's full set.
@@ -81,6 +83,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .errors import MissingFileError, UsageError
 from .models import LLAMA_PRESETS, llama_config
+from .optim import _rng_bytes
 from .projection import projection_side
 from .targets import grass_target_names, match_target_modules
 
@@ -96,6 +99,9 @@ BNB_BLOCK = 256  # bitsandbytes' blockwise 8-bit optimizer state
 BNB_MIN_8BIT = 4096  # smaller tensors keep float32 state
 BNB_QMAPS = 2 * 256 * 4  # the signed and unsigned dynamic maps, shared by all tensors
 STEP_SCALAR = 4  # torch's float32 step tensor
+# GrassAdamW's per-matrix selection RNG state, measured the way the optimizer stores it (the
+# length depends on torch's CPU generator, not on the model), so the plan follows torch.
+RNG_STATE_BYTES = len(_rng_bytes(torch.Generator().get_state()))
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
@@ -430,7 +436,8 @@ def layerwise_gradient_bytes(arch: Architecture, method: str, grads: list[int]) 
 
 
 def optimizer_state_bytes(arch: Architecture, method: str, rank: int, prec: Precision) -> int:
-    """Bytes of the optimizer state (without Grass's rows and rho: :func:`indices_bytes`)."""
+    """Bytes of the optimizer state (without Grass's rows and rho: :func:`indices_bytes`; with
+    its selection RNG state, :data:`RNG_STATE_BYTES` per projected weight)."""
     if method == "lora":
         return sum(_adamw_state(n, LORA_DTYPE_BYTES) for n in lora_sizes(arch, rank))
     if method == "adamw":
@@ -443,8 +450,9 @@ def optimizer_state_bytes(arch: Architecture, method: str, rank: int, prec: Prec
             # galore_torch keeps its step as a Python int
             total += _adamw_state(p.numel, prec.weight) - (STEP_SCALAR if method == "galore" else 0)
         elif method == "grass":
-            # moments r x k, per-row steps (float32 r), step and selected_step scalars
+            # moments r x k, per-row steps (float32 r), step and selected_step scalars, RNG
             total += 2 * rank * min(p.shape) * prec.weight + 4 * rank + 2 * STEP_SCALAR
+            total += RNG_STATE_BYTES
         else:  # galore: moments r x max(m, n), projection r x min(m, n)
             total += (2 * max(p.shape) + min(p.shape)) * rank * prec.weight
     return total

@@ -4,7 +4,8 @@ Add :class:`ResourceReportCallback` to any ``Trainer``; at the end of ``train()`
 ``resource_report.json`` to ``output_dir`` and logs it. What is counted:
 
 - ``optimizer_state_bytes``: bytes of every tensor reachable from ``optimizer.state`` (including
-  tensors held by objects in the state, such as GaLore's projection matrices), after training.
+  tensors held by objects in the state, such as GaLore's projection matrices) plus the length of
+  every ``bytes`` value there (GrassAdamW's per-matrix selection RNG state), after training.
 - ``peak_grad_bytes``: the largest sum, over optimizer steps, of the bytes of all ``.grad`` and
   compressed-gradient tensors alive right before ``optimizer.step()``. Layer-wise methods free
   gradients inside the backward pass, so for them it reads (close to) zero.
@@ -13,6 +14,9 @@ Add :class:`ResourceReportCallback` to any ``Trainer``; at the end of ``train()`
 - ``peak_memory_bytes``: ``torch.cuda.max_memory_allocated`` on a GPU (reset at train start); on
   a CPU the process's peak resident set size (``getrusage``; a lifetime peak that includes loading
   the model and data).
+- ``projected_param_fraction``: the share of the trainable parameters (elements) that sit in a
+  projected optimizer group (one with a ``rank``: Grass's, or GaLore's); 0 for AdamW. A Grass run
+  that projects little is mostly plain AdamW.
 - ``tokens_per_s``: non-padding training tokens (``state.num_input_tokens_seen``; set
   ``include_num_input_tokens_seen="non_padding"``) divided by the summed wall time of the
   training steps (evaluation and checkpointing left out); ``train_wall_s`` includes everything.
@@ -42,10 +46,14 @@ logger = logging.getLogger(__name__)
 REPORT_NAME = "resource_report.json"
 
 
-def tensor_bytes(obj: Any, _seen: set[int] | None = None, _depth: int = 0) -> int:
+def tensor_bytes(
+    obj: Any, _seen: set[Any] | None = None, _depth: int = 0, *, host_bytes: bool = False
+) -> int:
     """Bytes of the distinct tensors reachable from ``obj`` (dicts, sequences, object attributes).
 
-    A DTensor (FSDP2) counts its local shard: the bytes this process holds."""
+    A DTensor (FSDP2) counts its local shard: the bytes this process holds. ``host_bytes``: also
+    count ``bytes``/``bytearray`` values (their length), which optimizers use for host-side state
+    such as GrassAdamW's selection RNG state."""
     seen = set() if _seen is None else _seen
     if isinstance(obj, torch.Tensor):
         obj = local(obj)
@@ -56,7 +64,14 @@ def tensor_bytes(obj: Any, _seen: set[int] | None = None, _depth: int = 0) -> in
             return 0
         seen.add(key)
         return obj.numel() * obj.element_size()
-    if _depth > 6 or isinstance(obj, (str, bytes, int, float, bool, type(None))):
+    if host_bytes and isinstance(obj, (bytes, bytearray)):
+        # keyed apart from the tensors' integer keys: one object held twice counts once
+        key = ("bytes", id(obj))
+        if key in seen:
+            return 0
+        seen.add(key)
+        return len(obj)
+    if _depth > 6 or isinstance(obj, (str, bytes, bytearray, int, float, bool, type(None))):
         return 0
     if isinstance(obj, dict):
         items: Iterable[Any] = obj.values()
@@ -66,7 +81,7 @@ def tensor_bytes(obj: Any, _seen: set[int] | None = None, _depth: int = 0) -> in
         items = vars(obj).values()
     else:
         return 0
-    return sum(tensor_bytes(x, seen, _depth + 1) for x in items)
+    return sum(tensor_bytes(x, seen, _depth + 1, host_bytes=host_bytes) for x in items)
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
@@ -79,14 +94,147 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 
 
 def optimizer_state_bytes(optimizer: Any) -> int:
-    """Bytes of the optimizer's state tensors (layer-wise optimizer dicts included)."""
+    """Bytes of the optimizer's state (layer-wise optimizer dicts included): its tensors and its
+    ``bytes`` values (GrassAdamW keeps each matrix's selection RNG state as ``bytes``, about
+    5 KB, which is memory held like any tensor's)."""
     optimizer = unwrap_optimizer(optimizer)
-    seen: set[int] = set()
-    total = tensor_bytes(getattr(optimizer, "state", {}), seen)
+    seen: set[Any] = set()
+    total = tensor_bytes(getattr(optimizer, "state", {}), seen, host_bytes=True)
     # HF's layer-wise GaLore keeps one optimizer per parameter in `optimizer_dict`.
     for inner in getattr(optimizer, "optimizer_dict", {}).values():
-        total += tensor_bytes(unwrap_optimizer(inner).state, seen)
+        total += tensor_bytes(unwrap_optimizer(inner).state, seen, host_bytes=True)
     return total
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The distinct parameters of ``model`` that require gradients (a tied weight once)."""
+    return list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+
+
+def projected_parameters(optimizer: Any) -> list[torch.Tensor]:
+    """The parameters in the optimizer's projected groups (those with a ``rank``)."""
+    optimizer = unwrap_optimizer(optimizer)
+    inner = [unwrap_optimizer(o) for o in getattr(optimizer, "optimizer_dict", {}).values()]
+    groups = [g for o in [optimizer, *inner] for g in getattr(o, "param_groups", [])]
+    return list({id(p): p for g in groups if "rank" in g for p in g["params"]}.values())
+
+
+def projected_param_fraction(model: torch.nn.Module, optimizer: Any) -> float:
+    """Share of ``model``'s trainable parameter elements that ``optimizer`` projects."""
+    trainable = trainable_parameters(model)
+    total = sum(p.numel() for p in trainable)
+    ids = {id(p) for p in trainable}
+    projected = sum(p.numel() for p in projected_parameters(optimizer) if id(p) in ids)
+    return projected / total if total else 0.0
+
+
+def coverage_line(
+    model: torch.nn.Module, groups: list[dict], state_dtype: torch.dtype | None = None
+) -> str:
+    """One line saying what Grass projects and what stays dense (plain AdamW), e.g.
+
+    ``Grass: 14 of 16 weight matrices projected at rank 8 (69.0% of trainable parameters); Adam
+    moments 306.5 KiB vs 834.5 KiB for AdamW (36.7%); dense: embed_tokens (embedding), lm_head
+    (head), 5 norms.``
+
+    Weight matrices are the trainable parameters of two or more dimensions. The moments are
+    counted from the shapes before the first step: ``2 r k`` elements per projected weight
+    (``k`` its unselected dimension), two per element of every other one, in ``state_dtype``
+    (default: each parameter's dtype), as GrassAdamW and torch's AdamW keep them; row indices
+    and step counters are left out.
+    """
+    from .projection import projection_side
+
+    trainable = trainable_parameters(model)
+    group_of = {id(p): g for g in groups if "rank" in g for p in g["params"]}
+    ranks = {key: g["rank"] for key, g in group_of.items()}
+    projected = [p for p in trainable if id(p) in ranks]
+    matrices = [p for p in trainable if p.dim() >= 2]
+    total = sum(p.numel() for p in trainable)
+    fraction = sum(p.numel() for p in projected) / total if total else 0.0
+
+    def moment_bytes(p: torch.Tensor) -> int:
+        size = (state_dtype or p.dtype).itemsize
+        if id(p) not in ranks:
+            return 2 * p.numel() * size
+        side = projection_side(p.shape, group_of[id(p)].get("proj_side", "auto"))
+        unselected = p.shape[1] if side == "rows" else p.shape[0]
+        return 2 * ranks[id(p)] * unselected * size
+
+    grass_state = sum(moment_bytes(p) for p in trainable)
+    adamw_state = sum(2 * p.numel() * p.dtype.itemsize for p in trainable)
+    rank_values = sorted(set(ranks.values()))
+    rank = "/".join(str(r) for r in rank_values) or "-"
+    return (
+        f"Grass: {len(projected)} of {len(matrices)} weight matrices projected at rank {rank} "
+        f"({100 * fraction:.1f}% of trainable parameters); Adam moments {_size(grass_state)} vs "
+        f"{_size(adamw_state)} for AdamW ({100 * grass_state / max(adamw_state, 1):.1f}%); "
+        f"dense: {_describe_dense(model, [p for p in trainable if id(p) not in ranks])}."
+    )
+
+
+# What the coverage line calls a dense parameter (singular, plural), in the line's order.
+_DENSE_KINDS = {
+    "embedding": ("embedding", "embeddings"),
+    "head": ("head", "heads"),
+    "norm": ("norm", "norms"),
+    "bias": ("bias", "biases"),
+    "adapter": ("LoRA adapter weight", "LoRA adapter weights"),
+    "linear": ("untargeted linear weight", "untargeted linear weights"),
+    "other": ("other parameter", "other parameters"),
+}
+# PEFT's wrapper components, skipped when naming a module briefly (`lm_head`, not `default`).
+_WRAPPER_PARTS = {"base_layer", "modules_to_save", "original_module", "default"}
+
+
+def _describe_dense(model: torch.nn.Module, dense: list[torch.Tensor]) -> str:
+    """``embed_tokens (embedding), lm_head (head), 5 norms``: the modules holding ``dense``, by
+    kind; a kind with one module is named, a kind with several is counted."""
+    from .targets import is_adapter_module, is_head_module
+
+    if not dense:
+        return "none"
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    owner: dict[int, tuple[str, torch.nn.Module, str]] = {}
+    for module_name, module in model.named_modules():
+        for param_name, p in module.named_parameters(recurse=False):
+            owner.setdefault(id(p), (module_name, module, param_name))
+    # kind -> the modules holding such parameters (a LayerNorm's weight and bias: one norm)
+    found: dict[str, dict[int, str]] = {}
+    for p in dense:
+        module_name, module, param_name = owner.get(id(p), ("", None, ""))
+        if is_adapter_module(module_name):
+            kind = "adapter"
+        elif module is not None and (module is head or is_head_module(module_name)):
+            kind = "head"
+        elif isinstance(module, torch.nn.Embedding):
+            kind = "embedding"
+        elif p.dim() == 1 and "norm" in type(module).__name__.lower():
+            kind = "norm"
+        elif param_name == "bias":
+            kind = "bias"
+        elif isinstance(module, torch.nn.Linear):
+            kind = "linear"
+        else:
+            kind = "other"
+        parts = [part for part in module_name.split(".") if part not in _WRAPPER_PARTS]
+        found.setdefault(kind, {}).setdefault(id(module), parts[-1] if parts else param_name)
+    described = []
+    for kind, (singular, plural) in _DENSE_KINDS.items():
+        names = list(found.get(kind, {}).values())
+        if len(names) == 1:
+            described.append(f"{names[0]} ({singular})")
+        elif names:
+            described.append(f"{len(names)} {plural}")
+    return ", ".join(described)
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.1f} {unit}"
+    return f"{nbytes:.0f} B"
 
 
 def gradient_bytes(parameters: Iterable[torch.Tensor]) -> int:
@@ -198,6 +346,9 @@ class ResourceReportCallback(TrainerCallback):
             "steps": self._steps,
             "param_bytes": param_bytes,
             "trainable_param_bytes": tensor_bytes([p for p in params if p.requires_grad]),
+            "projected_param_fraction": projected_param_fraction(model, optimizer)
+            if model is not None and optimizer is not None
+            else 0.0,
             "optimizer_state_bytes": opt_bytes,
             "peak_grad_bytes": self._peak_grad,
             "tensor_peak_bytes": param_bytes + self._peak_grad + opt_bytes,

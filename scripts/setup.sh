@@ -3,7 +3,9 @@
 # the offline resources of the default tasks (SmolLM2-135M-Instruct, Rotten Tomatoes, AlpacaEval,
 # Shakespeare for pretraining).
 # Idempotent: a second run only checks what is there.
-#   TORCH_SPEC   what to install when torch is missing (default torch==2.13.0; use a CUDA wheel on GPU machines)
+#   TORCH_SPEC   what to install when torch is missing (default: pyproject.toml's torch requirement,
+#                torch>=2.4, so the newest release that meets the project's floor; pin a version or
+#                point at a CUDA or CPU-only wheel here)
 #   HF_GRASS_CACHE  where downloaded resources and converted checkpoints live (default ~/.cache/hf_grass)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,11 +13,14 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 VPY=.venv/bin/python
 pip_q() { "$VPY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored" || true; }
+# The floor comes from pyproject.toml, so the two cannot drift apart.
+TORCH_FLOOR=$(sed -n '/^[[:space:]]*"torch[<>=!~]/{s/^[[:space:]]*"\([^"]*\)".*/\1/p;q;}' pyproject.toml)
+TORCH_SPEC=${TORCH_SPEC:-${TORCH_FLOOR:-torch>=2.4}}
 if ! "$VPY" -c "import torch" 2>/dev/null; then
-    echo "[setup] installing ${TORCH_SPEC:-torch==2.13.0}"
-    pip_q "${TORCH_SPEC:-torch==2.13.0}"
+    echo "[setup] installing $TORCH_SPEC"
+    pip_q "$TORCH_SPEC"
 fi
-if ! "$VPY" -c "import hf_grass, transformers, datasets, peft, evaluate, galore_torch, apollo_torch, matplotlib, pytest" 2>/dev/null; then
+if ! "$VPY" -c "import hf_grass, transformers, datasets, peft, evaluate, pandas, tokenizers, galore_torch, apollo_torch, matplotlib, pytest, sklearn, scipy" 2>/dev/null; then
     echo "[setup] installing hf-grass and its dependencies"
     pip_q -e ".[dev]"
 fi

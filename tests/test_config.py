@@ -23,9 +23,13 @@ def test_every_setting_has_a_grass_argument_with_its_default_and_help():
     arguments = {f.name: f for f in dataclasses.fields(GrassArguments)}
     for f in dataclasses.fields(GrassConfig):
         arg = arguments[f"grass_{f.name}"]
-        assert arg.metadata["help"].startswith(f.metadata["help"][:40]) or f.name == "seed"
+        # the argument repeats the setting's help whole; seed and target_modules add how an
+        # unset value resolves
+        assert arg.metadata["help"].startswith(f.metadata["help"]), f.name
         if f.name not in ("target_modules", "seed"):  # unset: resolved from other flags
             assert arg.default == f.default, f.name
+    seed = arguments["grass_seed"]
+    assert seed.default is None and seed.metadata["help"].endswith("Unset: --seed.")
 
 
 def test_arguments_give_the_config_and_the_optimizer_groups(tmp_path):
