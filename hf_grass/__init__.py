@@ -1,7 +1,7 @@
 """hf-grass: Grass (structured sparse gradients) for PyTorch and the Hugging Face Trainer."""
 
 from .config import GrassConfig
-from .distributed import GrassDataParallel
+from .distributed import GrassDataParallel, prepare_data_parallel
 from .embedding import GrassEmbedding
 from .layerwise import LayerwiseHandle, enable_layerwise
 from .linear import GrassLinear, grass_linear, grassify, ungrassify
@@ -31,6 +31,7 @@ __all__ = [
     "grass_target_names",
     "grassify",
     "match_target_modules",
+    "prepare_data_parallel",
     "projection_of",
     "select_rows",
     "ungrassify",

@@ -12,6 +12,13 @@ norms, heads) as usual::
     grass_dp.attach(ddp)                            # no_sync() and the communication meter
     ... ddp(x).loss.backward(); opt.step(); opt.zero_grad()   # as usual
 
+With accelerate, ``accelerator.prepare`` is the DDP wrap: :func:`prepare_data_parallel` (a
+``GrassDataParallel`` under several processes, ``None`` on one) goes before it, ``attach`` after.
+The order matters: DDP reads ``_ddp_params_and_buffers_to_ignore`` only when it is built and
+cannot drop a parameter afterwards, so a model already wrapped is refused (it would go on
+all-reducing a dense zero gradient for every projected weight). A wrapped model without
+GrassDataParallel stops at its first optimizer step (see ``GrassAdamW._check_averaged``).
+
 How it averages, per backward pass on which DDP would synchronise (not inside ``no_sync()``, so
 gradient accumulation sends nothing before the last micro-batch):
 
@@ -136,6 +143,13 @@ class GrassDataParallel:
                 "GrassDataParallel needs torch.distributed: launch with torchrun (or accelerate "
                 "launch) and call torch.distributed.init_process_group first."
             )
+        if _ddp_inside(model) is not None:
+            raise ValueError(
+                "GrassDataParallel got a model already wrapped in DistributedDataParallel, whose "
+                "reducer cannot drop the projected weights any more: build GrassDataParallel on "
+                "the model before wrapping it (before accelerator.prepare), then call "
+                ".attach(wrapped_model)."
+            )
         while not hasattr(optimizer, "projection") and hasattr(optimizer, "optimizer"):
             optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer
         ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
@@ -186,9 +200,31 @@ class GrassDataParallel:
 
     # ---- wiring ---------------------------------------------------------------------------------
     def attach(self, ddp_model: nn.Module) -> None:
-        """Follow ``ddp_model``'s ``no_sync()`` and count its traffic in :attr:`meter`."""
+        """Follow ``ddp_model``'s ``no_sync()`` and count its traffic in :attr:`meter`.
+
+        ``ddp_model``: the model wrapped in ``DistributedDataParallel`` (what
+        ``accelerator.prepare`` returns; a ``torch.compile`` of it too). Its DDP must have been
+        built after this object, so that it skips the projected weights.
+        """
+        wrapped = ddp_model
+        ddp_model = _ddp_inside(wrapped)
+        if ddp_model is None:
+            raise TypeError(
+                f"attach() got a {type(wrapped).__name__}, not a model wrapped in "
+                "DistributedDataParallel: pass what DDP(model) or accelerator.prepare returned."
+            )
         if self._ddp is ddp_model:
             return
+        ignored = getattr(ddp_model, "parameters_to_ignore", set())
+        reduced = {id(p) for n, p in ddp_model.module.named_parameters() if n not in ignored}
+        for name, weight in self.projected.items():
+            if id(weight) in reduced:
+                raise ValueError(
+                    f"The DistributedDataParallel given to attach() all-reduces the projected "
+                    f"weight {name!r}: it was built before GrassDataParallel (or on another "
+                    "model); build GrassDataParallel(model, optimizer) before wrapping the "
+                    "model in DDP (before accelerator.prepare)."
+                )
         self._ddp = ddp_model
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
@@ -331,6 +367,37 @@ class GrassDataParallel:
         self._hooks.clear()
         for projection in self._projection_of.values():
             projection.reduce_full = None
+
+
+def prepare_data_parallel(
+    model: nn.Module, optimizer: Any, **kwargs: Any
+) -> GrassDataParallel | None:
+    """:class:`GrassDataParallel` for ``model`` when several processes train it, else ``None``.
+
+    Call it before the model is wrapped in DDP (before ``accelerator.prepare``), and
+    ``attach`` the wrapped model after; the same loop then runs on one process and on N::
+
+        opt = GrassAdamW(grassify(model, rank=64), lr=1e-3)
+        grass_dp = prepare_data_parallel(model, opt)
+        model, opt, loader = accelerator.prepare(model, opt, loader)
+        if grass_dp is not None:
+            grass_dp.attach(model)
+
+    ``kwargs`` go to :class:`GrassDataParallel` (``process_group``, ``bucket_cap_mb``,
+    ``layerwise``).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if dist.get_world_size(kwargs.get("process_group")) == 1:
+        return None
+    return GrassDataParallel(model, optimizer, **kwargs)
+
+
+def _ddp_inside(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The ``DistributedDataParallel`` that ``model`` is, or that a ``torch.compile`` of it
+    wraps; ``None`` for a model not wrapped in DDP."""
+    model = getattr(model, "_orig_mod", model)
+    return model if isinstance(model, nn.parallel.DistributedDataParallel) else None
 
 
 class _Bucket:

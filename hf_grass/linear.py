@@ -61,7 +61,7 @@ from torch.autograd.function import once_differentiable
 
 from .config import check_option
 from .projection import GrassProjection, projection_of
-from .targets import TargetModules, grass_param_groups, grass_target_names
+from .targets import TargetModules, frozen_targets_problem, grass_param_groups, grass_target_names
 
 
 def _autocast_off(device_type: str):
@@ -283,9 +283,12 @@ def grassify(
         opt = GrassAdamW(grassify(model, rank=64), lr=1e-3)
 
     ``target_modules`` follows :func:`~hf_grass.match_target_modules` (``"all-linear"``, a regex
-    or module names); a selector that matches nothing or matches a non-linear module raises
-    ``ValueError``, as does a weight shared with a module left out (tied embeddings: its other
-    gradient would be lost) or a subclass of ``nn.Linear`` with a forward of its own.
+    or module names; on a PEFT model a module in ``modules_to_save`` is projected through its
+    trainable copy); a selector that matches nothing or matches a non-linear module (a LoRA layer
+    among them) raises ``ValueError``, as do targets that are all frozen (a PEFT model's base
+    layers: Grass would project nothing), a weight shared with a module left out (tied
+    embeddings: its other gradient would be lost) and a subclass of ``nn.Linear`` with a forward
+    of its own.
     :func:`ungrassify` undoes it.
     """
     from .embedding import GrassEmbedding
@@ -293,6 +296,14 @@ def grassify(
     check_option("rank", rank)
     modules = dict(model.named_modules())
     names = grass_target_names(model, target_modules, embeddings, lm_head)
+    frozen = frozen_targets_problem(model, names)
+    if frozen:
+        raise ValueError(
+            f"grassify would project nothing: {frozen}. Unfreeze them "
+            "(module.weight.requires_grad_(True)), choose trainable "
+            "modules with target_modules, or train the other parameters with a plain optimizer "
+            "such as torch.optim.AdamW."
+        )
     targets = {name: modules[name] for name in names}
     for name, module in targets.items():
         if isinstance(module, nn.Embedding):

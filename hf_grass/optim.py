@@ -43,6 +43,11 @@ logger = logging.getLogger(__name__)
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
+_DATA_PARALLEL_RECIPE = (
+    "hf_grass.prepare_data_parallel(model, optimizer) before wrapping the model in DDP (before "
+    "accelerator.prepare), then call .attach(wrapped_model)."
+)
+
 # Group keys a resumed run takes from its own arguments rather than from the checkpoint (which is
 # what torch.optim does for every key). lr and initial_lr stay the checkpoint's: the LR scheduler
 # owns them. The keys fixed on resume are checked to be equal.
@@ -128,6 +133,8 @@ class GrassAdamW(Optimizer):
         )
         self._group_index: dict[int, dict] = {}
         self._projections: dict[int, GrassProjection] = {}
+        self._averaging_checked = False  # see _check_averaged
+        self._warned_local_selection = False
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------- param groups
@@ -166,6 +173,8 @@ class GrassAdamW(Optimizer):
         self._group_index = {}
         if not hasattr(self, "_projections"):  # unpickled
             self._projections = {}
+        self._averaging_checked = getattr(self, "_averaging_checked", False)
+        self._warned_local_selection = getattr(self, "_warned_local_selection", False)
         for group in self.param_groups:
             self._index_group(group)
 
@@ -220,6 +229,7 @@ class GrassAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.follow_replaced_params()
+        self._check_averaged()
         for group in self.param_groups:
             if "rank" in group:
                 self._projected_steps(group["params"], group)
@@ -230,6 +240,7 @@ class GrassAdamW(Optimizer):
     @torch.no_grad()
     def step_param(self, p: torch.Tensor) -> None:
         """Update one parameter from its gradient (used by layer-wise training)."""
+        self._check_averaged()
         group = self._group_of(p)
         if "rank" in group:
             self._projected_steps([p], group)
@@ -241,6 +252,7 @@ class GrassAdamW(Optimizer):
         """Update several parameters from their gradients, batched per param group (used by
         layer-wise training with buckets: one batched step instead of one per parameter)."""
         self.follow_replaced_params()
+        self._check_averaged()
         by_group: dict[int, tuple[dict, list[torch.Tensor]]] = {}
         for p in params:
             group = self._group_of(p)
@@ -250,6 +262,72 @@ class GrassAdamW(Optimizer):
                 self._projected_steps(ps, group)
             else:
                 self._dense_steps([p for p in ps if p.grad is not None], group)
+
+    def _check_averaged(self) -> None:
+        """Refuse, before the first update, compressed gradients that DDP cannot average.
+
+        A projected weight inside ``DistributedDataParallel`` gets no ``.grad`` from its Grass
+        layer, so DDP all-reduces zeros for it and (by default) writes a dense zero ``.grad``
+        after the backward, while the compressed gradient stays this rank's own: the ranks
+        would drift apart. That zero ``.grad`` next to a compressed gradient is the sign: a
+        real second use of the weight outside its layer is not exactly zero, and
+        :class:`GrassDataParallel` folds it in during the backward. (With
+        ``find_unused_parameters`` or ``static_graph`` DDP leaves ``.grad`` at ``None``; then
+        :meth:`_select` warns.) Checked until a step brings gradients for projected weights,
+        then never again.
+        """
+        if self._averaging_checked:
+            return
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            self._averaging_checked = True
+            return
+        for projection in self._projections.values():
+            p, compressed = projection.weight, projection.grad
+            if compressed is None and p.grad is None:
+                continue  # no gradient yet
+            self._averaging_checked = True
+            if compressed is None or p.grad is None or hasattr(p, "device_mesh"):
+                continue  # a full gradient only (DDP or FSDP2 averaged it), or compressed only
+            if not p.grad.any():
+                if projection.reduce_full is None:
+                    problem = (
+                        "got a dense zero gradient from DistributedDataParallel and a compressed "
+                        "gradient that no rank averages (ranks would drift apart)"
+                    )
+                else:
+                    problem = "is still all-reduced densely by a DDP built before GrassDataParallel"
+                raise RuntimeError(
+                    f"A projected weight of shape {tuple(p.shape)} {problem}: build "
+                    f"{_DATA_PARALLEL_RECIPE}"
+                )
+
+    def _warn_local_selection(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """Warn once when, under several processes, a compressed backward selects rows from
+        this rank's own gradient (no :class:`GrassDataParallel`): data-parallel ranks would
+        pick different rows and never average their compressed gradients.
+
+        A full ``.grad`` is fine (DDP averaged it when the model is wrapped), and so is a
+        sharded weight (FSDP2 sums its row norms across ranks). It is only a warning: a process
+        may train a model of its own (a reference, an evaluation) next to other processes.
+        """
+        if self._warned_local_selection or grad is p.grad or hasattr(p, "device_mesh"):
+            return
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        self._warned_local_selection = True
+        warnings.warn(
+            f"A compressed backward selected rows of a weight of shape {tuple(p.shape)} from this "
+            f"rank's own gradient, and no GrassDataParallel averages it across the "
+            f"{dist.get_world_size()} processes: if the model is data-parallel, ranks drift "
+            f"apart; build {_DATA_PARALLEL_RECIPE} (Ignore this if each process trains a model "
+            "of its own.)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
@@ -353,9 +431,12 @@ class GrassAdamW(Optimizer):
     @torch.no_grad()
     def _select(self, p: torch.Tensor, grad: torch.Tensor) -> None:
         """Choose rows from the full gradient ``grad`` and re-map the moments."""
+        projection = self._projections[id(p)]
+        if projection.reduce_full is None:
+            self._warn_local_selection(p, grad)
         group = self._group_of(p)
         state = self.state[p]
-        g = oriented(grad, self._projections[id(p)].side)
+        g = oriented(grad, projection.side)
         generator = torch.Generator()
         if "rng" in state:
             generator.set_state(_rng_tensor(state["rng"]))
@@ -610,6 +691,10 @@ def clip_grad_norm_(
     Gradients on several devices are measured on the first one's; sharded ones (FSDP2) are
     summed over their ranks, so every rank clips by the same global norm. Returns the total norm
     before clipping.
+
+    Use it instead of ``torch.nn.utils.clip_grad_norm_`` and ``accelerator.clip_grad_norm_``
+    (same arguments): they read ``.grad``, which a projected weight never has, so they would
+    measure the plain gradients only and leave the compressed ones unclipped.
     """
     grads = []
     for p in parameters:

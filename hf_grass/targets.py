@@ -19,8 +19,13 @@ def is_adapter_module(name: str) -> bool:
     return any(part.startswith(_ADAPTER_PREFIXES) for part in name.split("."))
 
 
+def is_head_module(name: str) -> bool:
+    """True for an output head (a path component ``lm_head``, ``score``, ``classifier``, ...)."""
+    return any(part in _HEAD_NAMES for part in name.split("."))
+
+
 def _is_head_or_adapter(name: str) -> bool:
-    return is_adapter_module(name) or any(part in _HEAD_NAMES for part in name.split("."))
+    return is_adapter_module(name) or is_head_module(name)
 
 
 TargetModules = str | Sequence[str]
@@ -34,8 +39,11 @@ def match_target_modules(
     ``target_modules`` is ``"all-linear"`` (every ``nn.Linear`` except output heads such as
     ``lm_head``/``score``, anywhere in the module's path, and PEFT adapter layers), a regex matched in full against module names, or a list of names,
     each matching a module whose name equals it or ends with ``"." + name`` (PEFT's convention:
-    ``["q_proj", "v_proj"]``). A matched module that is not ``nn.Linear`` or a selector that
-    matches nothing raises ``ValueError``.
+    ``["q_proj", "v_proj"]``). A module PEFT trains whole (``LoraConfig(modules_to_save=...)``)
+    is matched through its wrapper: the target is the trainable copy
+    (``<name>.modules_to_save.<adapter>``), never the frozen ``original_module``. A matched
+    module that is not ``nn.Linear`` (a LoRA layer among them) or a selector that matches nothing
+    raises ``ValueError``.
     """
     modules = dict(model.named_modules())
     if isinstance(target_modules, str) and target_modules == "all-linear":
@@ -59,12 +67,23 @@ def match_target_modules(
                 f"its linear layers end in {sorted(_linear_suffixes(modules))}."
             )
         selector = f"names {keys}"
+    names = _through_saved_wrappers(modules, names)
     if not names:
         raise ValueError(
             f"target_modules ({selector}) matches no module of {type(model).__name__}; "
             f"its linear layers end in {sorted(_linear_suffixes(modules))}."
         )
     wrong = [n for n in names if not isinstance(modules[n], nn.Linear)]
+    lora = [n for n in wrong if _is_tuner_layer(modules[n])]
+    if lora:
+        cls = type(modules[lora[0]])
+        kind = "a LoRA layer" if hasattr(modules[lora[0]], "lora_A") else "a PEFT adapter layer"
+        raise ValueError(
+            f"target_modules ({selector}) selects {lora[0]!r}, {kind} "
+            f"({cls.__module__}.{cls.__qualname__}): its base weight is frozen and Grass trains "
+            "full weights: leave it out of target_modules, or train modules fully with PEFT's "
+            "modules_to_save."
+        )
     if wrong:
         raise ValueError(
             f"target_modules ({selector}) matches {wrong[:3]} of type "
@@ -72,6 +91,44 @@ def match_target_modules(
             "narrow target_modules to linear layers."
         )
     return names
+
+
+def _is_tuner_layer(module: nn.Module) -> bool:
+    """True for a PEFT adapter layer around a frozen base layer (``peft.tuners.lora.Linear``)."""
+    return callable(getattr(module, "get_base_layer", None)) and hasattr(module, "base_layer")
+
+
+def _saved_copies(modules: dict[str, nn.Module]) -> dict[str, str | None]:
+    """PEFT's ``ModulesToSaveWrapper`` modules (``modules_to_save``): each wrapper's name and the
+    name of the copy it trains (``<name>.modules_to_save.<active adapter>``; None when no adapter
+    is active, and the frozen ``original_module`` runs)."""
+    copies: dict[str, str | None] = {}
+    for name, module in modules.items():
+        saved = getattr(module, "modules_to_save", None)
+        if isinstance(saved, nn.ModuleDict) and "original_module" in module._modules:
+            active = [a for a in getattr(module, "active_adapters", []) if a in saved]
+            copies[name] = f"{name}.modules_to_save.{active[0]}" if active else None
+    return copies
+
+
+def _through_saved_wrappers(modules: dict[str, nn.Module], names: list[str]) -> list[str]:
+    """``names`` with each ``modules_to_save`` wrapper replaced by the copy it trains, and the
+    modules inside a wrapper other than that copy (the frozen ``original_module``, the
+    ``ModuleDict``, an inactive adapter's copy) left out."""
+    copies = _saved_copies(modules)
+    if not copies:
+        return names
+    result = []
+    for name in names:
+        wrapper = next((w for w in copies if name == w or name.startswith(w + ".")), None)
+        copy = None if wrapper is None else copies[wrapper]
+        if wrapper is None:
+            result.append(name)
+        elif copy is not None and name == wrapper:
+            result.append(copy)
+        elif copy is not None and (name == copy or name.startswith(copy + ".")):
+            result.append(name)
+    return list(dict.fromkeys(result))
 
 
 def _linear_suffixes(modules: dict[str, nn.Module]) -> set[str]:
@@ -105,6 +162,25 @@ def grass_target_names(
             "classifier's 'score' is not one)",
         )  # fmt: skip
     return list(dict.fromkeys(names))
+
+
+def frozen_targets_problem(model: nn.Module, names: Sequence[str]) -> str | None:
+    """Why Grass would project nothing when every target weight is frozen; else None.
+
+    PEFT freezes the base model (TRL's ``peft_config`` too), so all its linear layers are frozen
+    and the optimizer built from them is plain AdamW on the adapters: callers refuse that rather
+    than train without Grass and without a word. Some frozen targets among trainable ones are a
+    deliberate choice and pass."""
+    modules = dict(model.named_modules())
+    if not names or any(modules[n].weight.requires_grad for n in names):
+        return None
+    shown = ", ".join(repr(n) for n in names[:2]) + (
+        f" and {len(names) - 2} more" if len(names) > 2 else ""
+    )
+    return (
+        f"all {len(names)} target weights are frozen (requires_grad=False; PEFT/LoRA freezes "
+        f"the base model): {shown}"
+    )
 
 
 def _found_or_refuse(model, getter_name, cls, fallback, problem: str) -> list[str]:

@@ -33,13 +33,16 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
+from transformers.utils import logging as hf_logging
 
 from hf_grass.config import GrassConfig, check_option, resume_conflicts
 from hf_grass.errors import UsageError
 from hf_grass.recompute import layers_recomputed, recompute_norms
-from hf_grass.report import unwrap_optimizer
+from hf_grass.report import coverage_line, unwrap_optimizer
 
 logger = logging.getLogger(__name__)
+# The logger the Trainer's own messages go to: its handler is the one stock scripts set up.
+hf_logger = hf_logging.get_logger("transformers.trainer")
 
 GRASS = "grass"
 # File written beside optimizer.pt in every checkpoint of a Grass run: what shaped its state.
@@ -300,10 +303,12 @@ class GrassTrainerMixin:
                 groups = self._grass_param_groups(self.model)
                 if self._grass_fsdp2():
                     _check_fsdp2_groups(groups)
+            except UsageError:
+                raise  # already one line with its fix
             except ValueError as e:
                 raise UsageError(
                     f"optim='grass' cannot be set up on {type(self.model).__name__}: {e} "
-                    "(flags: --grass_target_modules, --grass_rank, --grass_proj_side)"
+                    "(set by grass_target_modules, grass_rank, grass_proj_side)"
                 ) from e
 
     def _grass_param_groups(self, model: nn.Module, install: bool = False) -> list[dict]:
@@ -317,6 +322,7 @@ class GrassTrainerMixin:
 
         args = self.args
         config = args.grass_config()
+        _refuse_frozen_targets(model, config)
         decay = set(self.get_decay_parameter_names(model))
         no_decay = [n for n, _ in model.named_parameters() if n not in decay]
         kwargs = dict(
@@ -363,6 +369,13 @@ class GrassTrainerMixin:
             )
         if args.grass_layerwise:
             _enable_layerwise(self.optimizer, opt_model, args, self._grass_dp)
+        if self.is_world_process_zero():
+            # Stock scripts such as run_clm.py configure transformers' logger, not ours, and a
+            # default Trainer run (log_level "passive") prints its warnings only: this line is
+            # how a user sees that Grass is on and what it covers.
+            hf_logger.warning(
+                coverage_line(opt_model, groups, self.optimizer.defaults.get("state_dtype"))
+            )
         projected = sum(len(g["params"]) for g in groups if "rank" in g)
         logger.info(
             "Grass: rank %d on %d weights (%s); compressed backward %s; layer-wise %s; %d "
@@ -567,6 +580,23 @@ def _refuse_adapter_targets(model: nn.Module, target_modules: Any) -> None:
         )
 
 
+def _refuse_frozen_targets(model: nn.Module, config: GrassConfig) -> None:
+    """optim='grass' with every target frozen (a PEFT model, TRL's ``peft_config``) would train
+    as plain AdamW on the other parameters: refuse, with the ways out."""
+    from hf_grass.targets import frozen_targets_problem, grass_target_names
+
+    names = grass_target_names(model, config.target_modules, config.embeddings, config.lm_head)
+    problem = frozen_targets_problem(model, names)
+    if problem:
+        raise UsageError(
+            f"optim='grass' on {type(model).__name__} would project nothing and train as plain "
+            f"AdamW: {problem}. Train them fully (on a PEFT model, list them in "
+            "LoraConfig(modules_to_save=...): PEFT saves only adapters and those), choose "
+            "trainable modules with grass_target_modules, drop LoRA, or train the adapters with "
+            "a non-Grass optim such as adamw_torch."
+        )
+
+
 def _check_complete(path: str, checkpoint: str) -> None:
     """Refuse an empty or truncated ``torch.save`` file (an interrupted save) with one line."""
     if os.path.isfile(path) and not zipfile.is_zipfile(path):
@@ -585,10 +615,12 @@ def _describe(args: Any) -> str:
 
 
 def _resume_fix(checkpoint: str) -> str:
+    # Worded in TrainingArguments/GrassArguments fields: the script running this Trainer (TRL's,
+    # a user's) may have no flag naming the model.
     return (
-        "Resume with the flags it was trained with, or start a new run from its weights "
-        f"(--model_name_or_path {checkpoint}) without --resume_from_checkpoint. The checkpoint is "
-        "left as it was."
+        "Resume with the settings it was trained with (optim and the grass_* arguments), or "
+        f"start a new run from its weights: load the model from {checkpoint} and train without "
+        "resume_from_checkpoint. The checkpoint is left as it was."
     )
 
 
