@@ -3,22 +3,26 @@
 Every loader returns a `datasets.DatasetDict` with `train` and (when there is one) `validation`.
 Classification labels are a `ClassLabel` feature (0..K-1) or a float `Value` for regression, so
 `infer_num_labels` reads the head size from the data. The two default tasks run offline:
-`load_rotten_tomatoes` (sentiment) and `load_alpaca_eval` (instructions).
+`load_rotten_tomatoes` (sentiment) and `load_alpaca_eval` (instructions). `load_glue` needs
+the Hub once, then reads the `datasets` cache, offline too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import datasets
 import pandas as pd
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from huggingface_hub.errors import HfHubHTTPError
 from transformers import PreTrainedTokenizerBase
 
 from .errors import MissingFileError, UsageError
@@ -114,21 +118,96 @@ def load_alpaca_eval(validation_fraction: float = 0.1, seed: int = 42) -> Datase
     return DatasetDict(train=split["train"], validation=split["test"])
 
 
-def load_glue(task: str) -> DatasetDict:
-    """GLUE `task` from the Hugging Face Hub (needs network): `train` and `validation` splits.
+GLUE_HUB_ID = "nyu-mll/glue"
+_TRUE = {"1", "ON", "YES", "TRUE"}
 
-    MNLI's `validation` is its matched validation set. The test splits (no labels) are left out.
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face Hub is switched off: ``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE``
+    set now, or when `datasets` was imported."""
+    flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    return datasets.config.HF_HUB_OFFLINE or any(
+        os.environ.get(flag, "").strip().upper() in _TRUE for flag in flags
+    )
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hub cannot be reached now (offline mode, or one request that fails), else None.
+
+    One HEAD request through huggingface_hub's own session (its endpoint, proxies and offline
+    switch), without the retries with back-off that make a `load_dataset` of an unreachable Hub
+    take about 30 s before it fails.
+    """
+    if hub_offline():
+        return "offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)"
+    from huggingface_hub import get_session
+
+    try:
+        get_session().head(datasets.config.HF_ENDPOINT, timeout=timeout)
+    except Exception as err:  # any failure (DNS, refused, timeout, proxy) means "not now"
+        return f"{datasets.config.HF_ENDPOINT} is unreachable ({type(err).__name__})"
+    return None
+
+
+@contextlib.contextmanager
+def _datasets_offline(offline: bool) -> Iterator[None]:
+    """Inside, `datasets` reads from its cache only when ``offline`` (as with HF_HUB_OFFLINE=1)."""
+    saved = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = saved or offline
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = saved
+
+
+# What `load_dataset` raises when the Hub is unreachable, the dataset absent from it, or not cached.
+_HUB_ERRORS = (
+    ConnectionError,
+    TimeoutError,
+    FileNotFoundError,
+    datasets.exceptions.DatasetNotFoundError,
+    HfHubHTTPError,
+)
+
+
+class HubDatasetUnavailableError(UsageError, RuntimeError):
+    """A Hub dataset that can be neither downloaded nor read from the cache. The message names
+    the fix; also a `RuntimeError`, which `load_glue` raised before."""
+
+
+def load_glue(task: str) -> DatasetDict:
+    """GLUE `task` from the Hugging Face Hub, or from the `datasets` cache of an earlier online
+    run: `train` and `validation` splits.
+
+    When the Hub is unreachable (`hub_unreachable`), the cache is read at once, without the
+    retries of `datasets`; a task that is not cached then raises `HubDatasetUnavailableError`
+    naming the fix. MNLI's `validation` is its matched validation set. The test splits (no
+    labels) are left out.
     """
     if task not in GLUE_TASKS:
         raise UsageError(f"Unknown GLUE task {task!r}; choose one of {', '.join(GLUE_TASKS)}.")
+    unreachable = hub_unreachable()
+    # Offline, a cache that lacks this task's configuration raises a ValueError ("Couldn't find
+    # cache for nyu-mll/glue for config ...").
+    expected = (*_HUB_ERRORS, ValueError) if unreachable else _HUB_ERRORS
     try:
-        raw = datasets.load_dataset("nyu-mll/glue", task)
-    except Exception as err:
-        raise RuntimeError(
-            f"Could not load GLUE task {task!r} from the Hugging Face Hub ({err}). Offline, pass "
-            "your own data with --train_file/--validation_file (CSV or JSON with `sentence` or "
-            f"`sentence1`/`sentence2`, and `label`), or use the offline task "
-            f"{OFFLINE_CLASSIFICATION_TASK!r}."
+        with _datasets_offline(unreachable is not None):
+            raw = datasets.load_dataset(GLUE_HUB_ID, task)
+    except expected as err:
+        if unreachable is not None:
+            problem = (
+                f"which is not cached in {datasets.config.HF_DATASETS_CACHE} and cannot be "
+                f"downloaded: {unreachable}. Run once online to cache it"
+            )
+        else:
+            cause = " ".join(f"{type(err).__name__}: {err}".split())[:300]  # one line, and short
+            problem = f"which could not be loaded ({cause}). Check the network and run again"
+        glue = GLUE_TASKS[task]
+        columns = "sentence" if glue.sentence2_key is None else "sentence1, sentence2"
+        raise HubDatasetUnavailableError(
+            f"GLUE task {task} needs the Hub dataset {GLUE_HUB_ID}, {problem}, or pass your own "
+            f"data with --train_file/--validation_file (CSV or JSON with the columns {columns}, "
+            f"label), or use the offline task {OFFLINE_CLASSIFICATION_TASK}."
         ) from err
     validation = "validation_matched" if task == "mnli" else "validation"
     return DatasetDict(train=raw["train"], validation=raw[validation])

@@ -4,8 +4,10 @@
     python scripts/finetune.py --optim grass                 # SmolLM2-135M on Rotten Tomatoes
     python scripts/finetune.py configs/lora.yaml             # a config file (JSON or YAML) ...
     python scripts/finetune.py configs/default.yaml --max_steps 8   # ... with flags on top
-    python scripts/finetune.py --task_name rte --optim adamw_torch  # GLUE (needs the Hub)
+    python scripts/finetune.py --task_name rte --optim adamw_torch  # GLUE (Hub, or its cache)
     python scripts/finetune.py --task_type instruction --optim grass  # AlpacaEval records
+    python scripts/finetune.py --do_train false --model_name_or_path outputs/rotten_tomatoes-grass
+                                                             # evaluate a saved model only
 
 Every flag of ModelArguments, DataArguments and GrassTrainingArguments (all of transformers'
 TrainingArguments plus the ``grass_*`` ones) is accepted. Without flags the run follows
@@ -14,7 +16,10 @@ warm-up, weight decay 0, max grad norm 1.0, seed 42, one evaluation on the whole
 split. The learning rate defaults by method (see LEARNING_RATES). Writes train and eval metrics
 (``train_results.json``, ``eval_results.json``), the loss log (``trainer_state.json``),
 ``resource_report.json`` and, for instruction tuning, ``generations.jsonl`` to ``output_dir``
-(default ``outputs/<task>-<method>``).
+(default ``outputs/<task>-<method>``). ``--do_train false`` only evaluates the model (a
+checkpoint saved by ``--save_final_model true``, say) on the validation split: no optimizer is
+created, and ``eval_results.json`` is written as a training run writes it (default output
+``outputs/<task>-eval``).
 
 A mistake in the flags, the config file or the data files stops the script before training (and
 before the model is loaded, unless the check needs the model) with one line
@@ -72,6 +77,7 @@ logger = logging.getLogger("finetune")
 
 DEFAULT_TASKS = {"classification": "rotten_tomatoes", "instruction": "alpaca_eval"}
 TASK_TYPES = ("classification", "instruction")
+FALSE_VALUES = ("false", "f", "no", "n", "0")  # what HfArgumentParser reads as False
 # Learning rates when --learning_rate is not given (BENCHMARKS.md, Protocol 1).
 LEARNING_RATES = {"grass": 2e-4, "adamw": 5e-5, "lora": 5e-4, "galore": 2e-4}
 # TrainingArguments defaults of this script (Protocol 1's), applied unless given.
@@ -83,6 +89,7 @@ SCRIPT_DEFAULTS: dict[str, Any] = dict(
     save_strategy="no",
     logging_steps=8,
     dataloader_pin_memory=torch.cuda.is_available(),
+    do_train=True,  # --do_train false: evaluate only
 )
 
 
@@ -141,8 +148,8 @@ class DataArguments:
         default=None,
         metadata={
             "help": "'rotten_tomatoes' (offline sentiment, the default), 'alpaca_eval' (offline "
-            f"instructions) or a GLUE task ({', '.join(grass_data.GLUE_TASKS)}; needs the Hub "
-            "unless --train_file is given)."
+            f"instructions) or a GLUE task ({', '.join(grass_data.GLUE_TASKS)}; needs the Hub, "
+            "or its datasets cache from an earlier online run, unless --train_file is given)."
         },
     )
     task_type: str = field(
@@ -199,14 +206,18 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, GrassTra
     )
     argv = cli.expand_config(parser, argv, "finetune.py")
     # Pre-parse what the method-dependent defaults need.
-    given = cli.given_flags(argv, ("optim", "task_name", "task_type", "train_file", "use_lora"))
+    given = cli.given_flags(
+        argv, ("optim", "task_name", "task_type", "train_file", "use_lora", "do_train")
+    )
     use_lora = str(given["use_lora"] or False).lower() in ("true", "1", "yes", "y")
     optim = given["optim"] or ("adamw_torch" if use_lora else SCRIPT_DEFAULTS["optim"])
     method = cli.method_name(optim, use_lora)
     task_type = given["task_type"] or "classification"
     task = given["task_name"] or ("custom" if given["train_file"] else DEFAULT_TASKS.get(task_type))
 
-    defaults = {**SCRIPT_DEFAULTS, "optim": optim, "output_dir": f"outputs/{task}-{method}"}
+    eval_only = str(given["do_train"]).lower() in FALSE_VALUES
+    output = f"outputs/{task}-{'eval' if eval_only else method}"
+    defaults = {**SCRIPT_DEFAULTS, "optim": optim, "output_dir": output}
     if method in LEARNING_RATES:
         defaults["learning_rate"] = LEARNING_RATES[method]
     if method == "galore":
@@ -260,6 +271,22 @@ def check_task(data_args: DataArguments) -> str:
     if data_args.validation_file and not data_args.train_file:
         raise UsageError("--validation_file needs --train_file too.")
     return task
+
+
+def check_eval_only(data_args: DataArguments, args: GrassTrainingArguments) -> None:
+    """``--do_train false`` needs a validation split and cannot resume a training run."""
+    if args.do_train:
+        return
+    if data_args.train_file and not data_args.validation_file:
+        raise UsageError(
+            "--do_train false evaluates on the validation split, but --train_file comes without "
+            "--validation_file: pass the file to evaluate on as --validation_file."
+        )
+    if args.resume_from_checkpoint is not None:
+        raise UsageError(
+            "--do_train false with --resume_from_checkpoint: resuming continues training. To "
+            "evaluate a checkpoint, pass its folder as --model_name_or_path instead."
+        )
 
 
 def load_raw_data(task: str, data_args: DataArguments):
@@ -399,12 +426,14 @@ def write_generations(model, tokenizer, raw_validation, data_args, path: Path) -
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_args, data_args, args = parse_args(sys.argv[1:] if argv is None else argv)
     cli.setup_logging(args, ("finetune", "hf_grass"))
-    method = cli.method_name(args.optim, model_args.use_lora)
+    # Evaluation only trains with no method: "eval" names its results and default output folder.
+    method = cli.method_name(args.optim, model_args.use_lora) if args.do_train else "eval"
     if args.include_num_input_tokens_seen == "no":
         args.include_num_input_tokens_seen = "non_padding"  # tokens/s in the resource report
 
     # Bad input fails here, before the model is loaded or anything is written.
     task = check_task(data_args)
+    check_eval_only(data_args, args)
     grass_data.check_sample_limits(data_args.max_train_samples, data_args.max_eval_samples)
     if model_args.freeze_embeddings and getattr(args, "grass_embeddings", False):
         raise UsageError(
@@ -432,6 +461,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # less peak memory on a CPU, same results, more page faults (see limit_malloc_caching).
         limit_malloc_caching()
     raw = _truncate(load_raw_data(task, data_args), data_args)
+    if not args.do_train:
+        # Evaluation only: the train split keeps its columns and label set, not its examples.
+        raw["train"] = raw["train"].select([])
     if "validation" not in raw:
         logger.warning("No validation split: training only (pass --validation_file to evaluate).")
     max_len = data_args.max_seq_length or (64 if data_args.task_type == "classification" else 256)
@@ -467,11 +499,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     eval_dataset = _sort_by_length(tokenized["validation"]) if "validation" in tokenized else None
     report = ResourceReportCallback(method=method)
+    # Evaluation only creates no optimizer: Grass's checks of targets and ranks do not apply.
+    trainer_class = GrassTrainer if args.do_train else transformers.Trainer
     with cli.values_as_usage_errors():
-        trainer = GrassTrainer(  # checks Grass targets and ranks against the model here
+        trainer = trainer_class(  # GrassTrainer checks Grass targets and ranks against the model
             model=model,
             args=args,
-            train_dataset=tokenized["train"],
+            train_dataset=tokenized["train"] if args.do_train else None,
             eval_dataset=eval_dataset,
             data_collator=collator,
             processing_class=tokenizer,
@@ -483,11 +517,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # accumulation steps (it would otherwise expect a loss summed over the window's tokens).
         trainer.model_accepts_loss_kwargs = False
 
-    train_result = trainer.train(resume_from_checkpoint=resume)
-    trainer.log_metrics("train", train_result.metrics)
-    trainer.save_metrics("train", train_result.metrics)
-    trainer.save_state()  # trainer_state.json: the logged training loss, step by step
-    results: dict[str, Any] = {"task": task, "method": method, "resources": report.report}
+    results: dict[str, Any] = {"task": task, "method": method}
+    if args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()  # trainer_state.json: the logged training loss, step by step
+        results["resources"] = report.report
     if eval_dataset is not None:
         metrics = trainer.evaluate()
         if data_args.task_type == "instruction":
@@ -512,9 +548,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.should_save:
         print(f"\n== {task} / {method} ==")
         for key, value in results.get("eval", {}).items():
-            if key.startswith("eval_") and not key.endswith(("runtime", "per_second")):
+            if key.startswith("eval_") and not key.endswith(("runtime", "per_second", "_time")):
                 print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
-        print(f"  resources: {format_report(report.report)}")
+        if args.do_train:
+            print(f"  resources: {format_report(report.report)}")
         print(f"  written to {args.output_dir}")
     return results
 
