@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,55 +12,14 @@ from pathlib import Path
 
 import datasets
 import pytest
-import torch
+from conftest import load_script
 
 from hf_grass import data as grass_data
 
 ROOT = Path(__file__).resolve().parents[1]
 UNREACHABLE_HUB = "http://127.0.0.1:9"  # the discard port: nothing listens, refused at once
 
-if "finetune" in sys.modules:  # loaded by another test module of this session
-    finetune = sys.modules["finetune"]
-else:
-    _spec = importlib.util.spec_from_file_location("finetune", ROOT / "scripts" / "finetune.py")
-    finetune = importlib.util.module_from_spec(_spec)
-    sys.modules["finetune"] = finetune  # dataclasses resolve annotations through sys.modules
-    _spec.loader.exec_module(finetune)
-
-WORDS = (
-    "the a an and or but of to in on for with is was it this that film movie story not no very "
-    "good bad great best worst fun funny dull boring love hate script acting plot characters"
-).split()
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> str:
-    """A tiny random LLaMA with a word-level tokenizer, saved like any checkpoint."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    vocab = {w: i for i, w in enumerate(specials + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-    )
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        pad_token_id=0, bos_token_id=2, eos_token_id=3,
-    )  # fmt: skip
-    path = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+finetune = load_script("finetune")
 
 
 def common_flags(model_dir: str | Path, out: Path, *extra: str) -> list[str]:
