@@ -203,3 +203,53 @@ def tiny_model_dir(tmp_path_factory) -> str:
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+SFT_WORDS = "<pad> <unk> <s> </s> the cat sat on a mat dog ran".split()
+SFT_TEXT = ["the cat sat on a mat", "a dog ran", "the dog sat", "a cat ran on the mat"]
+
+
+def word_tokenizer(words: list[str]):
+    """A word-level tokenizer built offline (no Hub download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+        eos_token="</s>",
+    )  # fmt: skip
+
+
+def grass_sft_trainer(out_dir, peft_config, **args):
+    """TRL's SFTTrainer with Grass (``GrassTrainerMixin`` + ``GrassArguments``) on a tiny LLaMA
+    and four short texts; ``args`` go to the config (rank 4, 1 step, CPU by default)."""
+    from dataclasses import dataclass
+
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from hf_grass.trainer import GrassArguments, GrassTrainerMixin
+
+    @dataclass
+    class GrassSFTConfig(GrassArguments, SFTConfig):
+        pass
+
+    class GrassSFTTrainer(GrassTrainerMixin, SFTTrainer):
+        pass
+
+    config = GrassSFTConfig(
+        str(out_dir), **{
+            "optim": "grass", "grass_rank": 4, "max_steps": 1, "max_length": 16,
+            "per_device_train_batch_size": 2, "use_cpu": True, "report_to": "none",
+            "save_strategy": "no", **args,
+        },
+    )  # fmt: skip
+    return GrassSFTTrainer(
+        model=tiny_llama("lm", vocab_size=len(SFT_WORDS), pad_token_id=0),
+        args=config,
+        train_dataset=Dataset.from_dict({"text": SFT_TEXT}),
+        processing_class=word_tokenizer(SFT_WORDS),
+        peft_config=peft_config,
+    )

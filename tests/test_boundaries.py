@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import grass_sft_trainer, tiny_llama
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers.utils import logging as hf_logging
@@ -17,7 +16,7 @@ from transformers.utils import logging as hf_logging
 from hf_grass import GrassLinear, grassify
 from hf_grass.errors import UsageError
 from hf_grass.report import REPORT_NAME, ResourceReportCallback
-from hf_grass.trainer import GrassArguments, GrassTrainer, GrassTrainerMixin, GrassTrainingArguments
+from hf_grass.trainer import GrassTrainer, GrassTrainingArguments
 
 SEQ = 12
 # vocab 256, so that token ids 1..255 fit; pad 0.
@@ -93,37 +92,8 @@ def test_grass_trainer_on_a_lora_model_with_frozen_targets_stops(tmp_path, targe
 
 def test_trl_sft_trainer_with_peft_config_stops(tmp_path):
     pytest.importorskip("trl")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from trl import SFTConfig, SFTTrainer
-
-    @dataclass
-    class GrassSFTConfig(GrassArguments, SFTConfig):
-        pass
-
-    class GrassSFTTrainer(GrassTrainerMixin, SFTTrainer):
-        pass
-
-    words = "<pad> <unk> <s> </s> the cat sat on a mat dog ran".split()
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-        eos_token="</s>",
-    )  # fmt: skip
-    text = ["the cat sat on a mat", "a dog ran", "the dog sat", "a cat ran on the mat"]
-    args = GrassSFTConfig(
-        str(tmp_path / "out"), optim="grass", grass_rank=4, max_steps=1, max_length=16,
-        per_device_train_batch_size=2, use_cpu=True, report_to="none", save_strategy="no",
-    )  # fmt: skip
     with pytest.raises(UsageError, match=NOTHING_PROJECTED.format(14)):
-        GrassSFTTrainer(
-            model=tiny_llama("lm", vocab_size=len(words), pad_token_id=0),
-            args=args,
-            train_dataset=Dataset.from_dict({"text": text}),
-            processing_class=tokenizer,
-            peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
-        )
+        grass_sft_trainer(tmp_path / "out", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
 
 
 def test_grassify_refuses_targets_that_are_all_frozen():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import grass_sft_trainer, tiny_llama
 from peft import LoraConfig, get_peft_model
 from test_boundaries import MLP, TINY, lm_data, lora_llama, make_args
 from torch import nn
@@ -104,35 +104,8 @@ def test_targeting_a_lora_layer_is_refused_naming_lora(tmp_path):
 
 def test_trl_sft_trainer_with_modules_to_save_trains_them_with_grass(tmp_path):
     pytest.importorskip("trl")
-    from dataclasses import dataclass
-
-    from datasets import Dataset
-    from test_readme import word_tokenizer
-    from trl import SFTConfig, SFTTrainer
-
-    from hf_grass.trainer import GrassArguments, GrassTrainerMixin
-
-    @dataclass
-    class GrassSFTConfig(GrassArguments, SFTConfig):
-        pass
-
-    class GrassSFTTrainer(GrassTrainerMixin, SFTTrainer):
-        pass
-
-    words = "<pad> <unk> <s> </s> the cat sat on a mat dog ran".split()
-    text = ["the cat sat on a mat", "a dog ran", "the dog sat", "a cat ran on the mat"]
-    args = GrassSFTConfig(
-        str(tmp_path / "out"), optim="grass", grass_rank=4, grass_target_modules=MLP,
-        max_steps=2, max_length=16, per_device_train_batch_size=2, use_cpu=True,
-        report_to="none", save_strategy="no",
-    )  # fmt: skip
-    trainer = GrassSFTTrainer(
-        model=tiny_llama("lm", vocab_size=len(words), pad_token_id=0),
-        args=args,
-        train_dataset=Dataset.from_dict({"text": text}),
-        processing_class=word_tokenizer(words),
-        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=MLP),
-    )
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=MLP)
+    trainer = grass_sft_trainer(tmp_path / "out", lora, grass_target_modules=MLP, max_steps=2)
     before = {
         w: w.modules_to_save["default"].weight.detach().clone() for w in wrappers(trainer.model)
     }

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compressed_grad, tiny_llama
+from conftest import compressed_grad, tiny_llama, word_tokenizer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -59,19 +59,6 @@ def _run(example: str, tmp_path, monkeypatch, **names) -> dict:
     module.__dict__.update(names)
     exec(compile(example, "README.md", "exec"), module.__dict__)
     return module.__dict__
-
-
-def word_tokenizer(words: list[str]):
-    """A word-level tokenizer built offline (no Hub download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-        eos_token="</s>",
-    )  # fmt: skip
 
 
 def test_readme_mixin_arguments_parse_trainer_flags(tmp_path, monkeypatch):
