@@ -121,6 +121,7 @@ def test_a_local_dataset_folder_is_cached_by_its_files(cache, tmp_path, caplog):
     raw = corpus.load_corpus(spec)
     tokenizer = corpus.default_tokenizer(spec, raw["train"], vocab_size=300)
     first = corpus.packed_blocks(spec, raw, tokenizer, seq_len=32)
+    caplog.clear()  # (an earlier test may have left hf_grass's module loggers at INFO)
     with caplog.at_level(logging.INFO, logger="hf_grass"):
         corpus.default_tokenizer(spec, raw["train"], vocab_size=300)
         corpus.packed_blocks(spec, raw, tokenizer, seq_len=32)
