@@ -25,7 +25,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import PreTrainedTokenizerBase
 
-from .errors import MissingFileError, UsageError
+from .errors import MissingFileError, UsageError, describe
 from .resources import alpaca_eval_path, rotten_tomatoes_path
 
 OFFLINE_CLASSIFICATION_TASK = "rotten_tomatoes"
@@ -200,7 +200,7 @@ def load_glue(task: str) -> DatasetDict:
                 f"downloaded: {unreachable}. Run once online to cache it"
             )
         else:
-            cause = " ".join(f"{type(err).__name__}: {err}".split())[:300]  # one line, and short
+            cause = describe(err)
             problem = f"which could not be loaded ({cause}). Check the network and run again"
         glue = GLUE_TASKS[task]
         columns = "sentence" if glue.sentence2_key is None else "sentence1, sentence2"

@@ -26,11 +26,17 @@ class MissingFileError(UsageError, FileNotFoundError):
     """A path given by the user does not exist (or is not what it must be)."""
 
 
+def describe(err: Exception, limit: int = 300) -> str:
+    """``"TypeName: message"`` of ``err`` on one line, cut to ``limit`` characters, for a message
+    that must stay one line."""
+    return " ".join(f"{type(err).__name__}: {err}".split())[:limit]
+
+
 def discard_unreadable_cache(target: Path, what: str, err: Exception) -> None:
     """Remove the cache entry ``target`` (the cached ``what``) that could not be read, so that
     the caller builds it again; say so in one log line. A folder that cannot be removed stops the
     run with one line naming it (a `UsageError`)."""
-    problem = " ".join(f"{type(err).__name__}: {err}".split())[:300]  # one line, and short
+    problem = describe(err)
     logger.warning(
         "The cached %s in %s is unreadable (%s); building it again", what, target, problem
     )

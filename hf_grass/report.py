@@ -121,11 +121,15 @@ def projected_parameters(optimizer: Any) -> list[torch.Tensor]:
 
 def projected_param_fraction(model: torch.nn.Module, optimizer: Any) -> float:
     """Share of ``model``'s trainable parameter elements that ``optimizer`` projects."""
-    trainable = trainable_parameters(model)
+    projected = {id(p) for p in projected_parameters(optimizer)}
+    return _projected_share(trainable_parameters(model), projected)
+
+
+def _projected_share(trainable: list[torch.Tensor], projected: Iterable[int]) -> float:
+    """Share of the elements of ``trainable`` in parameters whose ``id`` is in ``projected``."""
+    projected = set(projected)
     total = sum(p.numel() for p in trainable)
-    ids = {id(p) for p in trainable}
-    projected = sum(p.numel() for p in projected_parameters(optimizer) if id(p) in ids)
-    return projected / total if total else 0.0
+    return sum(p.numel() for p in trainable if id(p) in projected) / total if total else 0.0
 
 
 def coverage_line(
@@ -150,8 +154,7 @@ def coverage_line(
     ranks = {key: g["rank"] for key, g in group_of.items()}
     projected = [p for p in trainable if id(p) in ranks]
     matrices = [p for p in trainable if p.dim() >= 2]
-    total = sum(p.numel() for p in trainable)
-    fraction = sum(p.numel() for p in projected) / total if total else 0.0
+    fraction = _projected_share(trainable, ranks)
 
     def moment_bytes(p: torch.Tensor) -> int:
         size = (state_dtype or p.dtype).itemsize
