@@ -9,7 +9,19 @@ from .optim import GrassAdamW, clip_grad_norm_
 from .projection import GrassProjection, projection_of
 from .selection import SELECTIONS, select_rows
 from .targets import grass_param_groups, grass_target_names, match_target_modules
-from .trainer import GrassArguments, GrassTrainer, GrassTrainerMixin, GrassTrainingArguments
+
+# The Hugging Face Trainer integration, imported on first use: the engine above needs torch only,
+# and `import hf_grass` does not load transformers.
+_TRAINER_NAMES = ("GrassArguments", "GrassTrainer", "GrassTrainerMixin", "GrassTrainingArguments")
+
+
+def __getattr__(name: str):
+    if name in _TRAINER_NAMES:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "SELECTIONS",

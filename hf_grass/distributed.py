@@ -17,7 +17,7 @@ With accelerate, ``accelerator.prepare`` is the DDP wrap: :func:`prepare_data_pa
 The order matters: DDP reads ``_ddp_params_and_buffers_to_ignore`` only when it is built and
 cannot drop a parameter afterwards, so a model already wrapped is refused (it would go on
 all-reducing a dense zero gradient for every projected weight). A wrapped model without
-GrassDataParallel stops at its first optimizer step (see ``GrassAdamW._check_averaged``).
+GrassDataParallel stops in its first forward (``GrassProjection.check_data_parallel``).
 
 How it averages, per backward pass on which DDP would synchronise (not inside ``no_sync()``, so
 gradient accumulation sends nothing before the last micro-batch):
@@ -74,8 +74,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.autograd import Variable
 
-from .embedding import GrassEmbedding
-from .linear import GrassLinear
+from .linear import is_grass_layer
 from .projection import GrassProjection, oriented
 
 _METERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -164,8 +163,7 @@ class GrassDataParallel:
 
         self.projected: dict[str, torch.Tensor] = {}
         for name, module in model.named_modules():
-            grass_module = isinstance(module, (GrassLinear, GrassEmbedding))
-            if grass_module and optimizer.projection(module.weight) is not None:
+            if is_grass_layer(module) and optimizer.projection(module.weight) is not None:
                 self.projected[f"{name}.weight" if name else "weight"] = module.weight
         # A tied embedding and head are one weight under two names: DDP must skip both names,
         # but the weight is averaged once.

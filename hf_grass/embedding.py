@@ -89,9 +89,14 @@ class GrassEmbedding(nn.Embedding):
     supported (``grassify`` refuses such embeddings).
     """
 
+    grass_base = nn.Embedding
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and self.weight.requires_grad):
             return F.embedding(input, self.weight, self.padding_idx)
         projection = projection_of(self.weight)
-        anchor = None if projection is None else projection.anchor
+        anchor = None
+        if projection is not None:
+            projection.check_data_parallel()
+            anchor = projection.anchor
         return GrassEmbeddingFunction.apply(input, self.weight, self.padding_idx, anchor)

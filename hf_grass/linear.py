@@ -50,6 +50,7 @@ full ``.grad``. Data parallelism is applied from outside: :mod:`hf_grass.distrib
 from __future__ import annotations
 
 import contextlib
+import sys
 import weakref
 from collections import defaultdict
 from collections.abc import Iterable
@@ -74,11 +75,12 @@ class GrassLinearFunction(torch.autograd.Function):
     """``y = x Wᵀ + b`` whose backward delivers the weight gradient compressed (see module doc).
 
     Inputs: ``x`` (..., n), ``weight`` (m, n), ``bias`` (m) or None, ``anchor`` (the
-    projection's grad-ready anchor, see :mod:`hf_grass.layerwise`) or None. Returns ``y`` (..., m).
+    projection's grad-ready anchor, see :mod:`hf_grass.layerwise`) or None, ``transposed``:
+    the weight is stored (n, m) and ``y = x W + b`` (GPT-2's ``Conv1D``). Returns ``y`` (..., m).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, anchor):
+    def forward(ctx, x, weight, bias, anchor, transposed=False):
         device_type = x.device.type
         dtype = (
             torch.get_autocast_dtype(device_type)
@@ -93,7 +95,7 @@ class GrassLinearFunction(torch.autograd.Function):
             return t.to(dtype)
 
         x_c, w_c, b_c = cast(x), cast(weight), cast(bias)
-        ctx.cols = _columns_to_keep(weight, x_c) if ctx.needs_input_grad[1] else None
+        ctx.cols = _columns_to_keep(weight, x_c, transposed) if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(x_c if ctx.cols is None else x_c.index_select(-1, ctx.cols), w_c)
         if ctx.cols is None:
             _KEPT_WHOLE[id(x_c)] = x_c
@@ -102,13 +104,16 @@ class GrassLinearFunction(torch.autograd.Function):
         ctx.x_shape = x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.anchor_device = None if anchor is None else anchor.device
-        return F.linear(x_c, w_c, b_c)
+        ctx.transposed = transposed
+        return F.linear(x_c, w_c.t() if transposed else w_c, b_c)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x, w = ctx.saved_tensors
         weight = ctx.weight
+        if ctx.transposed:
+            w = w.t()
         m, n = w.shape
         with _autocast_off(grad_out.device.type):
             dy2 = grad_out.to(w.dtype).reshape(-1, m)  # T x m
@@ -119,10 +124,10 @@ class GrassLinearFunction(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 grad_b = dy2.sum(0, dtype=ctx.bias_dtype)
             if ctx.needs_input_grad[1]:
-                grad_w = _weight_gradient(weight, dy2, x2, ctx.cols)
+                grad_w = _weight_gradient(weight, dy2, x2, ctx.cols, ctx.transposed)
             if ctx.anchor_device is not None:
                 grad_anchor = torch.empty(0, device=ctx.anchor_device)
-        return grad_x, grad_w, grad_b, grad_anchor
+        return grad_x, grad_w, grad_b, grad_anchor, None
 
 
 # Inputs some GrassLinear saved whole for its backward, while they live: a later layer reading the
@@ -130,16 +135,20 @@ class GrassLinearFunction(torch.autograd.Function):
 _KEPT_WHOLE: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
 
 
-def _columns_to_keep(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+def _columns_to_keep(
+    weight: torch.Tensor, x: torch.Tensor, transposed: bool = False
+) -> torch.Tensor | None:
     """The selected columns when the backward should save only ``X[:, cols]``, else ``None``.
 
-    A cols-side weight's compressed gradient ``X[:, cols]ᵀ dY`` reads r of X's n columns, so on
-    an ordinary step its layer keeps r/n of its input (LLaMA's ``down_proj``: 64 of 1,536
-    columns). A selection step needs all of ``X`` (the full gradient's column norms), as does a
+    A weight that selects input features (an ``nn.Linear`` weight's columns, a transposed
+    weight's rows) has the compressed gradient ``X[:, cols]ᵀ dY``, which reads r of X's n
+    columns, so on an ordinary step its layer keeps r/n of its input (LLaMA's ``down_proj``: 64
+    of 1,536 columns). A selection step needs all of ``X`` (the full gradient's norms), as does a
     weight without a live projection; and an input already kept whole costs nothing more.
     """
     projection = projection_of(weight)
-    if projection is None or projection.side != "cols" or _selecting(projection):
+    input_side = "rows" if transposed else "cols"
+    if projection is None or projection.side != input_side or _selecting(projection):
         return None
     if _KEPT_WHOLE.get(id(x)) is x:
         return None
@@ -174,14 +183,19 @@ def _selecting(projection: GrassProjection) -> bool:
 
 
 def _weight_gradient(
-    weight: torch.Tensor, dy2: torch.Tensor, x2: torch.Tensor, cols: torch.Tensor | None = None
+    weight: torch.Tensor,
+    dy2: torch.Tensor,
+    x2: torch.Tensor,
+    cols: torch.Tensor | None = None,
+    transposed: bool = False,
 ) -> torch.Tensor | None:
     """Deliver the gradient of ``weight`` from ``dY`` (T x m) and ``X`` (T x n).
 
-    Returns the full gradient (m x n) for autograd to accumulate into ``.grad`` when the weight
-    has no live projection; otherwise adds the compressed gradient to ``projection_of(weight).grad``
-    and returns ``None``. With ``cols`` given, ``x2`` is ``X[:, cols]`` (T x r), saved by the
-    forward of an ordinary step; the projection must still select those columns.
+    Returns the full gradient (m x n, or n x m for a ``transposed`` weight: the weight's own
+    layout) for autograd to accumulate into ``.grad`` when the weight has no live projection;
+    otherwise adds the compressed gradient to ``projection_of(weight).grad`` and returns
+    ``None``. With ``cols`` given, ``x2`` is ``X[:, cols]`` (T x r), saved by the forward of an
+    ordinary step; the projection must still select those input features.
     """
     projection = projection_of(weight)
     if cols is not None:
@@ -196,10 +210,11 @@ def _weight_gradient(
         projection.scale_rows_(compressed)
         projection.accumulate(compressed)
         return None
+    a, b = (x2, dy2) if transposed else (dy2, x2)  # the gradient is aᵀ b in the weight's layout
     if projection is None:
-        return (dy2.t() @ x2).to(weight.dtype)
+        return (a.t() @ b).to(weight.dtype)
     if projection.needs_full_gradient():
-        full = dy2.t() @ x2  # m x n, this layer only
+        full = a.t() @ b  # m x n, this layer only
         projection.select(full)  # under data parallelism, averages `full` across ranks first
         _SELECTED_IN[projection] = _current_backward()
         compressed = projection.compress(full)
@@ -207,23 +222,30 @@ def _weight_gradient(
     else:
         rows = projection.rows
         if projection.side == "rows":
-            compressed = dy2.index_select(1, rows).t() @ x2  # (r x T)(T x n) = r x n
+            compressed = a.index_select(1, rows).t() @ b  # Linear: (r x T)(T x n) = r x n
         else:
-            compressed = x2.index_select(1, rows).t() @ dy2  # (r x T)(T x m) = r x m
+            compressed = b.index_select(1, rows).t() @ a  # Linear: (r x T)(T x m) = r x m
         projection.scale_rows_(compressed)
     projection.accumulate(compressed)
     return None
 
 
 def grass_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    transposed: bool = False,
 ) -> torch.Tensor:
-    """Functional :class:`GrassLinear`: ``F.linear`` with the compressed weight gradient."""
+    """Functional :class:`GrassLinear`: ``F.linear`` with the compressed weight gradient
+    (``transposed``: ``x @ weight + bias``, the layout of GPT-2's ``Conv1D``)."""
     if not (torch.is_grad_enabled() and weight.requires_grad):
-        return F.linear(x, weight, bias)
+        return F.linear(x, weight.t() if transposed else weight, bias)
     projection = projection_of(weight)
-    anchor = None if projection is None else projection.anchor
-    return GrassLinearFunction.apply(x, weight, bias, anchor)
+    anchor = None
+    if projection is not None:
+        projection.check_data_parallel()
+        anchor = projection.anchor
+    return GrassLinearFunction.apply(x, weight, bias, anchor, transposed)
 
 
 class GrassLinear(nn.Linear):
@@ -233,6 +255,8 @@ class GrassLinear(nn.Linear):
     ``nn.Linear``; only the backward differs (see the module docstring). Usually made by
     :func:`grassify` rather than built directly.
     """
+
+    grass_base = nn.Linear
 
     def __init__(
         self,
@@ -291,7 +315,6 @@ def grassify(
     of its own.
     :func:`ungrassify` undoes it.
     """
-    from .embedding import GrassEmbedding
 
     check_option("rank", rank)
     modules = dict(model.named_modules())
@@ -307,21 +330,17 @@ def grassify(
     targets = {name: modules[name] for name in names}
     for name, module in targets.items():
         if isinstance(module, nn.Embedding):
-            if (
-                type(module) not in (nn.Embedding, GrassEmbedding)
-                or module.max_norm
-                or module.sparse
-            ):
+            if _grass_class(module) is None or module.max_norm or module.sparse:
                 raise ValueError(
                     f"Grass cannot project the embedding {name!r} ({type(module).__name__}, "
                     f"max_norm={module.max_norm}, sparse={module.sparse}): only a plain "
                     "nn.Embedding without max_norm or sparse gradients; drop --grass_embeddings."
                 )
-        elif type(module) not in (nn.Linear, GrassLinear):
+        elif _grass_class(module) is None:
             raise ValueError(
                 f"target_modules selects {name!r}, a {type(module).__name__} (a subclass of "
-                "nn.Linear with its own forward); Grass replaces nn.Linear's forward only: "
-                "leave it out of target_modules."
+                "a linear layer with its own forward); Grass replaces the forward of nn.Linear "
+                "and GPT-2's Conv1D only: leave it out of target_modules."
             )
         if "forward" in vars(module):
             raise ValueError(
@@ -330,14 +349,31 @@ def grassify(
             )
     _check_not_shared(model, targets)
     for module in targets.values():
-        if isinstance(module, nn.Embedding):
-            module.__class__ = GrassEmbedding
-        else:
-            module.__class__ = GrassLinear
+        module.__class__ = _grass_class(module)
+        if not isinstance(module, nn.Embedding):
             module.grass_rank = rank
     return grass_param_groups(
         model, rank, target_modules, weight_decay, no_decay, embeddings, lm_head, **grass_options
     )
+
+
+def _grass_class(module: nn.Module) -> type[nn.Module] | None:
+    """The Grass layer class for ``module``'s exact class (its own class when it is one
+    already), from an ordered table of the layer types Grass projects; ``None`` for any other
+    (a subclass with a forward of its own, a LoRA layer)."""
+    from .embedding import GrassEmbedding
+
+    table: list[type[nn.Module]] = [GrassLinear, GrassEmbedding]
+    if "transformers.pytorch_utils" in sys.modules:  # a model with a Conv1D has loaded it
+        from .conv1d import GrassConv1D
+
+        table.append(GrassConv1D)
+    return next((g for g in table if type(module) in (g.grass_base, g)), None)
+
+
+def is_grass_layer(module: nn.Module) -> bool:
+    """True for a layer :func:`grassify` made (GrassLinear, GrassEmbedding, GrassConv1D)."""
+    return "grass_base" in type(module).__dict__
 
 
 def _check_not_shared(model: nn.Module, targets: dict[str, nn.Module]) -> None:
@@ -360,18 +396,15 @@ def _check_not_shared(model: nn.Module, targets: dict[str, nn.Module]) -> None:
 
 
 def ungrassify(model: nn.Module) -> nn.Module:
-    """Turn every :class:`GrassLinear` (:class:`~hf_grass.embedding.GrassEmbedding`) of
-    ``model`` back into ``nn.Linear`` (``nn.Embedding``), in place.
+    """Turn every Grass layer of ``model`` (:class:`GrassLinear`,
+    :class:`~hf_grass.embedding.GrassEmbedding`, :class:`~hf_grass.conv1d.GrassConv1D`) back into
+    its original class (``nn.Linear``, ``nn.Embedding``, ``Conv1D``), in place.
 
     Same module objects and Parameters, so outputs and ``state_dict`` are unchanged. Returns
     ``model``.
     """
-    from .embedding import GrassEmbedding
-
     for module in model.modules():
-        if type(module) is GrassLinear:
-            module.__class__ = nn.Linear
+        if is_grass_layer(module):
+            module.__class__ = type(module).grass_base
             vars(module).pop("grass_rank", None)
-        elif type(module) is GrassEmbedding:
-            module.__class__ = nn.Embedding
     return model

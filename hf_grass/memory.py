@@ -85,7 +85,7 @@ from .errors import MissingFileError, UsageError
 from .models import LLAMA_PRESETS, llama_config
 from .optim import _rng_bytes
 from .projection import projection_side
-from .targets import grass_target_names, match_target_modules
+from .targets import grass_target_names, linear_layer_types, match_target_modules
 
 METHODS = ("adamw", "adamw-8bit", "galore", "lora", "grass")
 RANKED_METHODS = ("galore", "lora", "grass")
@@ -193,7 +193,7 @@ def _walk(config: PretrainedConfig, embeddings: bool, lm_head: bool) -> Architec
         raise UsageError(str(err)) from err
     _refuse_half_tied(model, embeddings, lm_head)
     projected = {id(modules[n].weight) for n in targets}
-    linear = {id(m.weight) for m in modules.values() if isinstance(m, nn.Linear)}
+    linear = {id(m.weight) for m in modules.values() if isinstance(m, linear_layer_types())}
     users: dict[int, int] = {}
     for module in model.modules(remove_duplicate=False):
         for p in module.parameters(recurse=False):

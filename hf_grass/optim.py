@@ -36,16 +36,31 @@ from torch.optim.adamw import adamw as torch_adamw
 
 from .config import GrassConfig, group_defaults, resume_conflicts, validate_group_options
 from .functional import grass_adamw, remap_moments
-from .projection import GrassProjection, local, oriented, projection_of, row_sharded, side_of
+from .projection import (
+    DATA_PARALLEL_RECIPE,
+    GrassProjection,
+    local,
+    oriented,
+    projection_of,
+    row_sharded,
+    side_of,
+)
 from .selection import select_rows
 
 logger = logging.getLogger(__name__)
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
-_DATA_PARALLEL_RECIPE = (
-    "hf_grass.prepare_data_parallel(model, optimizer) before wrapping the model in DDP (before "
-    "accelerator.prepare), then call .attach(wrapped_model)."
+
+LOSS_SCALER_REFUSAL = (
+    "torch.amp.GradScaler (fp16 loss scaling) cannot unscale or inf-check Grass's compressed "
+    "gradients: train in bf16 (autocast with dtype=torch.bfloat16 needs no scaler) or float32."
+)
+CLIPPED_ELSEWHERE_WARNING = (
+    "Plain gradients were changed in place after the backward but Grass's compressed gradients "
+    "were not, as torch.nn.utils.clip_grad_norm_ and accelerator.clip_grad_norm_ do: they cannot "
+    "see compressed gradients, which go unclipped. Clip with "
+    "hf_grass.clip_grad_norm_(model.parameters(), max_norm) instead."
 )
 
 # Group keys a resumed run takes from its own arguments rather than from the checkpoint (which is
@@ -135,6 +150,9 @@ class GrassAdamW(Optimizer):
         self._projections: dict[int, GrassProjection] = {}
         self._averaging_checked = False  # see _check_averaged
         self._warned_local_selection = False
+        self._clipping_checked = False  # see _check_clipped_elsewhere
+        self._watched_backward = -1
+        self._grads_after_backward: tuple[set, set] | None = None
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------- param groups
@@ -175,6 +193,9 @@ class GrassAdamW(Optimizer):
             self._projections = {}
         self._averaging_checked = getattr(self, "_averaging_checked", False)
         self._warned_local_selection = getattr(self, "_warned_local_selection", False)
+        self._clipping_checked = getattr(self, "_clipping_checked", False)
+        self._watched_backward = -1
+        self._grads_after_backward = None
         for group in self.param_groups:
             self._index_group(group)
 
@@ -229,7 +250,9 @@ class GrassAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.follow_replaced_params()
+        self._refuse_loss_scaler()
         self._check_averaged()
+        self._check_clipped_elsewhere()
         for group in self.param_groups:
             if "rank" in group:
                 self._projected_steps(group["params"], group)
@@ -269,12 +292,13 @@ class GrassAdamW(Optimizer):
         A projected weight inside ``DistributedDataParallel`` gets no ``.grad`` from its Grass
         layer, so DDP all-reduces zeros for it and (by default) writes a dense zero ``.grad``
         after the backward, while the compressed gradient stays this rank's own: the ranks
-        would drift apart. That zero ``.grad`` next to a compressed gradient is the sign: a
-        real second use of the weight outside its layer is not exactly zero, and
-        :class:`GrassDataParallel` folds it in during the backward. (With
-        ``find_unused_parameters`` or ``static_graph`` DDP leaves ``.grad`` at ``None``; then
-        :meth:`_select` warns.) Checked until a step brings gradients for projected weights,
-        then never again.
+        would drift apart. A Grass layer's forward inside DDP stops first
+        (``GrassProjection.check_data_parallel``) unless GrassDataParallel was built; this
+        catches the rest: a DDP built before GrassDataParallel, a layer run outside DDP's
+        forward. The zero ``.grad`` next to a compressed gradient is the sign: a real second use
+        of the weight outside its layer is not exactly zero, and :class:`GrassDataParallel`
+        folds it in during the backward. Checked until a step brings gradients for projected
+        weights, then never again.
         """
         if self._averaging_checked:
             return
@@ -300,8 +324,77 @@ class GrassAdamW(Optimizer):
                     problem = "is still all-reduced densely by a DDP built before GrassDataParallel"
                 raise RuntimeError(
                     f"A projected weight of shape {tuple(p.shape)} {problem}: build "
-                    f"{_DATA_PARALLEL_RECIPE}"
+                    f"{DATA_PARALLEL_RECIPE}"
                 )
+
+    # ---- torch.amp.GradScaler: step() is told the scale, and refuses it --------------------------
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """True while a projected weight holds a compressed gradient.
+
+        ``torch.amp.GradScaler`` then hands ``grad_scale``/``found_inf`` to :meth:`step`
+        (which refuses them) instead of unscaling and inf-checking the ``.grad`` it can see and
+        stepping with the compressed gradients still multiplied by the loss scale. With full
+        gradients only, the scaler works as for any optimizer.
+        """
+        return any(projection.grad is not None for projection in self._projections.values())
+
+    def _refuse_loss_scaler(self) -> None:
+        if hasattr(self, "found_inf"):  # set by GradScaler.step for this step
+            raise RuntimeError(LOSS_SCALER_REFUSAL)
+
+    # ---- clipping that cannot see compressed gradients --------------------------------------------
+    def _watch_backward(self) -> None:
+        """Called when a backward adds to a compressed gradient: once that backward has ended,
+        after every callback queued during it (DDP's and GrassDataParallel's averaging), note
+        which gradient tensors it left and their in-place version counters, for
+        :meth:`_check_clipped_elsewhere`."""
+        if self._clipping_checked:
+            return
+        backward = torch._C._current_graph_task_id()
+        if backward == -1 or backward == self._watched_backward:
+            return
+        self._watched_backward = backward
+        engine = torch.autograd.Variable._execution_engine
+        engine.queue_callback(lambda: engine.queue_callback(self._note_grads_after_backward))
+
+    def _current_grads(self) -> tuple[set, set]:
+        """(tensor id, version) of every plain ``.grad`` and of every compressed gradient."""
+        dense = {
+            (id(p.grad), p.grad._version)
+            for group in self.param_groups
+            if "rank" not in group
+            for p in group["params"]
+            if p.grad is not None
+        }
+        compressed = {
+            (id(projection.grad), projection.grad._version)
+            for projection in self._projections.values()
+            if projection.grad is not None
+        }
+        return dense, compressed
+
+    def _note_grads_after_backward(self) -> None:
+        self._grads_after_backward = self._current_grads()
+
+    def _check_clipped_elsewhere(self) -> None:
+        """Warn once when plain gradients were changed in place between the backward and this
+        step while no compressed gradient was: what ``torch.nn.utils.clip_grad_norm_`` and
+        ``accelerator.clip_grad_norm_`` do (they multiply every ``.grad`` they find, even by
+        1), reading ``.grad``, which projected weights do not have. Their norm leaves the
+        compressed gradients out and those go unclipped; :func:`clip_grad_norm_` sees both.
+        Checked on the first step with compressed gradients after a watched backward.
+        """
+        if self._clipping_checked or self._grads_after_backward is None:
+            return
+        dense, compressed = self._current_grads()
+        after_dense, after_compressed = self._grads_after_backward
+        self._grads_after_backward = None
+        if not compressed:
+            return
+        self._clipping_checked = True
+        if dense - after_dense and not compressed - after_compressed:
+            warnings.warn(CLIPPED_ELSEWHERE_WARNING, RuntimeWarning, stacklevel=3)
 
     def _warn_local_selection(self, p: torch.Tensor, grad: torch.Tensor) -> None:
         """Warn once when, under several processes, a compressed backward selects rows from
@@ -323,7 +416,7 @@ class GrassAdamW(Optimizer):
             f"A compressed backward selected rows of a weight of shape {tuple(p.shape)} from this "
             f"rank's own gradient, and no GrassDataParallel averages it across the "
             f"{dist.get_world_size()} processes: if the model is data-parallel, ranks drift "
-            f"apart; build {_DATA_PARALLEL_RECIPE} (Ignore this if each process trains a model "
+            f"apart; build {DATA_PARALLEL_RECIPE} (Ignore this if each process trains a model "
             "of its own.)",
             RuntimeWarning,
             stacklevel=2,

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .functional import unique_rows
@@ -31,6 +32,12 @@ if TYPE_CHECKING:
     from .optim import GrassAdamW
 
 _PROJECTIONS = WeakIdKeyDictionary()
+
+# The fix for a data-parallel model whose compressed gradients nothing averages.
+DATA_PARALLEL_RECIPE = (
+    "hf_grass.prepare_data_parallel(model, optimizer) before wrapping the model in DDP (before "
+    "accelerator.prepare), then call .attach(wrapped_model)."
+)
 
 
 def projection_of(weight: torch.Tensor) -> GrassProjection | None:
@@ -176,6 +183,26 @@ class GrassProjection:
         return self.scale_rows_(oriented(grad, self.side)[self.rows])
 
     # ---- the compressed gradient's lifetime ---------------------------------------------------
+    def check_data_parallel(self) -> None:
+        """Stop a forward run by ``DistributedDataParallel`` over several processes when no
+        :class:`~hf_grass.GrassDataParallel` averages this weight's compressed gradient.
+
+        DDP cannot see a compressed gradient: it would all-reduce a zero (or, with
+        ``find_unused_parameters`` or ``static_graph``, no) ``.grad`` while every rank stepped
+        with its own, and the ranks would drift apart. Called by the Grass layers' forward; one
+        attribute read when no DDP forward is running.
+        """
+        ddp = getattr(DistributedDataParallel, "_active_ddp_module", None)
+        if ddp is None or self.reduce_full is not None:
+            return
+        group = getattr(ddp, "process_group", None)
+        if torch.distributed.get_world_size(group) > 1:
+            raise RuntimeError(
+                f"DistributedDataParallel runs a Grass layer (weight of shape "
+                f"{tuple(self._param().shape)}) whose compressed gradient it cannot average: "
+                f"build {DATA_PARALLEL_RECIPE}"
+            )
+
     def accumulate(self, compressed: torch.Tensor) -> None:
         """Add ``compressed`` (r x k) to ``grad``, or start it.
 
@@ -184,6 +211,7 @@ class GrassProjection:
         calls) cannot see it.
         """
         param = self._param()
+        self._optimizer()._watch_backward()
         compressed = compressed.to(param.dtype)
         step = self.step
         if self.grad is None or self._grad_step != step:

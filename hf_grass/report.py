@@ -184,6 +184,7 @@ _DENSE_KINDS = {
     "bias": ("bias", "biases"),
     "adapter": ("LoRA adapter weight", "LoRA adapter weights"),
     "linear": ("untargeted linear weight", "untargeted linear weights"),
+    "unprojectable": ("layer Grass cannot project", "layers Grass cannot project"),
     "other": ("other parameter", "other parameters"),
 }
 # PEFT's wrapper components, skipped when naming a module briefly (`lm_head`, not `default`).
@@ -193,7 +194,7 @@ _WRAPPER_PARTS = {"base_layer", "modules_to_save", "original_module", "default"}
 def _describe_dense(model: torch.nn.Module, dense: list[torch.Tensor]) -> str:
     """``embed_tokens (embedding), lm_head (head), 5 norms``: the modules holding ``dense``, by
     kind; a kind with one module is named, a kind with several is counted."""
-    from .targets import is_adapter_module, is_head_module
+    from .targets import is_adapter_module, is_head_module, linear_layer_types
 
     if not dense:
         return "none"
@@ -217,8 +218,10 @@ def _describe_dense(model: torch.nn.Module, dense: list[torch.Tensor]) -> str:
             kind = "norm"
         elif param_name == "bias":
             kind = "bias"
-        elif isinstance(module, torch.nn.Linear):
+        elif isinstance(module, linear_layer_types()):
             kind = "linear"
+        elif p.dim() >= 2:
+            kind = "unprojectable"
         else:
             kind = "other"
         parts = [part for part in module_name.split(".") if part not in _WRAPPER_PARTS]

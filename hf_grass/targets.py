@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+import sys
+import warnings
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import nn
 
 # Modules excluded from "all-linear": output heads whose rows are the vocabulary or the labels,
@@ -31,24 +34,34 @@ def _is_head_or_adapter(name: str) -> bool:
 TargetModules = str | Sequence[str]
 
 
+def linear_layer_types() -> tuple[type[nn.Module], ...]:
+    """The layer types Grass projects as linear layers: ``nn.Linear`` and GPT-2's ``Conv1D`` (a
+    linear layer whose weight is stored transposed), the latter once transformers is loaded (a
+    model holding one has loaded it)."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+
+
 def match_target_modules(
     model: nn.Module, target_modules: TargetModules = "all-linear"
 ) -> list[str]:
-    """Names of the ``nn.Linear`` modules of ``model`` that ``target_modules`` selects.
+    """Names of the linear layers (``nn.Linear``, GPT-2's ``Conv1D``) of ``model`` that
+    ``target_modules`` selects.
 
-    ``target_modules`` is ``"all-linear"`` (every ``nn.Linear`` except output heads such as
+    ``target_modules`` is ``"all-linear"`` (every linear layer except output heads such as
     ``lm_head``/``score``, anywhere in the module's path, and PEFT adapter layers), a regex matched in full against module names, or a list of names,
     each matching a module whose name equals it or ends with ``"." + name`` (PEFT's convention:
     ``["q_proj", "v_proj"]``). A module PEFT trains whole (``LoraConfig(modules_to_save=...)``)
     is matched through its wrapper: the target is the trainable copy
     (``<name>.modules_to_save.<adapter>``), never the frozen ``original_module``. A matched
-    module that is not ``nn.Linear`` (a LoRA layer among them) or a selector that matches nothing
-    raises ``ValueError``.
+    module that is not a linear layer (a LoRA layer among them) or a selector that matches
+    nothing raises ``ValueError``.
     """
     modules = dict(model.named_modules())
+    linear = linear_layer_types()
     if isinstance(target_modules, str) and target_modules == "all-linear":
         names = [
-            n for n, m in modules.items() if isinstance(m, nn.Linear) and not _is_head_or_adapter(n)
+            n for n, m in modules.items() if isinstance(m, linear) and not _is_head_or_adapter(n)
         ]
         selector = "all-linear"
     elif isinstance(target_modules, str):
@@ -73,7 +86,7 @@ def match_target_modules(
             f"target_modules ({selector}) matches no module of {type(model).__name__}; "
             f"its linear layers end in {sorted(_linear_suffixes(modules))}."
         )
-    wrong = [n for n in names if not isinstance(modules[n], nn.Linear)]
+    wrong = [n for n in names if not isinstance(modules[n], linear)]
     lora = [n for n in wrong if _is_tuner_layer(modules[n])]
     if lora:
         cls = type(modules[lora[0]])
@@ -87,8 +100,8 @@ def match_target_modules(
     if wrong:
         raise ValueError(
             f"target_modules ({selector}) matches {wrong[:3]} of type "
-            f"{type(modules[wrong[0]]).__name__}; Grass projects nn.Linear weights only: "
-            "narrow target_modules to linear layers."
+            f"{type(modules[wrong[0]]).__name__}; Grass projects the weights of linear layers "
+            "only (nn.Linear, GPT-2's Conv1D): narrow target_modules to linear layers."
         )
     return names
 
@@ -132,7 +145,8 @@ def _through_saved_wrappers(modules: dict[str, nn.Module], names: list[str]) -> 
 
 
 def _linear_suffixes(modules: dict[str, nn.Module]) -> set[str]:
-    return {n.split(".")[-1] for n, m in modules.items() if isinstance(m, nn.Linear)}
+    linear = linear_layer_types()
+    return {n.split(".")[-1] for n, m in modules.items() if isinstance(m, linear)}
 
 
 def grass_target_names(
@@ -183,6 +197,44 @@ def frozen_targets_problem(model: nn.Module, names: Sequence[str]) -> str | None
     )
 
 
+# A share of the trainable parameters in layer types Grass cannot project above which it warns.
+UNPROJECTABLE_WARN_SHARE = 0.25
+
+
+def unprojectable_problem(model: nn.Module) -> str | None:
+    """What Grass cannot project in ``model`` when it is more than a quarter of the trainable
+    parameters (elements), else None.
+
+    Counted: trainable parameters of two or more dimensions outside the layer types Grass
+    projects (:func:`linear_layer_types`, ``nn.Embedding``): the 3-D expert weights of
+    transformers' MoE models, a router, a convolution. Heads and embeddings left dense by
+    choice are not counted; targets are not either, so the answer is the same for any.
+    """
+    projectable = (*linear_layer_types(), nn.Embedding)
+    seen: set[int] = set()
+    total = 0
+    by_type: dict[str, list[tuple[str, torch.Size, int]]] = {}
+    for module_name, module in model.named_modules():
+        for param_name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            if p.dim() >= 2 and not isinstance(module, projectable):
+                name = f"{module_name}.{param_name}" if module_name else param_name
+                by_type.setdefault(type(module).__name__, []).append((name, p.shape, p.numel()))
+    outside = sum(n for found in by_type.values() for _, _, n in found)
+    if not total or outside <= UNPROJECTABLE_WARN_SHARE * total:
+        return None
+    kind, found = max(by_type.items(), key=lambda item: sum(n for _, _, n in item[1]))
+    example, shape, _ = found[0]
+    return (
+        f"{100 * outside / total:.1f}% of the trainable parameters are weights of layer types "
+        f"Grass cannot project, most in {kind} ({len(found)} weights such as {example!r} of "
+        f"shape {tuple(shape)})"
+    )
+
+
 def _found_or_refuse(model, getter_name, cls, fallback, problem: str) -> list[str]:
     """Names of the modules a Hugging Face ``model.<getter_name>()`` returns (else the ``cls``
     modules that ``fallback(name, module)`` accepts); ``ValueError`` when there are none."""
@@ -218,6 +270,15 @@ def grass_param_groups(
     """
     modules = dict(model.named_modules())
     names = grass_target_names(model, target_modules, embeddings, lm_head)
+    problem = unprojectable_problem(model)
+    if problem:
+        warnings.warn(
+            f"{problem}: they train with plain AdamW and its full moments, so Grass saves "
+            "little memory on this model. Freeze them (requires_grad_(False)) or choose "
+            "another method if they must fit.",
+            UserWarning,
+            stacklevel=2,
+        )
     projected = {id(modules[n].weight) for n in names}
     no_decay = set(no_decay or ())
     groups: dict[tuple[bool, bool], list] = {}

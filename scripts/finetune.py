@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,7 @@ from hf_grass import cli
 from hf_grass import data as grass_data
 from hf_grass.errors import MissingFileError, UsageError
 from hf_grass.report import ResourceReportCallback, format_report, limit_malloc_caching
+from hf_grass.targets import match_target_modules
 from hf_grass.trainer import GrassTrainer, GrassTrainingArguments
 
 logger = logging.getLogger("finetune")
@@ -199,6 +201,17 @@ class DataArguments:
 # ---- arguments ---------------------------------------------------------------------------------
 
 
+def same_targets_as_grass(model: torch.nn.Module, args: GrassTrainingArguments) -> str:
+    """A regex of exactly the modules Grass would project, for HF's GaLore/APOLLO.
+
+    Their ``optim_target_modules="all-linear"`` takes every ``nn.Linear``, the classifier head
+    (``score``) among them, which Grass leaves out: a comparison must project the same weights.
+    """
+    names = match_target_modules(model, args.grass_targets())
+    logger.info("%s projects Grass's %d target modules.", args.optim, len(names))
+    return "|".join(re.escape(name) for name in names)
+
+
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, GrassTrainingArguments]:
     """Flags, optionally after one .json/.yaml/.yml config file; flags win over the file."""
     parser = HfArgumentParser(
@@ -221,8 +234,8 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, GrassTra
     if method in LEARNING_RATES:
         defaults["learning_rate"] = LEARNING_RATES[method]
     if method == "galore":
-        # HF's GaLore needs target modules: all linear layers at r=64, as in Protocol 1.
-        defaults.update(optim_target_modules="all-linear", optim_args="rank=64")
+        # Rank 64, as in Protocol 1; its target modules are Grass's (see same_targets_as_grass).
+        defaults.update(optim_args="rank=64")
     parser.set_defaults(**defaults)
     return cli.parse_dataclasses(parser, argv)
 
@@ -496,6 +509,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model.get_input_embeddings().weight.requires_grad_(False)
     if model_args.use_lora:
         model = apply_lora(model, model_args, data_args.task_type)
+    if args.do_train and method in ("galore", "apollo") and args.optim_target_modules is None:
+        args.optim_target_modules = same_targets_as_grass(model, args)
 
     eval_dataset = _sort_by_length(tokenized["validation"]) if "validation" in tokenized else None
     report = ResourceReportCallback(method=method)

@@ -253,3 +253,16 @@ def grass_sft_trainer(out_dir, peft_config, **args):
         processing_class=word_tokenizer(SFT_WORDS),
         peft_config=peft_config,
     )
+
+
+def tiny_gpt2(seed: int = 0, **overrides):
+    """A randomly initialized 2-layer GPT-2 (hidden 32, vocab 64): its attention and MLP are
+    ``Conv1D`` layers, whose weights are stored transposed (in, out)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = dict(
+        n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=64, loss_type="ForCausalLM"
+    )
+    config |= dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # deterministic
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**(config | overrides)))

@@ -119,8 +119,6 @@ def _recipe(out: Path) -> None:
 
 def _wrong_orders(out: Path) -> None:
     """Orders that would let ranks drift (or send dense zeros): each must be refused."""
-    import warnings
-
     import torch
     from accelerate import Accelerator
     from conftest import end_worker
@@ -137,13 +135,16 @@ def _wrong_orders(out: Path) -> None:
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
 
-    # DDP that leaves .grad at None (find_unused_parameters): a warning at the first selection.
-    model = _model()
-    opt = _optimizer(model)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        one_step(DistributedDataParallel(model, find_unused_parameters=True), opt)
-    result["find_unused_warnings"] = [str(w.message) for w in caught]
+    # DDP that would leave .grad at None (find_unused_parameters, static_graph): stops in the
+    # first forward, before any backward.
+    for option in ("find_unused_parameters", "static_graph"):
+        model = _model()
+        opt = _optimizer(model)
+        try:
+            one_step(DistributedDataParallel(model, **{option: True}), opt)
+        except RuntimeError as e:
+            result[option] = str(e)
+            result[option + "_no_gradient"] = all(p.grad is None for p in model.parameters())
 
     # GrassDataParallel after accelerator.prepare: on the wrapped model, or on the inner one.
     model = _model()
@@ -164,7 +165,7 @@ def _wrong_orders(out: Path) -> None:
         result["late_step"] = str(e)
     late.remove()
 
-    # The natural order without GrassDataParallel: stops at the first step, before any update.
+    # The natural order without GrassDataParallel: stops in the first forward.
     model = _model()
     before = [p.detach().clone() for p in model.parameters()]
     opt = _optimizer(model)
@@ -233,12 +234,15 @@ def test_accelerate_loop_equals_one_process_on_the_global_batch(tmp_path, refere
 def test_accelerate_loop_without_grass_data_parallel_stops_before_ranks_drift(tmp_path):
     proc = _launch(tmp_path, "wrong_orders", 2)
     assert proc.returncode != 0
-    assert "a compressed gradient that no rank averages" in proc.stderr
+    refusal = "DistributedDataParallel runs a Grass layer (weight of shape"
+    assert refusal in proc.stderr
     assert "prepare_data_parallel(model, optimizer) before wrapping the model" in proc.stderr
     for rank in json.loads((tmp_path / "wrong_orders.json").read_text()):
         assert rank["unchanged"]  # refused before the first update
-        assert "no rank averages" in rank["naive"]
-        assert any("this rank's own gradient" in w for w in rank["find_unused_warnings"])
+        assert "whose compressed gradient it cannot average" in rank["naive"]
+        for option in ("find_unused_parameters", "static_graph"):
+            assert rank[option].startswith(refusal)
+            assert rank[option + "_no_gradient"]  # refused in the forward, before a backward
         assert "already wrapped in DistributedDataParallel" in rank["on_wrapped"]
         assert "all-reduces the projected weight" in rank["attach"]
         assert "DDP built before GrassDataParallel" in rank["late_step"]

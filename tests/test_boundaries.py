@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +14,10 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers.utils import logging as hf_logging
 
-from hf_grass import GrassLinear, grassify
+from hf_grass import GrassLinear, clip_grad_norm_, grassify
 from hf_grass.errors import UsageError
-from hf_grass.report import REPORT_NAME, ResourceReportCallback
+from hf_grass.optim import CLIPPED_ELSEWHERE_WARNING, LOSS_SCALER_REFUSAL
+from hf_grass.report import REPORT_NAME, ResourceReportCallback, coverage_line
 from hf_grass.trainer import GrassTrainer, GrassTrainingArguments
 
 SEQ = 12
@@ -230,3 +232,201 @@ def test_logged_grad_norm_is_the_norm_of_plain_and_compressed_gradients(tmp_path
     adamw = GrassTrainer(model=tiny_llama("lm", **TINY), args=adamw_args, train_dataset=lm_data())
     adamw.train()
     assert logged(trainer)[0] < logged(adamw)[0]  # the same first batch and weights
+
+
+# ---- an own loop: clipping and loss scaling that cannot see compressed gradients ----------------
+def _own_loop(steps: int = 3, micro_batches: int = 1, between=None, grassified: bool = True):
+    """``steps`` optimizer steps of a tiny LLaMA with GrassAdamW; ``between(model, opt)`` runs
+    after the backward(s) and before each step. Returns the RuntimeWarnings raised."""
+    import warnings
+
+    from hf_grass import GrassAdamW, grass_param_groups
+
+    model = tiny_llama(seed=0, vocab_size=64)
+    groups = grassify(model, rank=4) if grassified else grass_param_groups(model, rank=4)
+    opt = GrassAdamW(groups, lr=1e-2)
+    ids = torch.randint(
+        0, 64, (steps * micro_batches, 2, 8), generator=torch.Generator().manual_seed(0)
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for batch in ids.split(micro_batches):
+            for micro in batch:
+                model(input_ids=micro, labels=micro).loss.backward()
+            if between is not None:
+                between(model, opt)
+            opt.step()
+            opt.zero_grad()
+    return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def _accelerate_clip(model, opt):
+    from accelerate import Accelerator
+
+    Accelerator(cpu=True).clip_grad_norm_(model.parameters(), 1.0)
+
+
+CLIPS = {
+    "torch-norm": lambda model, opt: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0),
+    "torch-norm-inactive": lambda model, opt: torch.nn.utils.clip_grad_norm_(
+        model.parameters(), 1e9
+    ),
+    "torch-value": lambda model, opt: torch.nn.utils.clip_grad_value_(model.parameters(), 1e-3),
+    "accelerate": _accelerate_clip,
+}
+CLIPPED_ELSEWHERE = "Plain gradients were changed in place after the backward"
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2], ids=["", "accumulate"])
+@pytest.mark.parametrize("clip", list(CLIPS))
+def test_clipping_that_cannot_see_compressed_gradients_is_reported_once(clip, micro_batches):
+    """torch's and accelerate's clipping read ``.grad`` only: the compressed gradients would go
+    unclipped, so the first step says so (once), even when the clip changed nothing (x1)."""
+    caught = _own_loop(micro_batches=micro_batches, between=CLIPS[clip])
+    assert [w for w in caught if w.startswith(CLIPPED_ELSEWHERE)] == [CLIPPED_ELSEWHERE_WARNING]
+
+
+@pytest.mark.parametrize(
+    "between",
+    [
+        None,
+        lambda model, opt: clip_grad_norm_(model.parameters(), 1.0),
+    ],
+    ids=["no-clip", "grass-clip"],
+)
+def test_grass_clipping_or_none_is_not_reported(between):
+    assert not [w for w in _own_loop(between=between) if w.startswith(CLIPPED_ELSEWHERE)]
+
+
+def test_torch_clipping_with_full_gradients_is_not_reported():
+    """Without the compressed backward every gradient is a ``.grad``: torch's clip is right."""
+    caught = _own_loop(between=CLIPS["torch-norm"], grassified=False)
+    assert not [w for w in caught if w.startswith(CLIPPED_ELSEWHERE)]
+
+
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["step", "unscale+step"])
+def test_fp16_loss_scaler_with_compressed_gradients_stops_before_any_update(unscale_first):
+    from hf_grass import GrassAdamW
+
+    model = tiny_llama(seed=0, vocab_size=64)
+    opt = GrassAdamW(grassify(model, rank=4), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    before = [p.detach().clone() for p in model.parameters()]
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    scaler.scale(model(input_ids=ids, labels=ids).loss).backward()
+    if unscale_first:
+        scaler.unscale_(opt)
+    with pytest.raises(RuntimeError) as error:
+        scaler.step(opt)
+    assert str(error.value) == LOSS_SCALER_REFUSAL
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+def test_fp16_loss_scaler_with_full_gradients_works_as_for_any_optimizer():
+    """Without the compressed backward the scaler sees every gradient: a power-of-two scale is
+    undone exactly, so the weights equal those of the same steps without a scaler."""
+    from hf_grass import GrassAdamW, grass_param_groups
+
+    def train(scaler: torch.amp.GradScaler | None) -> list[torch.Tensor]:
+        model = tiny_llama(seed=0, vocab_size=64)
+        opt = GrassAdamW(grass_param_groups(model, rank=4, update_proj_gap=2), lr=1e-2)
+        for seed in range(3):
+            ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(seed))
+            loss = model(input_ids=ids, labels=ids).loss
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            opt.zero_grad()
+        return [p.detach() for p in model.parameters()]
+
+    scaled = train(torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    plain = train(None)
+    assert all(torch.equal(p, q) for p, q in zip(scaled, plain, strict=True))
+
+
+# ---- layer types Grass cannot project ---------------------------------------------------------
+def _tiny_mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    return MixtralForCausalLM(config)
+
+
+def _unprojectable_warnings(model) -> tuple[list[dict], list[str]]:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        groups = grassify(model, rank=4)
+    return groups, [str(w.message) for w in caught if "Grass cannot project" in str(w.message)]
+
+
+def test_moe_experts_that_grass_cannot_project_are_named_with_their_share():
+    """transformers 5 stores a MoE layer's experts as 3-D parameters: they stay dense, and
+    holding most of the model they are named with their share (counted here by name)."""
+    model = _tiny_mixtral()
+    params = dict(model.named_parameters())
+    outside = sum(p.numel() for n, p in params.items() if ".experts." in n or ".mlp.gate." in n)
+    share = outside / sum(p.numel() for p in params.values())
+    groups, caught = _unprojectable_warnings(model)
+    assert len(caught) == 1
+    assert caught[0].startswith(
+        f"{100 * share:.1f}% of the trainable parameters are weights of layer types Grass "
+        "cannot project, most in MixtralExperts (4 weights such as "
+        "'model.layers.0.mlp.experts.gate_up_proj' of shape (4, 96, 32))"
+    )
+    assert "Freeze them (requires_grad_(False))" in caught[0]
+    line = coverage_line(model, groups)
+    assert line.endswith("4 layers Grass cannot project.")  # 2 routers, 2 expert blocks
+    # The README quotes this model's numbers.
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert f"`{caught[0].split(': they train')[0]}`" in readme
+    assert "(16.5% of trainable parameters)" in line
+    assert "on a tiny Mixtral 16.5% of the parameters are projected" in readme
+
+
+def test_frozen_experts_and_models_grass_covers_raise_no_warning():
+    model = _tiny_mixtral()
+    for name, p in model.named_parameters():
+        if ".experts." in name:
+            p.requires_grad_(False)
+    assert _unprojectable_warnings(model)[1] == []
+    assert _unprojectable_warnings(tiny_llama(seed=0))[1] == []
+    from conftest import tiny_gpt2
+
+    gpt2 = tiny_gpt2()
+    groups, caught = _unprojectable_warnings(gpt2)
+    assert caught == []
+    assert coverage_line(gpt2, groups).startswith("Grass: 8 of 10 weight matrices projected")
+
+
+def test_the_engine_imports_without_transformers_and_the_trainer_on_first_use():
+    """A torch-only user's ``import hf_grass`` loads no Hugging Face library; the Trainer names
+    resolve to the integration's classes when first used."""
+    import subprocess
+    import sys
+
+    import hf_grass
+    from hf_grass import trainer
+
+    code = (
+        "import sys; import hf_grass; "
+        "from hf_grass import GrassAdamW, GrassDataParallel, clip_grad_norm_, grassify; "
+        "loaded = [m for m in sys.modules if m.split('.')[0] in "
+        "('transformers', 'accelerate', 'peft', 'datasets')]; "
+        "assert not loaded, loaded"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert hf_grass.GrassTrainer is trainer.GrassTrainer
+    assert hf_grass.GrassTrainingArguments is trainer.GrassTrainingArguments
+    with pytest.raises(AttributeError):
+        hf_grass.GrassNothing  # noqa: B018

@@ -81,7 +81,22 @@ def test_method_dependent_defaults(flags, optim, lr, out):
     assert args.optim == optim and args.learning_rate == lr
     assert args.output_dir == f"outputs/{out}"
     if optim == "galore_adamw":
-        assert args.optim_target_modules == "all-linear" and "rank=64" in args.optim_args
+        # Targets are set once the model is loaded: Grass's (see the next test).
+        assert args.optim_target_modules is None and "rank=64" in args.optim_args
+
+
+def test_galore_projects_the_modules_grass_projects_not_the_classifier_head():
+    """HF's ``optim_target_modules="all-linear"`` would put ``score`` into GaLore's projected
+    group; a fair comparison projects Grass's targets (every linear layer but the head)."""
+    from conftest import tiny_llama
+    from transformers.trainer_utils import check_target_module_exists
+
+    model = tiny_llama("classifier", num_labels=2, pad_token_id=0)
+    _, _, args = finetune.parse_args(["--optim", "galore_adamw"])
+    regex = finetune.same_targets_as_grass(model, args)
+    matched = {n for n, _ in model.named_modules() if check_target_module_exists(regex, n)}
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert "score" in linear and matched == linear - {"score"}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
