@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 
-from _common import GALORE_RANKS, add_repo_to_path, write_json
+from _common import GALORE_RANKS, add_repo_to_path, env_info, write_json
 
 add_repo_to_path()
 
@@ -148,6 +148,10 @@ def main() -> None:
         print("\nFlopCounterMode vs formula (tiny, backward FLOPs):")
         for c in result["check"]:
             print(f"  {c['run']:<10} measured {c['measured']:,}  formula {c['formula']:,.0f}")
+    result["command"] = ".venv/bin/python benchmarks/bench_embedding_tables.py" + (
+        " --check" if args.check else ""
+    )
+    result["env"] = env_info()
     write_json("embedding_tables.json", result)
 
 
