@@ -6,13 +6,22 @@ machine, then prints validation accuracy, optimizer-state bytes, peak gradient b
 tokens/s and wall time of each, with ratios to AdamW. Raw numbers: benchmarks/results/finetune.json.
 
     python benchmarks/bench_finetune.py [--methods grass adamw lora galore grass-embeddings]
-        [--out FILE] [-- extra finetune flags]
+        [--seeds 42 43 44] [--out FILE] [-- extra finetune flags]
+
+With several seeds the methods run interleaved (every method for one seed, then the next seed),
+so a drift in the machine's speed touches all of them alike; the table then gives each
+method's mean and the spread (min-max) over the seeds. AdamW (full and LoRA's) is torch's fused
+implementation, the fastest standard one on a CPU. GaLore projects Grass's targets (the
+finetune script gives it them), not HF's "all-linear", which includes the classifier head.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import os
+import platform
 import subprocess
 import sys
 import time
@@ -21,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
     "grass": ["--optim", "grass"],
-    "adamw": ["--optim", "adamw_torch"],
-    "lora": ["--optim", "adamw_torch", "--use_lora"],
+    "adamw": ["--optim", "adamw_torch_fused"],
+    "lora": ["--optim", "adamw_torch_fused", "--use_lora"],
     "galore": ["--optim", "galore_adamw"],
     # Grass on the input embedding as well (rows of the vocabulary; issue: embedding state)
     "grass-embeddings": ["--optim", "grass", "--grass_embeddings", "true"],
@@ -42,39 +51,64 @@ METHODS = {
 }
 
 
+def run_once(name: str, extra: list[str], seed: int | None) -> dict:
+    """One ``scripts/finetune.py`` run of a method; its command, wall time, metrics and report."""
+    out_dir = ROOT / "outputs" / (f"bench-{name}" if seed is None else f"bench-{name}-{seed}")
+    seed_flags = [] if seed is None else ["--seed", str(seed)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts/finetune.py"),
+        *METHODS[name],
+        *seed_flags,
+        "--output_dir",
+        str(out_dir),
+        *extra,
+    ]
+    print("$", " ".join(cmd[1:]), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    wall = time.perf_counter() - start
+    return {
+        "command": " ".join(cmd[1:]),
+        "seed": seed,
+        "wall_s": wall,
+        "load_average": os.getloadavg(),
+        "eval": json.loads((out_dir / "eval_results.json").read_text()),
+        "report": json.loads((out_dir / "resource_report.json").read_text()),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--methods", nargs="+", default=["grass", "adamw", "lora", "galore"], choices=list(METHODS)
     )
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/finetune.json"))
+    parser.add_argument("--seeds", nargs="+", type=int, help="run every method once per seed")
+    parser.add_argument("--out", help="default: benchmarks/results/finetune[_seeds].json")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
-    results = {}
-    for name in args.methods:
-        out_dir = ROOT / "outputs" / f"bench-{name}"
-        cmd = [
-            sys.executable,
-            str(ROOT / "scripts/finetune.py"),
-            *METHODS[name],
-            "--output_dir",
-            str(out_dir),
-            *extra,
-        ]
-        print("$", " ".join(cmd[1:]), flush=True)
-        start = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=ROOT)
-        wall = time.perf_counter() - start
-        metrics = json.loads((out_dir / "eval_results.json").read_text())
-        report = json.loads((out_dir / "resource_report.json").read_text())
-        results[name] = {
-            "command": " ".join(cmd[1:]),
-            "wall_s": wall,
-            "eval": metrics,
-            "report": report,
-        }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
+    name = "finetune_seeds.json" if args.seeds else "finetune.json"
+    out = Path(args.out or ROOT / "benchmarks/results" / name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not args.seeds:
+        results = {}
+        for method in args.methods:
+            results[method] = run_once(method, extra, None)
+            out.write_text(json.dumps(results, indent=2))
+        print_table(results)
+        return
+    header = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+    versions = {m: importlib.metadata.version(m) for m in ("torch", "transformers", "peft")}
+    runs: dict[str, list[dict]] = {method: [] for method in args.methods}
+    for seed in args.seeds:  # interleaved: every method for one seed, then the next seed
+        for method in args.methods:
+            runs[method].append(run_once(method, extra, seed))
+            record = {"date": time.strftime("%Y-%m-%d"), **header, "versions": versions}
+            out.write_text(json.dumps({**record, "seeds": args.seeds, "runs": runs}, indent=2))
+    print_seed_table(runs)
+
+
+def print_table(results: dict[str, dict]) -> None:
     base = results.get("adamw")
     print(
         "\n| method | val acc | optimizer state MB | peak grad MB | peak RSS MiB | s/step | tokens/s | wall s |"
@@ -96,6 +130,27 @@ def main() -> None:
                 f"  {name}: {rep['optimizer_state_bytes'] / b['optimizer_state_bytes']:.3f}, "
                 f"{rep['peak_grad_bytes'] / b['peak_grad_bytes']:.3f}, {rep['s_per_step'] / b['s_per_step']:.3f}"
             )
+
+
+def _mean_and_range(values: list[float], fmt: str) -> str:
+    mean = sum(values) / len(values)
+    return f"{mean:{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
+def print_seed_table(runs: dict[str, list[dict]]) -> None:
+    """Mean and (min-max) over the seeds of each method's runs."""
+    print("\n| method | seeds | val acc | optimizer state MB | peak RSS MiB | s/step |")
+    print("|---|---|---|---|---|---|")
+    for name, method_runs in runs.items():
+        acc = [r["eval"]["eval_accuracy"] for r in method_runs]
+        state = [r["report"]["optimizer_state_bytes"] / 1e6 for r in method_runs]
+        peak = [r["report"]["peak_memory_bytes"] / 2**20 for r in method_runs]
+        step = [r["report"]["s_per_step"] for r in method_runs]
+        print(
+            f"| {name} | {len(method_runs)} | {_mean_and_range(acc, '.4f')} | "
+            f"{_mean_and_range(state, ',.1f')} | {_mean_and_range(peak, ',.0f')} | "
+            f"{_mean_and_range(step, '.2f')} |"
+        )
 
 
 if __name__ == "__main__":

@@ -223,7 +223,7 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, GrassTra
         argv, ("optim", "task_name", "task_type", "train_file", "use_lora", "do_train")
     )
     use_lora = str(given["use_lora"] or False).lower() in ("true", "1", "yes", "y")
-    optim = given["optim"] or ("adamw_torch" if use_lora else SCRIPT_DEFAULTS["optim"])
+    optim = given["optim"] or ("adamw_torch_fused" if use_lora else SCRIPT_DEFAULTS["optim"])
     method = cli.method_name(optim, use_lora)
     task_type = given["task_type"] or "classification"
     task = given["task_name"] or ("custom" if given["train_file"] else DEFAULT_TASKS.get(task_type))
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if model_args.use_lora and args.use_grass:
         raise UsageError(
             "--use_lora with --optim grass: LoRA trains its adapters with AdamW. Choose one: "
-            "--use_lora --optim adamw_torch, or --optim grass without --use_lora."
+            "--use_lora --optim adamw_torch_fused, or --optim grass without --use_lora."
         )
     resume = cli.resolve_resume(args.resume_from_checkpoint, args.output_dir)
     model_path = resolve_model_path(model_args)

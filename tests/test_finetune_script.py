@@ -70,7 +70,7 @@ def test_no_flags_follow_the_benchmark_protocol():
     "flags, optim, lr, out",
     [
         (["--optim", "adamw_torch"], "adamw_torch", 5e-5, "rotten_tomatoes-adamw"),
-        (["--use_lora"], "adamw_torch", 5e-4, "rotten_tomatoes-lora"),
+        (["--use_lora"], "adamw_torch_fused", 5e-4, "rotten_tomatoes-lora"),
         (["--optim", "galore_adamw"], "galore_adamw", 2e-4, "rotten_tomatoes-galore"),
         (["--optim", "grass", "--learning_rate", "1e-3"], "grass", 1e-3, "rotten_tomatoes-grass"),
         (["--task_type", "instruction"], "grass", 2e-4, "alpaca_eval-grass"),
