@@ -33,16 +33,16 @@ from typing import Any
 try:
     # transformers imports peft, and peft imports bitsandbytes when it is installed (GaLore's and
     # APOLLO's packages pull it in); that import logs a warning about CPU kernels that no user of
-    # this script can act on. So hf_grass, and with it transformers and peft, is imported while
-    # `import bitsandbytes` fails, which peft allows for (`cli.without_bitsandbytes`, written
+    # this script can act on. So hf_grass.trainer, and with it transformers and peft, is imported
+    # while `import bitsandbytes` fails, which peft allows for (`cli.without_bitsandbytes`, written
     # out here as hf_grass is not loaded yet). A baseline that uses it imports it when chosen.
     _hold_bitsandbytes = "bitsandbytes" not in sys.modules
     if _hold_bitsandbytes:
         sys.modules["bitsandbytes"] = None  # an import of it raises ImportError
-    import hf_grass  # noqa: F401
+    import hf_grass.trainer  # noqa: F401  (loads transformers and peft)
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import hf_grass  # noqa: F401
+    import hf_grass.trainer  # noqa: F401  (loads transformers and peft)
 finally:
     if _hold_bitsandbytes:
         del sys.modules["bitsandbytes"]
