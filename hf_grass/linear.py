@@ -50,7 +50,6 @@ full ``.grad``. Data parallelism is applied from outside: :mod:`hf_grass.distrib
 from __future__ import annotations
 
 import contextlib
-import sys
 import weakref
 from collections import defaultdict
 from collections.abc import Iterable
@@ -62,7 +61,13 @@ from torch.autograd.function import once_differentiable
 
 from .config import check_option
 from .projection import GrassProjection, projection_of
-from .targets import TargetModules, frozen_targets_problem, grass_param_groups, grass_target_names
+from .targets import (
+    TargetModules,
+    conv1d_type,
+    frozen_targets_problem,
+    grass_param_groups,
+    grass_target_names,
+)
 
 
 def _autocast_off(device_type: str):
@@ -315,7 +320,6 @@ def grassify(
     of its own.
     :func:`ungrassify` undoes it.
     """
-
     check_option("rank", rank)
     modules = dict(model.named_modules())
     names = grass_target_names(model, target_modules, embeddings, lm_head)
@@ -364,7 +368,7 @@ def _grass_class(module: nn.Module) -> type[nn.Module] | None:
     from .embedding import GrassEmbedding
 
     table: list[type[nn.Module]] = [GrassLinear, GrassEmbedding]
-    if "transformers.pytorch_utils" in sys.modules:  # a model with a Conv1D has loaded it
+    if conv1d_type() is not None:
         from .conv1d import GrassConv1D
 
         table.append(GrassConv1D)

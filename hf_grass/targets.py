@@ -34,11 +34,15 @@ def _is_head_or_adapter(name: str) -> bool:
 TargetModules = str | Sequence[str]
 
 
+def conv1d_type() -> type[nn.Module] | None:
+    """GPT-2's ``Conv1D`` (a linear layer whose weight is stored transposed) once transformers
+    has loaded it (a model holding one has), else None: Grass never imports transformers for it."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
 def linear_layer_types() -> tuple[type[nn.Module], ...]:
-    """The layer types Grass projects as linear layers: ``nn.Linear`` and GPT-2's ``Conv1D`` (a
-    linear layer whose weight is stored transposed), the latter once transformers is loaded (a
-    model holding one has loaded it)."""
-    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    """The layer types Grass projects as linear layers: ``nn.Linear`` and :func:`conv1d_type`."""
+    conv1d = conv1d_type()
     return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
 
 
