@@ -31,9 +31,15 @@ fp32 master copy), batch 8 x 256 tokens, no activation checkpointing. Methods:
   one parameter at a time);
 - ``grass_layerwise_bucket``: layer-wise with ``bucket_mb=--bucket-mb`` (ready parameters updated
   together, one batched step per bucket);
-- ``grass_foreach``: ``grass`` with ``batched=False`` (the per-tensor ``torch._foreach_*`` step);
-- ``grass_compiled``: ``grass`` with ``compiled=True`` (the batch's Adam arithmetic fused by
-  ``torch.compile``; its compile time is in the first warm-up step).
+- ``grass_foreach``: ``grass`` with ``implementation="foreach"`` (the per-tensor
+  ``torch._foreach_*`` step);
+- ``grass_compiled``: ``grass`` with ``implementation="compiled"`` (the batch's Adam arithmetic
+  fused by ``torch.compile``; its compile time is in the first warm-up step);
+- ``grass_triton``: ``grass`` with ``implementation="triton"`` (``hf_grass.triton_step``: one
+  launch per batch of weights of equal compressed shape, reading and writing the selected rows
+  in place; its compile time is in the first warm-up step). Missing without Triton. Time it
+  beside the default step and
+  fused AdamW with ``--only 1b --methods adamw,grass,grass_triton``.
 
 Memory parts: pure bf16 models built directly on the GPU, activation checkpointing
 (``gradient_checkpointing_enable``), ``--mem-steps`` (3) real steps on different batches (the first
@@ -104,6 +110,7 @@ Commands:
     python3 benchmarks/gpu_suite.py --only 1b            # speed only (~2.5 min with GaLore)
     python3 benchmarks/gpu_suite.py --only 13b,7b16      # memory only (~2.5 min)
     python3 benchmarks/gpu_suite.py --only 1b --methods adamw,grass,grass_layerwise_bucket
+    python3 benchmarks/gpu_suite.py --only 1b --methods adamw,grass,grass_triton  # Triton step
     .venv/bin/python benchmarks/gpu_suite.py --tiny      # CPU self-check, tiny models, < 2 min
 
 The default order puts the most wanted measurements first: 1B AdamW, Grass, Grass with
@@ -144,6 +151,7 @@ METHODS = (
     "grass_layerwise_bucket",
     "grass_foreach",
     "grass_compiled",
+    "grass_triton",
 )
 MEMORY_METHODS = {
     "13b": ("grass_layerwise", "adamw", "galore", "galore_layerwise", "adamw8bit"),
@@ -171,6 +179,7 @@ RUN_ORDER = (
     "1b:grass_layerwise_bucket",
     "1b:grass_foreach",
     "1b:grass_compiled",
+    "1b:grass_triton",
 )
 # Seconds a run takes on an H200, process start (imports, CUDA context) included: the 1B runs of
 # 2026-11-27 took 14-23 s each (GaLore 56 s, its SVD 42 s; compiled 28 s), the 13B and 30B runs
@@ -179,6 +188,7 @@ EXPECTED_S = {
     "1b": 20.0,
     "1b:galore": 62.0,
     "1b:grass_compiled": 30.0,
+    "1b:grass_triton": 25.0,
     "13b": 18.0,
     "13b:galore_layerwise": 25.0,
     "13b:adamw8bit": 22.0,
@@ -189,8 +199,8 @@ EXPECTED_S = {
     "30b": 20.0,
 }
 # A run's timeout (seconds): about three times what it is expected to take.
-TIMEOUT_S = {"1b": 70.0, "1b:galore": 150.0, "1b:grass_compiled": 100.0, "13b": 80.0,
-             "7b16": 80.0, "30b": 80.0}  # fmt: skip
+TIMEOUT_S = {"1b": 70.0, "1b:galore": 150.0, "1b:grass_compiled": 100.0,
+             "1b:grass_triton": 90.0, "13b": 80.0, "7b16": 80.0, "30b": 80.0}  # fmt: skip
 LABELS = {
     "adamw": "AdamW (fused)",
     "galore": "GaLore",
@@ -200,6 +210,7 @@ LABELS = {
     "grass_layerwise_bucket": "Grass layer-wise, buckets",
     "grass_foreach": "Grass, foreach step",
     "grass_compiled": "Grass, compiled step",
+    "grass_triton": "Grass, Triton step",
     "galore_layerwise": "GaLore layer-wise (HF)",
     "adamw8bit": "8-bit AdamW",
 }
@@ -435,6 +446,8 @@ def worker(args) -> dict:
     result: dict = {"method": args.worker, "device": str(device), "env": C.env_info()}
     deadline = args.deadline or None  # time.time() at which the run ends itself
 
+    if args.worker == "grass_triton" and importlib.util.find_spec("triton") is None:
+        return {**result, "status": "missing", "note": "triton not importable here"}
     galore_cls = None
     if args.worker == "galore":
         add_site(args.site)
@@ -488,7 +501,11 @@ def _speed_run(args, result, device, dtype, galore_cls, deadline, C, torch) -> d
         except ImportError:
             from hf_grass.linear import grassify
         groups = grassify(model, rank=args.rank, update_proj_gap=args.K)
-        variant = {"grass_foreach": dict(batched=False), "grass_compiled": dict(compiled=True)}
+        variant = {
+            "grass_foreach": dict(implementation="foreach"),
+            "grass_compiled": dict(implementation="compiled"),
+            "grass_triton": dict(implementation="triton"),
+        }
         opt = GrassAdamW(
             groups,
             lr=args.lr,
@@ -924,8 +941,8 @@ def _forward_args(args) -> list[str]:
 
 def ratios(results: dict) -> dict:
     """Ratios between the speed runs of this invocation: tokens/s (median; range from the
-    extreme steps), amortized tokens/s and peak memory, each against fused AdamW, and Grass's
-    amortized tokens/s against GaLore's."""
+    extreme steps), amortized tokens/s and peak memory, each against fused AdamW; the other Grass
+    steps' tokens/s against the default step's; and Grass's amortized tokens/s against GaLore's."""
     ok = {m: e for m, e in results.items() if e.get("status") == "ok"}
     out: dict = {}
     base = ok.get("adamw")
@@ -944,6 +961,12 @@ def ratios(results: dict) -> dict:
         if e.get("peak_gib") and base.get("peak_gib"):
             r["peak_vs_adamw"] = e["peak_gib"] / base["peak_gib"]
         out[m] = r
+    if "grass" in ok:  # the other Grass steps against the default one
+        for m in ("grass_foreach", "grass_compiled", "grass_triton"):
+            if m in ok:
+                out.setdefault(m, {})["tokens_per_s_vs_grass"] = (
+                    ok[m]["tokens_per_s"] / ok["grass"]["tokens_per_s"]
+                )
     if "galore" in ok:
         for m, e in ok.items():
             if m.startswith("grass"):
@@ -1019,6 +1042,8 @@ def print_table(results: dict, args) -> None:
             f"{low:.2f}-{high:.2f} from the extreme steps), amortized "
             f"{r['amortized_tokens_per_s_vs_adamw']:.2f}x"
         )
+        if "tokens_per_s_vs_grass" in r:
+            line += f", {r['tokens_per_s_vs_grass']:.2f}x the default Grass step's tokens/s"
         if "amortized_tokens_per_s_vs_galore" in r:
             line += f", {r['amortized_tokens_per_s_vs_galore']:.2f}x GaLore's amortized"
         print(line)

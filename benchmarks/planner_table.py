@@ -3,12 +3,20 @@
 
     .venv/bin/python benchmarks/planner_table.py                 # runs scripts/memory.py, writes the JSON
     .venv/bin/python benchmarks/planner_table.py --table         # prints the tables from the JSON
+    .venv/bin/python benchmarks/planner_table.py --moe           # plans MoE models, writes planner_moe.json
+    .venv/bin/python benchmarks/planner_table.py --moe --table   # prints the MoE table from that JSON
 
 Each row runs ``scripts/memory.py ... --json`` in its own process, exactly as written in the
 JSON's ``command`` field, and records what it printed. The 30B row plans the GPU suite's LLaMA-30B
 (``benchmarks/llama_30b_config.json``: the 13B preset with ``gpu_suite.LLAMA_30B``'s overrides).
 ``--table`` prints the Markdown tables of BENCHMARKS.md section 10 from the JSON, with the peaks
 measured on the H200 (``benchmarks/results/gpu_h200_20261127/``) beside the plans.
+
+``--moe`` plans Mixtral-8x7B and Qwen3-30B-A3B (:data:`MOE_MODELS`, configs built from
+transformers' config classes with explicit arguments, nothing downloaded) in pure bf16 at
+1 x 512 tokens, with and without activation checkpointing, for every method, in this process
+(``plan_memory`` and ``fit_budget`` against an 80 GiB card), and writes
+``benchmarks/results/planner_moe.json``.
 """
 
 from __future__ import annotations
@@ -23,8 +31,11 @@ import sys
 import time
 from pathlib import Path
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # configs are built here: nothing to download
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "planner.json"
+MOE_OUT = ROOT / "benchmarks" / "results" / "planner_moe.json"
 GPU = ROOT / "benchmarks" / "results" / "gpu_h200_20261127"
 CONFIG_30B = "benchmarks/llama_30b_config.json"
 BF16_1B = "--preset 1b --dtype bf16 --batch_size 8 --seq_len 256"
@@ -178,16 +189,138 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------ MoE plans
+# name -> (label, config class, explicit arguments). Both untied; Qwen3-30B-A3B's dense MLP
+# size (6144) is unused (every layer is sparse) and its router renormalizes the top-k weights,
+# as in its published config.
+MOE_MODELS = {
+    "mixtral-8x7b": (
+        "Mixtral-8x7B",
+        "MixtralConfig",
+        dict(
+            hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+            num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+            num_experts_per_tok=2, vocab_size=32000, tie_word_embeddings=False,
+        ),
+    ),
+    "qwen3-30b-a3b": (
+        "Qwen3-30B-A3B",
+        "Qwen3MoeConfig",
+        dict(
+            hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+            num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+            num_experts=128, num_experts_per_tok=8, vocab_size=151936, norm_topk_prob=True,
+            decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
+        ),
+    ),
+}  # fmt: skip
+LORA_RANK = 8  # scripts/finetune.py's --lora_r default
+MOE_BUDGET = "80GiB"
+MOE_SHAPE = dict(dtype="bf16", batch_size=1, seq_len=512)
+
+
+def moe_methods(rank: int) -> dict[str, dict]:
+    """Row name -> plan_memory's method arguments; GaLore and Grass at Grass's default rank."""
+    return {
+        "adamw": dict(method="adamw"),
+        "adamw-8bit": dict(method="adamw-8bit"),
+        "galore": dict(method="galore", rank=rank),
+        "lora": dict(method="lora", rank=LORA_RANK),
+        "grass": dict(method="grass", rank=rank),
+        "grass-layerwise": dict(method="grass", rank=rank, layerwise=True),
+    }
+
+
+def moe_config(name: str):
+    import transformers
+
+    _, cls, arguments = MOE_MODELS[name]
+    config = getattr(transformers, cls)(**arguments)
+    config.name_or_path = name
+    return config
+
+
+def run_moe() -> dict:
+    from hf_grass.memory import DEFAULT_RANK, fit_budget, parse_size, plan_memory
+
+    start = time.perf_counter()
+    env = environment()
+    budget = parse_size(MOE_BUDGET)
+    models, rows = {}, {}
+    for name, (label, cls, arguments) in MOE_MODELS.items():
+        config = moe_config(name)
+        for method, kwargs in moe_methods(DEFAULT_RANK).items():
+            for ckpt in (False, True):
+                args = dict(model=config, **kwargs, **MOE_SHAPE, activation_checkpointing=ckpt)
+                plan = plan_memory(**args).as_dict()
+                fit = fit_budget(budget, **args)
+                row = f"{name}_{method}" + ("_ckpt" if ckpt else "")
+                rows[row] = {"model": name, "row_method": method, "plan": plan, "fit": fit}
+                print(f"{row}: peak {plan['peak_bytes'] / GIB:.2f} GiB", flush=True)
+        models[name] = {
+            "label": label,
+            "config_class": f"transformers.{cls}",
+            "arguments": arguments,
+            "num_parameters": plan["num_parameters"],
+        }
+    env["uptime_at_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    return {
+        "what": "hf_grass.memory.plan_memory and fit_budget (budget "
+        f"{MOE_BUDGET}) on MoE configs built in process; planned, not measured",
+        "command": ".venv/bin/python benchmarks/planner_table.py --moe",
+        "grass_default_rank": DEFAULT_RANK,
+        "lora_rank": LORA_RANK,
+        "shape": MOE_SHAPE,
+        "env": env,
+        "wall_s": time.perf_counter() - start,
+        "models": models,
+        "rows": rows,
+    }
+
+
+def moe_table(data: dict) -> str:
+    """The MoE table of BENCHMARKS.md section 10, from ``planner_moe.json``."""
+    labels = {
+        "adamw": "AdamW",
+        "adamw-8bit": "8-bit AdamW",
+        "galore": "GaLore r={rank}",
+        "lora": "LoRA r={rank} (q, v)",
+        "grass": "Grass r={rank}",
+        "grass-layerwise": "Grass r={rank} layer-wise",
+    }
+
+    def cell(row: dict) -> str:
+        fit = row["fit"]
+        batch = fit["max_batch_size"]
+        verdict = f"fits, batch <= {batch}" if fit["fits"] else "does not fit"
+        return f"{row['plan']['peak_bytes'] / GIB:.2f} GiB ({verdict})"
+
+    lines = [
+        "| model (parameters) | method | peak, 1 x 512 | peak, 1 x 512, checkpointing |",
+        "|---|---|---|---|",
+    ]
+    for name, model in data["models"].items():
+        for method, label in labels.items():
+            plain, ckpt = (data["rows"][f"{name}_{method}{s}"] for s in ("", "_ckpt"))
+            rank = plain["plan"]["rank"]
+            who = f"{model['label']} ({model['num_parameters'] / 1e9:.2f}B)"
+            lines.append(f"| {who} | {label.format(rank=rank)} | {cell(plain)} | {cell(ckpt)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", action="store_true", help="print the tables from the JSON")
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--moe", action="store_true", help="the MoE plans (planner_moe.json)")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    out = args.out or (MOE_OUT if args.moe else OUT)
+    run, show = (run_moe, moe_table) if args.moe else (run_rows, table)
     if not args.table:
-        data = run_rows()
-        args.out.write_text(json.dumps(data, indent=1) + "\n")
-        print(f"wrote {args.out} ({data['wall_s']:.0f} s)")
-    print(table(json.loads(args.out.read_text())))
+        data = run()
+        out.write_text(json.dumps(data, indent=1) + "\n")
+        print(f"wrote {out} ({data['wall_s']:.0f} s)")
+    print(show(json.loads(out.read_text())))
 
 
 if __name__ == "__main__":

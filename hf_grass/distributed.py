@@ -24,7 +24,8 @@ gradient accumulation sends nothing before the last micro-batch):
 
 - each projected weight reports when its gradient is complete (its projection's grad-ready
   hook, after the compressed part and any full ``.grad`` from a use outside its layer, which is
-  folded in); buckets of about ``bucket_cap_mb`` have fixed members and a fixed order from
+  folded in); buckets of about ``bucket_cap_mb`` (``GrassConfig.bucket_cap_mb``, the Trainer's
+  ``--grass_bucket_cap_mb``) have fixed members and a fixed order from
   construction, and each is flattened and all-reduced asynchronously, in order, as soon as all
   its members are ready, while the backward goes on;
 - when the backward ends (a callback queued on the autograd engine, as DDP does), the buckets
@@ -74,8 +75,10 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.autograd import Variable
 
+from .config import resolve_option
 from .linear import is_grass_layer
-from .projection import GrassProjection, oriented
+from .projection import GrassProjection
+from .targets import layer_weights
 
 _METERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -125,8 +128,11 @@ class GrassDataParallel:
         optimizer: the :class:`~hf_grass.GrassAdamW` built on it.
         process_group: the ranks to average over (default: the world); Grass makes its own
             group of the same ranks for its collectives.
-        bucket_cap_mb: size of a compressed-gradient bucket, as DDP's ``bucket_cap_mb``.
-        layerwise: averaging for layer-wise updates (see :meth:`reduce_now`) instead of buckets.
+        bucket_cap_mb: size of a compressed-gradient bucket in MB, as DDP's ``bucket_cap_mb``
+            (default: :attr:`GrassConfig.bucket_cap_mb <hf_grass.GrassConfig>`; 0: each weight
+            alone); :attr:`bucket_cap_bytes` is the cap in bytes.
+        layerwise: averaging for layer-wise updates (see :meth:`reduce_now`) instead of buckets
+            (default: ``GrassConfig.layerwise``).
     """
 
     def __init__(
@@ -134,8 +140,8 @@ class GrassDataParallel:
         model: nn.Module,
         optimizer: Any,
         process_group: dist.ProcessGroup | None = None,
-        bucket_cap_mb: float = 25.0,
-        layerwise: bool = False,
+        bucket_cap_mb: float | None = None,
+        layerwise: bool | None = None,
     ):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
@@ -149,12 +155,15 @@ class GrassDataParallel:
                 "the model before wrapping it (before accelerator.prepare), then call "
                 ".attach(wrapped_model)."
             )
+        bucket_cap_mb = resolve_option("bucket_cap_mb", bucket_cap_mb)
+        layerwise = resolve_option("layerwise", layerwise)
         while not hasattr(optimizer, "projection") and hasattr(optimizer, "optimizer"):
             optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer
         ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
         self.group = dist.new_group(ranks=ranks)
         self.world_size = dist.get_world_size(self.group)
         self.layerwise = layerwise
+        self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
         self.meter = CommMeter()
         self._ddp: nn.Module | None = None
         self._end_queued = False
@@ -163,8 +172,11 @@ class GrassDataParallel:
 
         self.projected: dict[str, torch.Tensor] = {}
         for name, module in model.named_modules():
-            if is_grass_layer(module) and optimizer.projection(module.weight) is not None:
-                self.projected[f"{name}.weight" if name else "weight"] = module.weight
+            if not is_grass_layer(module):
+                continue
+            for param_name, weight in layer_weights(module).items():
+                if optimizer.projection(weight) is not None:
+                    self.projected[f"{name}.{param_name}" if name else param_name] = weight
         # A tied embedding and head are one weight under two names: DDP must skip both names,
         # but the weight is averaged once.
         ignore_names = sorted(self.projected)
@@ -185,7 +197,7 @@ class GrassDataParallel:
         self._projection_of = {id(w): optimizer.projection(w) for w in self.projected.values()}
         for weight in self.projected.values():
             self._projection_of[id(weight)].reduce_full = self._full_gradient_reducer(weight)
-        self._buckets = [] if layerwise else self._make_buckets(bucket_cap_mb)
+        self._buckets = [] if layerwise else self._make_buckets()
         for index, bucket in enumerate(self._buckets):
             for projection in bucket.projections:
                 handle = projection.register_grad_ready_hook(self._ready_hook(index, projection))
@@ -281,15 +293,15 @@ class GrassDataParallel:
         return reduce_full
 
     # ---- bucketed, asynchronous averaging ----------------------------------------------------------
-    def _make_buckets(self, bucket_cap_mb: float) -> list[_Bucket]:
+    def _make_buckets(self) -> list[_Bucket]:
         """Fixed buckets, in the reverse order of the model's modules (about the order in which
-        the backward completes gradients), one dtype each, about ``bucket_cap_mb`` each.
+        the backward completes gradients), one dtype each, about :attr:`bucket_cap_bytes` each.
 
         Membership and order never depend on which weights got gradients, so every rank sends
         the same collectives in the same order: a weight unused on some rank is sent as zeros
         (see :class:`_Bucket`).
         """
-        cap = int(bucket_cap_mb * 2**20)
+        cap = self.bucket_cap_bytes
         buckets: list[_Bucket] = []
         for weight in reversed(list(self.projected.values())):
             projection = self._projection_of[id(weight)]
@@ -421,7 +433,7 @@ class _Bucket:
 
     @staticmethod
     def _shape(projection: GrassProjection) -> tuple[int, int]:
-        return projection.rank, oriented(projection.weight, projection.side).shape[1]
+        return projection.compressed_shape
 
     def flatten(self) -> torch.Tensor:
         used, grads = [], []

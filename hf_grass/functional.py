@@ -13,14 +13,16 @@ A dense parameter is the same step with every row selected once (``rows=None``, 
 step count): so the plain AdamW parameters that need float32 arithmetic (bf16 weights with
 float32 moments, stochastic rounding) share this code. Plain ones go to torch's own kernel.
 
-Three implementations: ``_single_tensor_grass_adamw`` is the readable reference, one tensor at a
-time; ``_multi_tensor_grass_adamw`` does the same arithmetic with ``torch._foreach_*`` ops over
-all tensors of one dtype at once, as :mod:`torch.optim.adamw` does; ``_grouped_grass_adamw``
-(the default of :class:`~hf_grass.GrassAdamW`) stacks the projected weights whose compressed
+Implementations (:data:`IMPLEMENTATIONS`, chosen by name with ``implementation``):
+``_single_tensor_grass_adamw`` is the readable reference, one tensor at a time;
+``_multi_tensor_grass_adamw`` does the same arithmetic with ``torch._foreach_*`` ops over all
+tensors of one dtype at once, as :mod:`torch.optim.adamw` does; ``_grouped_grass_adamw`` (the
+default of :class:`~hf_grass.GrassAdamW`) stacks the projected weights whose compressed
 gradients share shape and dtypes into one (G, r, k) batch and runs the Adam arithmetic on it as
 ordinary tensor ops (optionally one ``torch.compile``-d kernel), leaving two indexing kernels per
-weight for the gather and scatter of its rows. A model has hundreds of projected matrices of a
-few shapes, and per-matrix kernel launches dominate a GPU step. Tests hold all three equal.
+weight for the gather and scatter of its rows; :mod:`hf_grass.triton_step` runs such a batch as
+one fused Triton kernel. A model has hundreds of projected matrices of a few shapes, and
+per-matrix kernel launches dominate a GPU step. Tests hold them all equal to the reference.
 Another base optimizer (Adafactor, Lion, ...) is another function of this shape.
 
 Arithmetic runs in float32 at least (``compute_dtype``); moments are written back in their own
@@ -30,6 +32,7 @@ dtype, tensor by tensor.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -45,10 +48,24 @@ def unique_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
     return torch.unique_consecutive(rows, return_inverse=True)
 
 
+def row_index(oriented_t: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The index of the selected rows in an oriented weight, for ``t[index]`` and ``index_put_``.
+
+    For a matrix (m, k), ``(rows,)``. For experts' matrices (E, m, k), ``rows`` are flat
+    indices ``e * m + i`` (row i of expert e), expert-major and sorted, so everything that
+    treats a selection as r sorted rows (moments, step counts, re-selection) works unchanged on
+    E * r of them; the index is ``(rows // m, rows % m)``.
+    """
+    if oriented_t.dim() == 2:
+        return (rows,)
+    m = oriented_t.shape[1]
+    return torch.div(rows, m, rounding_mode="floor"), rows % m
+
+
 def remap_moments(
     state: dict, rows: Tensor, rank: int, width: int, dtype: torch.dtype, keep: bool
 ) -> None:
-    """Give ``state`` moments for newly selected ``rows`` (r), in place.
+    """Give ``state`` moments for newly selected ``rows`` (r, or E * r for experts), in place.
 
     With ``keep``, rows selected before and after keep their moments and step counts; new rows
     start from zero (their bias correction restarts with them). Otherwise all start from zero.
@@ -84,6 +101,7 @@ def grass_adamw(
     eps: float,
     scale: float = 1.0,
     stochastic_rounding: bool = False,
+    implementation: str | None = None,
     foreach: bool = True,
     batched: bool = False,
     compiled: bool = False,
@@ -91,7 +109,8 @@ def grass_adamw(
     """One Grass AdamW step (see the module docstring), in place.
 
     Args:
-        params: the weights, oriented so that the selected dimension comes first (m x k); a
+        params: the weights, oriented so that the selected dimension comes first (m x k, or
+            E x m x k for experts' matrices with flat row indices, see :func:`row_index`); a
             view is enough (``W.t()`` for a column selection).
         grads: compressed gradients ``rho[:, None] * G[rows]`` (r x k); dense: the gradient.
         exp_avg, exp_avg_sqs: moments (r x k, any float dtype), updated in place.
@@ -101,17 +120,17 @@ def grass_adamw(
             the update needs a gather and scatter (weight decay, low-precision weights).
         scale: the projected update's multiplier ``alpha``.
         stochastic_rounding: round bf16 weights stochastically (see :func:`round_to`).
+        implementation: one of :data:`IMPLEMENTATIONS` (see :func:`implementation_of`);
+            ``None``: from the older flags below.
         foreach: use the ``torch._foreach_*`` implementation; False: the reference, everywhere.
         batched: with ``foreach``, step projected tensors of equal compressed shape and dtypes
             as one batch (``_grouped_grass_adamw``); dense ones (``rows=None``) go to foreach.
         compiled: with ``batched``, run the batch's Adam arithmetic as one ``torch.compile``-d
             function (compiled once per shape and dtype).
     """
-    if batched and foreach:
-        impl = functools.partial(_grouped_grass_adamw, compiled=compiled)
-    else:
-        impl = _multi_tensor_grass_adamw if foreach else _single_tensor_grass_adamw
-    impl(
+    if implementation is None:
+        implementation = implementation_from_flags(foreach, batched, compiled)
+    implementation_of(implementation)(
         params,
         grads,
         exp_avgs,
@@ -128,6 +147,45 @@ def grass_adamw(
         scale=scale,
         stochastic_rounding=stochastic_rounding,
     )
+
+
+# The implementations of one step, each tested equal to the reference:
+# - reference: one tensor at a time, the readable definition (``_single_tensor_grass_adamw``);
+# - foreach: ``torch._foreach_*`` ops over all tensors of one dtype (``_multi_tensor_...``);
+# - grouped: projected weights of one compressed shape stacked into (G, r, k) batches;
+# - compiled: grouped, with each batch's arithmetic one ``torch.compile``-d function;
+# - triton: grouped batches as one fused Triton kernel each (:mod:`hf_grass.triton_step`; CUDA,
+#   or Triton's interpreter). Tensors the kernel does not cover (dense, 3-D expert weights,
+#   float64) take the grouped step.
+IMPLEMENTATIONS = ("reference", "foreach", "grouped", "compiled", "triton")
+
+
+def implementation_of(name: str) -> Callable[..., None]:
+    """The step function of the implementation ``name`` (:data:`IMPLEMENTATIONS`)."""
+    if name == "triton":
+        from .triton_step import triton_grass_adamw
+
+        return triton_grass_adamw
+    implementations = {
+        "reference": _single_tensor_grass_adamw,
+        "foreach": _multi_tensor_grass_adamw,
+        "grouped": functools.partial(_grouped_grass_adamw, compiled=False),
+        "compiled": functools.partial(_grouped_grass_adamw, compiled=True),
+    }
+    if name not in implementations:
+        raise ValueError(
+            f"Unknown implementation {name!r}: use one of {', '.join(IMPLEMENTATIONS)}."
+        )
+    return implementations[name]
+
+
+def implementation_from_flags(foreach: bool, batched: bool, compiled: bool) -> str:
+    """The implementation the older flags ``foreach``/``batched``/``compiled`` chose."""
+    if not foreach:
+        return "reference"
+    if not batched:
+        return "foreach"
+    return "compiled" if compiled else "grouped"
 
 
 def _step_column(step: Tensor, dtype: torch.dtype) -> Tensor:
@@ -356,7 +414,7 @@ def _apply_group_update(
     decay = 1 - hp["lr"] * hp["weight_decay"]
     if params[0].dtype == cdt and decay == 1:
         for param, index, u in zip(params, rows, update.unbind(0), strict=True):
-            param.index_add_(0, index, u)  # the reference's op: repeated rows add up
+            _add_rows(param, index, u)  # the reference's op: repeated rows add up
         return
     uniques = [u if u is not None else unique_rows(r) for u, r in zip(uniques, rows, strict=True)]
     repeats = any(u.numel() != r.numel() for (u, _), r in zip(uniques, rows, strict=True))
@@ -370,14 +428,17 @@ def _apply_group_update(
             share = torch.searchsorted(index, index)  # first position of each row (sorted)
     selected = update.new_empty(update.shape, dtype=params[0].dtype)
     for param, index, out in zip(params, rows, selected.unbind(0), strict=True):
-        torch.index_select(param, 0, index, out=out)
+        if param.dim() == 2:
+            torch.index_select(param, 0, index, out=out)
+        else:
+            out.copy_(param[row_index(param, index)])
     w = selected.to(cdt)
     if decay != 1:
         w.mul_(decay)
     w.add_(update)
     w = round_to(w, params[0].dtype, hp["stochastic_rounding"], share=share)
     for param, index, new in zip(params, rows, w.unbind(0), strict=True):
-        param.index_put_((index,), new)
+        param.index_put_(row_index(param, index), new)
 
 
 def _apply_update(
@@ -399,16 +460,25 @@ def _apply_update(
             param.copy_(round_to(w, param.dtype, stochastic))
         return
     if param.dtype == cdt and decay == 1:
-        param.index_add_(0, rows, update)  # repeated rows add up
+        _add_rows(param, rows, update)  # repeated rows add up
         return
     rows_u, inverse = unique if unique is not None else unique_rows(rows)
     if rows_u.numel() != rows.numel():
         update = update.new_zeros(rows_u.numel(), update.shape[1]).index_add_(0, inverse, update)
-    w = param[rows_u].to(cdt)
+    index = row_index(param, rows_u)
+    w = param[index].to(cdt)
     if decay != 1:
         w.mul_(decay)
     w.add_(update)
-    param[rows_u] = round_to(w, param.dtype, stochastic)
+    param.index_put_(index, round_to(w, param.dtype, stochastic))
+
+
+def _add_rows(param: Tensor, rows: Tensor, update: Tensor) -> None:
+    """``param[rows] += update``, a row listed twice getting both (``index_add_``)."""
+    if param.dim() == 2:
+        param.index_add_(0, rows, update)
+    else:
+        param.index_put_(row_index(param, rows), update, accumulate=True)
 
 
 def round_to(

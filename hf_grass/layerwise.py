@@ -39,7 +39,7 @@ A parameter used both inside and outside a reentrant checkpointed segment
 (``use_reentrant=True``) gets two notifications per backward; non-reentrant checkpointing
 (transformers' default) gives one.
 
-Buckets (``bucket_mb``). By default each parameter is updated alone, as soon as its gradient is
+Buckets (``bucket_mb``, ``GrassConfig.layerwise_bucket_mb``). By default each parameter is updated alone, as soon as its gradient is
 complete: one optimizer call per parameter, which on a GPU is a dozen small kernel launches per
 weight and leaves layer-wise mode launch-bound. With ``bucket_mb > 0`` ready parameters wait in
 a bucket until their gradients reach ``bucket_mb`` megabytes (or the backward pass ends), then
@@ -56,6 +56,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from .config import resolve_option
 from .optim import clip_grad_norm_
 from .projection import projection_of
 
@@ -70,8 +71,9 @@ class LayerwiseHandle:
         gradient_accumulation_steps: int,
         max_grad_norm: float | None,
         reduce_gradient: Callable[[torch.Tensor], None] | None = None,
-        bucket_mb: float = 0.0,
+        bucket_mb: float | None = None,
     ):
+        bucket_mb = resolve_option("layerwise_bucket_mb", bucket_mb, shown="bucket_mb")
         self.optimizer = optimizer
         self.params = params
         self.gradient_accumulation_steps = gradient_accumulation_steps
@@ -208,7 +210,7 @@ def enable_layerwise(
     gradient_accumulation_steps: int = 1,
     max_grad_norm: float | None = None,
     reduce_gradient: Callable[[torch.Tensor], None] | None = None,
-    bucket_mb: float = 0.0,
+    bucket_mb: float | None = None,
 ) -> LayerwiseHandle:
     """Update each parameter during the backward pass, as soon as its gradient is complete.
 
@@ -226,8 +228,8 @@ def enable_layerwise(
             weights as ``model_or_params``: DDP averages the others, which
             ``optimizer.step()`` then updates).
         bucket_mb: update ready parameters together once their gradients reach this many
-            megabytes, or at the end of the backward pass (see the module docstring); 0 (the
-            default) updates each parameter alone, at once.
+            megabytes, or at the end of the backward pass (see the module docstring); 0 updates
+            each parameter alone, at once. Default: ``GrassConfig.layerwise_bucket_mb``.
 
     Enable it before the forward pass of the first step (a graph built earlier does not report
     its compressed gradients). Returns a :class:`LayerwiseHandle`; ``handle.remove()`` restores
@@ -249,8 +251,7 @@ def enable_layerwise(
         raise ValueError(f"Invalid gradient_accumulation_steps: {steps!r}; use an integer >= 1.")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r}; use a positive norm or None.")
-    if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb >= 0:
-        raise ValueError(f"Invalid bucket_mb: {bucket_mb!r}; use a number of megabytes >= 0.")
+    bucket_mb = resolve_option("layerwise_bucket_mb", bucket_mb, shown="bucket_mb")
 
     held = [p for g in optimizer.param_groups for p in g["params"]]
     held_ids = {id(p) for p in held}

@@ -67,6 +67,9 @@ from .targets import (
     frozen_targets_problem,
     grass_param_groups,
     grass_target_names,
+    is_experts_module,
+    target_module_name,
+    target_weights,
 )
 
 
@@ -74,6 +77,18 @@ def _autocast_off(device_type: str):
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def _autocast_cast(device_type: str, *tensors: torch.Tensor | None) -> tuple:
+    """``tensors`` as autocast would hand them to a linear layer: under autocast, floating
+    tensors other than float64 in its dtype; otherwise unchanged."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        t if t is None or not t.is_floating_point() or t.dtype == torch.float64 else t.to(dtype)
+        for t in tensors
+    )
 
 
 class GrassLinearFunction(torch.autograd.Function):
@@ -86,20 +101,7 @@ class GrassLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, anchor, transposed=False):
-        device_type = x.device.type
-        dtype = (
-            torch.get_autocast_dtype(device_type)
-            if torch.is_autocast_enabled(device_type)
-            else None
-        )
-
-        def cast(t):
-            # Autocast's rule for linear: floating tensors other than float64 go to its dtype.
-            if t is None or dtype is None or not t.is_floating_point() or t.dtype == torch.float64:
-                return t
-            return t.to(dtype)
-
-        x_c, w_c, b_c = cast(x), cast(weight), cast(bias)
+        x_c, w_c, b_c = _autocast_cast(x.device.type, x, weight, bias)
         ctx.cols = _columns_to_keep(weight, x_c, transposed) if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(x_c if ctx.cols is None else x_c.index_select(-1, ctx.cols), w_c)
         if ctx.cols is None:
@@ -300,7 +302,9 @@ def grassify(
     **grass_options,
 ) -> list[dict]:
     """Turn the ``nn.Linear`` modules selected by ``target_modules`` into :class:`GrassLinear`
-    (and, with ``embeddings=True``, the input embedding into a
+    (GPT-2's ``Conv1D`` into :class:`~hf_grass.conv1d.GrassConv1D`, a MoE experts module into
+    its Grass form, :mod:`hf_grass.experts`; and, with ``embeddings=True``, the input embedding
+    into a
     :class:`~hf_grass.embedding.GrassEmbedding`; ``lm_head=True`` adds the output head).
 
     The modules change class in place: the module objects, their ``weight``/``bias`` Parameters,
@@ -331,7 +335,9 @@ def grassify(
             "modules with target_modules, or train the other parameters with a plain optimizer "
             "such as torch.optim.AdamW."
         )
-    targets = {name: modules[name] for name in names}
+    targets = {
+        target_module_name(modules, n): modules[target_module_name(modules, n)] for n in names
+    }
     for name, module in targets.items():
         if isinstance(module, nn.Embedding):
             if _grass_class(module) is None or module.max_norm or module.sparse:
@@ -351,7 +357,7 @@ def grassify(
                 f"Module {name!r} has its forward replaced on the instance (e.g. by accelerate's "
                 "device-map hooks): grassify the model before dispatching or wrapping it."
             )
-    _check_not_shared(model, targets)
+    _check_not_shared(model, targets, names)
     for module in targets.values():
         module.__class__ = _grass_class(module)
         if not isinstance(module, nn.Embedding):
@@ -363,16 +369,24 @@ def grassify(
 
 def _grass_class(module: nn.Module) -> type[nn.Module] | None:
     """The Grass layer class for ``module``'s exact class (its own class when it is one
-    already), from an ordered table of the layer types Grass projects; ``None`` for any other
-    (a subclass with a forward of its own, a LoRA layer)."""
+    already), from an ordered table of the layer types Grass projects, or the Grass form of a
+    MoE experts module; ``None`` for any other (a subclass with a forward of its own, a LoRA
+    layer)."""
     from .embedding import GrassEmbedding
 
+    if is_grass_layer(module):
+        return type(module)
     table: list[type[nn.Module]] = [GrassLinear, GrassEmbedding]
     if conv1d_type() is not None:
         from .conv1d import GrassConv1D
 
         table.append(GrassConv1D)
-    return next((g for g in table if type(module) in (g.grass_base, g)), None)
+    found = next((g for g in table if type(module) is g.grass_base), None)
+    if found is None and is_experts_module(module):
+        from .experts import grass_experts_class
+
+        found = grass_experts_class(type(module))
+    return found
 
 
 def is_grass_layer(module: nn.Module) -> bool:
@@ -380,7 +394,7 @@ def is_grass_layer(module: nn.Module) -> bool:
     return "grass_base" in type(module).__dict__
 
 
-def _check_not_shared(model: nn.Module, targets: dict[str, nn.Module]) -> None:
+def _check_not_shared(model: nn.Module, targets: dict[str, nn.Module], names: list[str]) -> None:
     """Refuse a targeted weight that a module outside the targets also uses."""
     target_ids = {id(m) for m in targets.values()}
     users: dict[int, list[str]] = defaultdict(list)
@@ -388,8 +402,10 @@ def _check_not_shared(model: nn.Module, targets: dict[str, nn.Module]) -> None:
         for p in module.parameters(recurse=False):
             if id(module) not in target_ids:
                 users[id(p)].append(name)
-    for name, module in targets.items():
-        others = users.get(id(module.weight))
+    modules = dict(model.named_modules())
+    for target in names:
+        name = target_module_name(modules, target)
+        others = [u for w in target_weights(model, [target]) for u in users.get(id(w), ())]
         if others:
             raise ValueError(
                 f"{name}.weight is shared with {others[0]!r}, which Grass leaves out (tied "
@@ -401,8 +417,9 @@ def _check_not_shared(model: nn.Module, targets: dict[str, nn.Module]) -> None:
 
 def ungrassify(model: nn.Module) -> nn.Module:
     """Turn every Grass layer of ``model`` (:class:`GrassLinear`,
-    :class:`~hf_grass.embedding.GrassEmbedding`, :class:`~hf_grass.conv1d.GrassConv1D`) back into
-    its original class (``nn.Linear``, ``nn.Embedding``, ``Conv1D``), in place.
+    :class:`~hf_grass.embedding.GrassEmbedding`, :class:`~hf_grass.conv1d.GrassConv1D`, a MoE
+    experts module's Grass form) back into its original class (``nn.Linear``, ``nn.Embedding``,
+    ``Conv1D``, the experts class), in place.
 
     Same module objects and Parameters, so outputs and ``state_dict`` are unchanged. Returns
     ``model``.

@@ -1,7 +1,10 @@
 """Memory planner: the bytes a training run needs, by part, without building the model.
 
 ``plan_memory`` counts the parameters of a model config exactly (the model is built on the meta
-device, so a 30B plan takes well under a second) and models what each training method keeps::
+device, so a 30B plan takes well under a second) and models what each training method keeps.
+LLaMA-style dense models and transformers' Mixture-of-Experts families whose experts are stacks
+of matrices, ``mlp.experts.gate_up_proj`` (E, 2f, h) and ``mlp.experts.down_proj`` (E, h, f),
+beside a router ``mlp.gate`` with an (E, h) weight (Mixtral, Qwen3-MoE)::
 
     plan = plan_memory("13b", method="grass", rank=256, dtype="bf16", layerwise=True)
     plan.parts        # {"weights": ..., "gradients": ..., "optimizer_state": ..., ...}
@@ -15,8 +18,10 @@ Parts (bytes):
   bf16 adapters to float32 by default).
 - ``gradients``: what is alive right before ``optimizer.step()``: a dense gradient (weight
   dtype) per trainable parameter, but a compressed ``r x min(m, n)`` one per Grass-projected
-  weight. Layer-wise (``layerwise=True``): each parameter is updated in the backward and its
-  gradient freed at once, so we assume only the largest single gradient is alive at a time.
+  weight (``E r min(m, n)`` for a stack of E experts' matrices: every expert's, zeros for an
+  expert no token reached). Layer-wise (``layerwise=True``): each parameter is updated in the
+  backward and its gradient freed at once, so we assume only the largest single gradient is
+  alive at a time.
 - ``optimizer_state``: AdamW: 2 moments per trainable element in the parameter's dtype (as
   torch's AdamW and GrassAdamW with ``state_dtype`` unset) plus a 4-byte step scalar per
   tensor. ``adamw-8bit`` (bitsandbytes ``AdamW8bit``): 2 uint8 moments per element plus one
@@ -26,13 +31,20 @@ Parts (bytes):
   moments ``2 r k`` (``k = min(m, n)``), per-row step counts (float32 r), two step scalars and
   the selection RNG state (``RNG_STATE_BYTES``: a CPU generator's state, kept as ``bytes``, so
   in host memory even on a GPU; about 5 KB per matrix); dense parameters get AdamW state.
-  GaLore (``galore_torch``): moments ``2 r max(m, n)`` and the projection ``r min(m, n)`` per
-  projected matrix, in the parameter's dtype (its step counter is a Python int). LoRA: AdamW on
-  the adapters only.
+  Experts: Grass projects each expert's matrix of a stack (E, m, n) on its own, the larger of
+  (m, n) selected, r rows per expert: moments ``2 E r k``, per-row steps (float32 E r), and two
+  step scalars and one RNG state per stack; the router stays dense (AdamW; "all-linear" leaves
+  it out even where it is an ``nn.Linear``: it has E rows only). ``adamw-8bit`` quantizes every
+  tensor, 3-D stacks too. GaLore (``galore_torch``): moments ``2 r max(m, n)`` and the
+  projection ``r min(m, n)`` per projected matrix, in the parameter's dtype (its step counter is
+  a Python int); it projects 2-D ``nn.Linear`` weights only, so experts get AdamW state. LoRA:
+  AdamW on the adapters only (q_proj, v_proj: experts and router frozen).
 - ``indices``: Grass's selection per projected weight, rows (int64 r) and scales ``rho``
-  (float32 r). ``optimizer_state + indices`` is what ``report.optimizer_state_bytes`` counts
-  (its tensors and its ``bytes`` values, the RNG states among them).
-- ``activations``: tensors saved for the backward, LLaMA-style layer (see
+  (float32 r); E r of each per stack of experts. ``optimizer_state + indices`` is what
+  ``report.optimizer_state_bytes`` counts (its tensors and its ``bytes`` values, the RNG states
+  among them).
+- ``activations``: tensors saved for the backward, LLaMA-style layer, its MLP a sparse MoE
+  block in MoE layers (each token through ``num_experts_per_tok`` experts; see
   :func:`layer_activation_bytes` for the formula), times the layers; with activation
   checkpointing only each layer's input (``T h``, stream dtype) plus one layer's full set.
   Plus the final norm, the output head's input and the loss's float32 log-probabilities
@@ -49,7 +61,8 @@ Parts (bytes):
 - ``temporaries``: with ``bf16-mixed``, autocast's bf16 copies of the linear weights (2 bytes
   per element, saved from forward to backward), plus the largest transient buffer: the loss's
   (``T V`` logits in the compute dtype and two float32 ``T V`` gradients), Grass's full
-  gradient of the largest projected matrix at a selection step (compute dtype), or GaLore's SVD
+  gradient of the largest projected weight at a selection step (compute dtype; a whole
+  (E, m, n) stack of experts' matrices), or GaLore's SVD
   of the largest matrix (a float32 copy unless already float32, and ``U, S, Vh`` in float32;
   LAPACK/cuSOLVER workspace left out). Plain AdamW adds nothing (torch's foreach kernel's
   temporaries come after the backward, when the activations are gone).
@@ -81,6 +94,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from .config import GrassConfig
 from .errors import MissingFileError, UsageError
 from .models import LLAMA_PRESETS, llama_config
 from .optim import _rng_bytes
@@ -102,6 +116,7 @@ STEP_SCALAR = 4  # torch's float32 step tensor
 # GrassAdamW's per-matrix selection RNG state, measured the way the optimizer stores it (the
 # length depends on torch's CPU generator, not on the model), so the plan follows torch.
 RNG_STATE_BYTES = len(_rng_bytes(torch.Generator().get_state()))
+DEFAULT_RANK = GrassConfig().rank  # Grass's default rank, the planner's too
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
@@ -109,22 +124,34 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 # ------------------------------------------------------------------------------- the model
 @dataclass(frozen=True)
 class Param:
-    """One distinct parameter of the model: its name, shape and whether it is projected."""
+    """One distinct parameter of the model: its name, shape and whether Grass projects it."""
 
     name: str
     shape: tuple[int, ...]
     projected: bool = False
-    linear: bool = False
+    linear: bool = False  # a weight read by a matmul (linear layer, experts, router)
     shared: bool = False  # used by several modules (a tied embedding and head)
+    experts: int = 0  # E for a stack of experts' matrices (E, m, n), else 0
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def matrix(self) -> tuple[int, ...]:
+        """The shape (m, n) of each matrix Grass projects: the last two dims."""
+        return self.shape[-2:]
+
+    @property
+    def stack(self) -> int:
+        """The number of matrices: E for a stack of experts' matrices, else 1."""
+        return self.experts or 1
+
 
 @dataclass(frozen=True)
 class Architecture:
-    """What the planner needs of a model: its parameters and the LLaMA shape numbers."""
+    """What the planner needs of a model: its parameters, the LLaMA shape numbers and, for a
+    Mixture-of-Experts model, its sparse MLP blocks' (``moe_layers`` of the ``layers``)."""
 
     params: tuple[Param, ...]
     lora_shapes: tuple[tuple[int, int], ...]  # (out, in) of each LoRA-adapted linear
@@ -135,10 +162,22 @@ class Architecture:
     head_dim: int
     layers: int
     vocab: int
+    moe_layers: int = 0  # decoder layers whose MLP is a sparse MoE block
+    experts: int = 0  # E, experts per MoE block
+    top_k: int = 0  # experts each token goes through (num_experts_per_tok)
+    moe_intermediate: int = 0  # each expert's intermediate size
+    norm_topk: bool = False  # the router renormalizes its top-k weights
+    qk_norm: bool = False  # RMSNorm on each head of q and k (Qwen3)
 
     @property
     def projected(self) -> list[Param]:
+        """The weights Grass projects (stacks of experts' matrices among them)."""
         return [p for p in self.params if p.projected]
+
+    @property
+    def galore_projected(self) -> list[Param]:
+        """The weights GaLore projects: Grass's but the experts (2-D ``nn.Linear`` weights)."""
+        return [p for p in self.params if p.projected and not p.experts]
 
     @property
     def num_parameters(self) -> int:
@@ -192,18 +231,44 @@ def _walk(config: PretrainedConfig, embeddings: bool, lm_head: bool) -> Architec
     except ValueError as err:
         raise UsageError(str(err)) from err
     _refuse_half_tied(model, embeddings, lm_head)
-    projected = {id(modules[n].weight) for n in targets}
+    moe = _moe_blocks(modules)
+    routers = {f"{block}.gate" for block in moe}
+    experts_modules = {f"{block}.experts" for block in moe}
+    # a router has E rows only: dense even where it is an nn.Linear that "all-linear" matches;
+    # the experts' stacks (a target by module or by weight path) are added below
+    projected = {
+        id(modules[n].weight)
+        for n in targets
+        if n not in routers
+        and n not in experts_modules
+        and n.rpartition(".")[0] not in experts_modules
+    }
     linear = {id(m.weight) for m in modules.values() if isinstance(m, linear_layer_types())}
+    stacks = {id(p): p.shape[0] for experts in moe.values() for p in _stacks(experts)}
+    projected |= stacks.keys()
+    linear |= stacks.keys() | {id(modules[n].weight) for n in routers if n in modules}
     users: dict[int, int] = {}
     for module in model.modules(remove_duplicate=False):
         for p in module.parameters(recurse=False):
             users[id(p)] = users.get(id(p), 0) + 1
     params = tuple(
-        Param(name, tuple(p.shape), id(p) in projected, id(p) in linear, users[id(p)] > 1)
+        Param(
+            name,
+            tuple(p.shape),
+            id(p) in projected,
+            id(p) in linear,
+            users[id(p)] > 1,
+            stacks.get(id(p), 0),
+        )
         for name, p in model.named_parameters()  # a tied weight appears once
     )
     lora = match_target_modules(model, list(LORA_TARGETS))
     heads = config.num_attention_heads
+    experts = next(iter(moe.values()), None)
+    if experts is not None and not isinstance(getattr(config, "num_experts_per_tok", None), int):
+        raise UsageError(
+            f"{type(config).__name__} has experts but no num_experts_per_tok: set it in the config."
+        )
     return Architecture(
         params=params,
         lora_shapes=tuple((modules[n].out_features, modules[n].in_features) for n in lora),
@@ -214,7 +279,36 @@ def _walk(config: PretrainedConfig, embeddings: bool, lm_head: bool) -> Architec
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         layers=config.num_hidden_layers,
         vocab=config.vocab_size,
+        moe_layers=len(moe),
+        experts=0 if experts is None else experts.down_proj.shape[0],
+        top_k=0 if experts is None else config.num_experts_per_tok,
+        moe_intermediate=0 if experts is None else experts.down_proj.shape[-1],
+        norm_topk=experts is not None and getattr(config, "norm_topk_prob", True),
+        qk_norm=any(n.endswith("self_attn.q_norm") for n in modules),
     )
+
+
+def _stacks(experts: nn.Module) -> list[nn.Parameter]:
+    """The experts' 3-D weights (E, m, n) of an experts module."""
+    return [p for p in experts.parameters(recurse=False) if p.dim() == 3]
+
+
+def _moe_blocks(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Each sparse MoE block's name -> its experts module (transformers 5: a module named
+    ``experts`` holding the stacks ``gate_up_proj`` (E, 2f, h) and ``down_proj`` (E, h, f))."""
+    blocks = {}
+    for name, module in modules.items():
+        block, _, leaf = name.rpartition(".")
+        if leaf != "experts" or not _stacks(module):
+            continue
+        names = {n for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
+        if names != {"gate_up_proj", "down_proj"}:
+            raise UsageError(
+                f"The experts of {block} hold {sorted(names)}; the planner models experts as "
+                "transformers' gate_up_proj (E, 2f, h) and down_proj (E, h, f) only."
+            )
+        blocks[block] = module
+    return blocks
 
 
 def _refuse_half_tied(model: nn.Module, embeddings: bool, lm_head: bool) -> None:
@@ -278,7 +372,7 @@ class MemoryPlan:
 def plan_memory(
     model: str | Path | PretrainedConfig,
     method: str = "grass",
-    rank: int = 256,
+    rank: int = DEFAULT_RANK,
     dtype: str = "bf16",
     layerwise: bool = False,
     activation_checkpointing: bool = False,
@@ -375,13 +469,13 @@ def _check_inputs(method, rank, dtype, batch_size, seq_len, embeddings, lm_head,
 def max_rank(arch: Architecture, method: str) -> int | None:
     """The largest rank ``method`` allows on ``arch`` (``None``: unbounded or not ranked).
 
-    Grass selects the larger dimension (``proj_side="auto"``), so ``r <= max(m, n)``; GaLore's
-    SVD has ``min(m, n)`` singular vectors.
+    Grass selects the larger dimension (``proj_side="auto"``) of each matrix (each expert's of a
+    stack), so ``r <= max(m, n)``; GaLore's SVD has ``min(m, n)`` singular vectors.
     """
     if method == "grass":
-        return min(max(p.shape) for p in arch.projected)
+        return min(max(p.matrix) for p in arch.projected)
     if method == "galore":
-        return min(min(p.shape) for p in arch.projected)
+        return min(min(p.shape) for p in arch.galore_projected)
     return None
 
 
@@ -390,7 +484,8 @@ def _check_rank(arch: Architecture, method: str, rank: int) -> None:
     if limit is not None and rank > limit:
         side = "larger" if method == "grass" else "smaller"
         pick = max if method == "grass" else min
-        weight = next(p for p in arch.projected if pick(p.shape) == limit)
+        weights = arch.projected if method == "grass" else arch.galore_projected
+        weight = next(p for p in weights if pick(p.matrix) == limit)
         raise UsageError(
             f"rank {rank} is larger than the {side} dimension of {weight.name} "
             f"({' x '.join(map(str, weight.shape))}), which {method} allows at most: "
@@ -414,12 +509,14 @@ def lora_sizes(arch: Architecture, rank: int) -> list[int]:
 
 def gradient_sizes(arch: Architecture, method: str, rank: int, prec: Precision) -> list[int]:
     """Bytes of each trainable tensor's gradient: compressed ``r min(m, n)`` for Grass's
-    projected weights, LoRA adapters in float32, dense in the weight dtype otherwise."""
+    projected weights (``E r min(m, n)`` for a stack of experts' matrices), LoRA adapters in
+    float32, dense in the weight dtype otherwise."""
     if method == "lora":
         return [n * LORA_DTYPE_BYTES for n in lora_sizes(arch, rank)]
     if method == "grass":
         return [
-            (rank * min(p.shape) if p.projected else p.numel) * prec.weight for p in arch.params
+            (p.stack * rank * min(p.matrix) if p.projected else p.numel) * prec.weight
+            for p in arch.params
         ]
     return [p.numel * prec.weight for p in arch.params]
 
@@ -437,7 +534,8 @@ def layerwise_gradient_bytes(arch: Architecture, method: str, grads: list[int]) 
 
 def optimizer_state_bytes(arch: Architecture, method: str, rank: int, prec: Precision) -> int:
     """Bytes of the optimizer state (without Grass's rows and rho: :func:`indices_bytes`; with
-    its selection RNG state, :data:`RNG_STATE_BYTES` per projected weight)."""
+    its selection RNG state, :data:`RNG_STATE_BYTES` per projected weight, one per stack of
+    experts' matrices)."""
     if method == "lora":
         return sum(_adamw_state(n, LORA_DTYPE_BYTES) for n in lora_sizes(arch, rank))
     if method == "adamw":
@@ -446,15 +544,17 @@ def optimizer_state_bytes(arch: Architecture, method: str, rank: int, prec: Prec
         return sum(_adamw8bit_state(p.numel) for p in arch.params) + BNB_QMAPS
     total = 0
     for p in arch.params:
-        if not p.projected:
-            # galore_torch keeps its step as a Python int
-            total += _adamw_state(p.numel, prec.weight) - (STEP_SCALAR if method == "galore" else 0)
-        elif method == "grass":
-            # moments r x k, per-row steps (float32 r), step and selected_step scalars, RNG
-            total += 2 * rank * min(p.shape) * prec.weight + 4 * rank + 2 * STEP_SCALAR
+        if method == "grass" and p.projected:
+            # per matrix: moments r x k, per-row steps (float32 r); per weight: the step and
+            # selected_step scalars and the RNG state
+            rows = p.stack * rank
+            total += 2 * rows * min(p.matrix) * prec.weight + 4 * rows + 2 * STEP_SCALAR
             total += RNG_STATE_BYTES
-        else:  # galore: moments r x max(m, n), projection r x min(m, n)
+        elif method == "galore" and p.projected and not p.experts:
+            # moments r x max(m, n), projection r x min(m, n)
             total += (2 * max(p.shape) + min(p.shape)) * rank * prec.weight
+        else:  # galore_torch keeps its step as a Python int
+            total += _adamw_state(p.numel, prec.weight) - (STEP_SCALAR if method == "galore" else 0)
     return total
 
 
@@ -469,10 +569,11 @@ def _adamw8bit_state(numel: int) -> int:
 
 
 def indices_bytes(arch: Architecture, method: str, rank: int) -> int:
-    """Grass's selection: rows (int64 r) and rho (float32 r) per projected weight."""
+    """Grass's selection: rows (int64 r) and rho (float32 r) per projected matrix (E r per
+    stack of experts' matrices)."""
     if method != "grass":
         return 0
-    return len(arch.projected) * rank * (8 + 4)
+    return sum(p.stack for p in arch.projected) * rank * (8 + 4)
 
 
 @dataclass(frozen=True)
@@ -490,10 +591,11 @@ class LayerLinear:
         return projection_side(self.shape)
 
 
-def layer_linears(arch: Architecture) -> list[list[LayerLinear]]:
+def layer_linears(arch: Architecture, moe: bool = False) -> list[list[LayerLinear]]:
     """A LLaMA-style decoder layer's linears in forward order, grouped by the input they read:
     q/k/v (the normed hidden state, ``n = h``), o (the attention output, ``n = a d``), gate/up
-    (the normed hidden state, ``n = h``) and down (the MLP's hidden state, ``n = f``)."""
+    (the normed hidden state, ``n = h``) and down (the MLP's hidden state, ``n = f``). ``moe``:
+    a layer whose MLP is a sparse MoE block (:func:`moe_activation_bytes`): q/k/v and o only."""
     h, f, a, g, d = arch.hidden, arch.intermediate, arch.heads, arch.kv_heads, arch.head_dim
     projected = {p.name.split(".")[-2] for p in arch.projected if ".layers." in p.name}
     groups = (
@@ -501,12 +603,17 @@ def layer_linears(arch: Architecture) -> list[list[LayerLinear]]:
         (("o_proj", (h, a * d)),),
         (("gate_proj", (f, h)), ("up_proj", (f, h))),
         (("down_proj", (h, f)),),
-    )
+    )[: 2 if moe else 4]
     return [[LayerLinear(name, shape, name in projected) for name, shape in g] for g in groups]
 
 
 def linear_input_bytes(
-    arch: Architecture, rank: int, prec: Precision, tokens: int, sliced: bool = False
+    arch: Architecture,
+    rank: int,
+    prec: Precision,
+    tokens: int,
+    sliced: bool = False,
+    moe: bool = False,
 ) -> int:
     """Bytes one decoder layer's linears keep of their inputs for the backward.
 
@@ -514,11 +621,12 @@ def linear_input_bytes(
     autocast), once per linear under autocast (each casts and saves its own bf16 copy).
     ``sliced`` (a Grass ordinary step, :mod:`hf_grass.linear`): a projected cols-side linear
     keeps ``X[:, cols]`` (``eTr``) instead; without autocast it keeps nothing when an earlier
-    Grass linear kept the same ``X`` whole (k/v after a rows-side q).
+    Grass linear kept the same ``X`` whole (k/v after a rows-side q). ``moe``: the attention's
+    linears only (:func:`layer_linears`).
     """
     e, t = prec.compute, tokens
     total = 0
-    for group in layer_linears(arch):
+    for group in layer_linears(arch, moe):
         whole = e * t * group[0].shape[1]
         counted = grass_whole = False  # X's storage counted; X kept whole by a Grass linear
         for linear in group:
@@ -557,9 +665,11 @@ def layer_activation_bytes(
     recompute: bool = True,
     *,
     sliced: bool | None = None,
+    moe: bool = False,
 ) -> int:
     """Bytes one decoder layer saves for the backward (T = batch*seq tokens; h hidden, f
-    intermediate, a heads, g kv heads, d head dim, r rank; e compute bytes, s stream bytes)::
+    intermediate, a heads, g kv heads, d head dim, r rank; e compute bytes, s stream bytes;
+    ``moe``: a layer whose MLP is a sparse MoE block)::
 
         norms      2 (4Th + 4T + sTh)        float32 input, rsqrt, normalized (for the weight)
                    recompute: 2 sTh          the input only, the rest redone in the backward
@@ -574,7 +684,12 @@ def layer_activation_bytes(
         attention  eT(a + 2g)d               q, k, v after RoPE
                    + eTad + 4Ta              sdpa: output and float32 logsumexp
                    or batch a seq² (4 + e)   eager: float32 softmax and its cast (4 only in fp32)
+        qk norms   4T(a + g)(d + 1)          Qwen3's per-head RMSNorm of q and k: float32
+                   + eT(a + g)d              input and rsqrt, normalized (for the weight; e:
+                                             q and k come in the compute dtype)
+                   recompute: eT(a + g)d     the input only
         mlp        3eTf                      gate, up, silu(gate)
+        moe        instead of mlp and the gate/up/down inputs: see moe_activation_bytes
 
     ``recompute`` (Grass only) models an ordinary step under :class:`~hf_grass.GrassTrainer`'s
     defaults (see :func:`linear_input_bytes` and :func:`norm_activation_bytes`); without it, a
@@ -589,15 +704,54 @@ def layer_activation_bytes(
     t, e = batch_size * seq_len, prec.compute
     frozen = method == "lora"
     norms = 2 * norm_activation_bytes(prec, t, h, not frozen, norms_recomputed)
-    linears = 0 if frozen else linear_input_bytes(arch, rank, prec, t, sliced)
+    if arch.qk_norm:
+        if norms_recomputed:
+            norms += e * t * (a + g) * d
+        else:
+            norms += 4 * t * (a + g) * (d + 1) + (0 if frozen else e * t * (a + g) * d)
+    linears = 0 if frozen else linear_input_bytes(arch, rank, prec, t, sliced, moe)
     attn = e * t * (a + 2 * g) * d
     if attention == "sdpa":
         attn += e * t * a * d + 4 * t * a
     else:
         attn += batch_size * a * seq_len**2 * (4 + (e if e != 4 else 0))
-    mlp = 3 * e * t * f
+    mlp = moe_activation_bytes(arch, method, prec, t) if moe else 3 * e * t * f
     adapters = len(LORA_TARGETS) * (t * h * (1 + 4) + 4 * t * rank) if frozen else 0
     return norms + linears + attn + mlp + adapters
+
+
+def moe_activation_bytes(arch: Architecture, method: str, prec: Precision, tokens: int) -> int:
+    """Bytes one sparse MoE block saves for the backward. Each of the T tokens goes through
+    k = ``num_experts_per_tok`` of the E experts: S = T k routed (token, expert) pairs; f each
+    expert's intermediate size::
+
+        router    eTh                  its input, the normed hidden state
+                  + 4TE                float32 softmax of the logits (T x E)
+                  + 8S (+ 4S + 4T)     top-k indices (int64); the top-k weights normalized and
+                                       their sum (Mixtral; Qwen3 with norm_topk_prob)
+        experts   eS(h + f)            each pair's gathered input and down_proj's input
+                  + eS(3f + h)         gate, up, silu(gate); down_proj's output (for the weight)
+        routing   28S + 4E             transformers' grouped_mm experts forward (its default):
+                                       each pair's gathered routing weight (float32 at most)
+                                       and three int64 permutations; int32 offsets
+                  or 20S + eSh         Grass's experts forward (:mod:`hf_grass.experts`): the
+                                       weight, two int64 permutations and the weighted outputs,
+                                       which its ``index_add_`` keeps
+
+    LoRA (``method="lora"``: router and experts frozen) saves no matmul inputs (``eTh +
+    eS(h + f)``). Grass keeps the experts' whole inputs (no ``X[:, cols]`` slices) on every
+    step. The router's auxiliary loss (``output_router_logits=True``) is not modeled.
+    """
+    t, e, h, f = tokens, prec.compute, arch.hidden, arch.moe_intermediate
+    pairs = t * arch.top_k
+    inputs = 0 if method == "lora" else e * t * h + e * pairs * (h + f)
+    router = 4 * t * arch.experts + 8 * pairs + (4 * pairs + 4 * t if arch.norm_topk else 0)
+    experts = e * pairs * (3 * f + h)
+    if method == "grass":
+        routing = 20 * pairs + e * pairs * h
+    else:
+        routing = 28 * pairs + 4 * arch.experts
+    return inputs + router + experts + routing
 
 
 def activation_bytes(
@@ -612,8 +766,9 @@ def activation_bytes(
     recompute: bool = True,
 ) -> int:
     """Saved activations: ``L`` layers (checkpointing: ``L`` layer inputs ``sTh`` plus one
-    layer), token ids and labels ``16T``, the final norm ``4Th + 4T (+ sTh)``, the head's input
-    ``eTh`` (when trained) and the loss's float32 log-probabilities ``4TV``.
+    layer, the larger kind where dense and MoE layers mix), token ids and labels ``16T``, the
+    final norm ``4Th + 4T (+ sTh)``, the head's input ``eTh`` (when trained) and the loss's
+    float32 log-probabilities ``4TV``.
 
     ``recompute`` (Grass only, :class:`~hf_grass.GrassTrainer`'s defaults): the layers of an
     ordinary step (:func:`layer_activation_bytes`) and a final norm of ``sTh``, or a selection
@@ -624,14 +779,21 @@ def activation_bytes(
     t = batch_size * seq_len
     h = arch.hidden
     grass = recompute and method == "grass"
-    layer = layer_activation_bytes(arch, method, rank, prec, batch_size, seq_len, attention, grass)
-    inputs = arch.layers * prec.stream * t * h
-    layers = inputs + layer if checkpointing else arch.layers * layer
-    if grass:
-        whole = layer_activation_bytes(
-            arch, method, rank, prec, batch_size, seq_len, attention, True, sliced=False
+    counts = {False: arch.layers - arch.moe_layers, True: arch.moe_layers}  # moe -> layers
+    kinds = [moe for moe, n in counts.items() if n]
+
+    def layer(moe: bool, sliced: bool | None = None) -> int:
+        return layer_activation_bytes(
+            arch, method, rank, prec, batch_size, seq_len, attention, grass, sliced=sliced, moe=moe
         )
-        layers = max(layers, inputs + whole)
+
+    inputs = arch.layers * prec.stream * t * h
+    if checkpointing:
+        layers = inputs + max(layer(moe) for moe in kinds)
+    else:
+        layers = sum(counts[moe] * layer(moe) for moe in kinds)
+    if grass:
+        layers = max(layers, inputs + max(layer(moe, sliced=False) for moe in kinds))
     trained = method != "lora"
     final_norm = norm_activation_bytes(prec, t, h, trained, grass)
     head_input = prec.compute * t * h if trained else 0
@@ -639,9 +801,10 @@ def activation_bytes(
 
 
 def temporary_bytes(arch: Architecture, method: str, prec: Precision, tokens: int) -> int:
-    """Autocast's bf16 weight copies (``bf16-mixed``) plus the largest transient buffer:
-    the loss's ``eTV + 2 * 4TV``, Grass's full gradient of the largest projected matrix at a
-    selection step, or GaLore's SVD of the largest projected matrix."""
+    """Autocast's bf16 weight copies (``bf16-mixed``; experts and router too) plus the largest
+    transient buffer: the loss's ``eTV + 2 * 4TV``, Grass's full gradient of the largest
+    projected weight at a selection step (a whole stack of experts' matrices, one MoE layer's),
+    or GaLore's SVD of the largest projected matrix."""
     linear_elements = sum(p.numel for p in arch.params if p.linear)
     copies = 2 * linear_elements if prec.autocast else 0
     transient = [(prec.compute + 8) * tokens * arch.vocab]
@@ -649,7 +812,7 @@ def temporary_bytes(arch: Architecture, method: str, prec: Precision, tokens: in
         # an embedding's full gradient comes in the residual stream's dtype
         transient += [p.numel * (prec.compute if p.linear else prec.stream) for p in arch.projected]
     if method == "galore":
-        transient += [_svd_bytes(p.shape, prec.weight) for p in arch.projected]
+        transient += [_svd_bytes(p.shape, prec.weight) for p in arch.galore_projected]
     return copies + max(transient)
 
 

@@ -34,8 +34,14 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw as torch_adamw
 
-from .config import GrassConfig, group_defaults, resume_conflicts, validate_group_options
-from .functional import grass_adamw, remap_moments
+from .config import (
+    GrassConfig,
+    group_defaults,
+    resolve_option,
+    resume_conflicts,
+    validate_group_options,
+)
+from .functional import grass_adamw, implementation_from_flags, remap_moments
 from .projection import (
     DATA_PARALLEL_RECIPE,
     GrassProjection,
@@ -43,6 +49,7 @@ from .projection import (
     oriented,
     projection_of,
     row_sharded,
+    selected_size,
     side_of,
 )
 from .selection import select_rows
@@ -64,19 +71,18 @@ CLIPPED_ELSEWHERE_WARNING = (
 )
 
 # Group keys a resumed run takes from its own arguments rather than from the checkpoint (which is
-# what torch.optim does for every key). lr and initial_lr stay the checkpoint's: the LR scheduler
-# owns them. The keys fixed on resume are checked to be equal.
+# what torch.optim does for every key): the Grass keys whose GrassConfig field has
+# resume="new" (the others, FIXED_ON_RESUME, are checked to be equal), and AdamW's own. lr and
+# initial_lr stay the checkpoint's: the LR scheduler owns them.
 _RESUME_TAKES_NEW = (
-    *(k for k in GrassConfig.GROUP_KEYS),
+    *GrassConfig.on_resume("new", among=(*GrassConfig.GROUP_KEYS, *GrassConfig.OPTIMIZER_KEYS)),
     "betas",
     "eps",
     "weight_decay",
-    "state_dtype",
-    "stochastic_rounding",
-    "foreach",
-    "batched",
-    "compiled",
 )
+
+# Group keys of hf-grass 0.2 and earlier, which chose the implementation: (key, default).
+_IMPLEMENTATION_FLAGS = (("foreach", True), ("batched", True), ("compiled", False))
 
 
 class GrassAdamW(Optimizer):
@@ -101,14 +107,16 @@ class GrassAdamW(Optimizer):
             training. The arithmetic always runs in float32 at least. The noise comes from
             the global torch RNG (seed it with ``torch.manual_seed``); it is not part of the
             optimizer state, so a resumed run is exact only without stochastic rounding.
-        foreach: batch the arithmetic with ``torch._foreach_*`` ops (default); False runs the
-            single-tensor reference implementation everywhere (``batched`` is then ignored).
-        batched: with ``foreach``, step the projected weights whose compressed gradients share shape and dtypes
-            as one stacked (G, r, k) batch (default; see :mod:`hf_grass.functional`): a constant
-            number of kernels per batch plus two per weight, instead of a dozen per weight.
-            Same results as the reference up to float rounding; the state stays per parameter.
-        compiled: with ``batched``, fuse the batch's Adam arithmetic with ``torch.compile``
-            (compiled at the first step, once per batch shape and dtype). Default off.
+        implementation: how the step runs (:data:`hf_grass.functional.IMPLEMENTATIONS`):
+            ``"grouped"`` (default: the projected weights whose compressed gradients share
+            shape and dtypes stepped as one stacked (G, r, k) batch, a constant number of
+            kernels per batch plus two per weight), ``"compiled"`` (grouped, each batch's
+            arithmetic fused by ``torch.compile`` at the first step), ``"triton"`` (grouped,
+            each batch one fused Triton kernel; needs Triton and a CUDA device), ``"foreach"``
+            (``torch._foreach_*`` ops) or ``"reference"`` (one tensor at a time). Same results
+            up to float rounding; the state stays per parameter. A param group may set its own.
+        foreach, batched, compiled: the older way to choose (``foreach=False``: reference;
+            ``batched=False``: foreach; ``compiled=True``: compiled); still accepted.
     """
 
     def __init__(
@@ -121,9 +129,10 @@ class GrassAdamW(Optimizer):
         *,
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
-        foreach: bool = True,
-        batched: bool = True,
-        compiled: bool = False,
+        implementation: str | None = None,
+        foreach: bool | None = None,
+        batched: bool | None = None,
+        compiled: bool | None = None,
     ):
         if isinstance(lr, torch.Tensor):
             lr = float(lr)
@@ -142,9 +151,9 @@ class GrassAdamW(Optimizer):
             weight_decay=weight_decay,
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
-            foreach=foreach,
-            batched=batched,
-            compiled=compiled,
+            implementation=_implementation(
+                implementation, dict(foreach=foreach, batched=batched, compiled=compiled)
+            ),
         )
         self._group_index: dict[int, dict] = {}
         self._projections: dict[int, GrassProjection] = {}
@@ -157,6 +166,11 @@ class GrassAdamW(Optimizer):
 
     # ----------------------------------------------------------------------------- param groups
     def add_param_group(self, param_group: dict) -> None:
+        flags = {k: param_group.pop(k) for k, _ in _IMPLEMENTATION_FLAGS if k in param_group}
+        if flags or "implementation" in param_group:
+            param_group["implementation"] = _implementation(
+                param_group.get("implementation"), flags
+            )
         if "rank" in param_group:
             for key, value in group_defaults().items():
                 param_group.setdefault(key, value)
@@ -185,9 +199,7 @@ class GrassAdamW(Optimizer):
                     group.setdefault(key, value)
             group.setdefault("state_dtype", None)
             group.setdefault("stochastic_rounding", False)
-            group.setdefault("foreach", True)
-            group.setdefault("batched", True)
-            group.setdefault("compiled", False)
+            _upgrade_implementation(group)
         self._group_index = {}
         if not hasattr(self, "_projections"):  # unpickled
             self._projections = {}
@@ -478,7 +490,7 @@ class GrassAdamW(Optimizer):
                 [None] * len(core),
                 [None] * len(core),
                 stochastic_rounding=group["stochastic_rounding"],
-                foreach=group["foreach"],
+                implementation="reference" if group["implementation"] == "reference" else "foreach",
                 **hyper,
             )
 
@@ -515,9 +527,7 @@ class GrassAdamW(Optimizer):
             eps=group["eps"],
             scale=group["scale"],
             stochastic_rounding=group["stochastic_rounding"],
-            foreach=group["foreach"],
-            batched=group["batched"],
-            compiled=group["compiled"],
+            implementation=group["implementation"],
         )
 
     # -------------------------------------------------------------------------------- selection
@@ -543,13 +553,16 @@ class GrassAdamW(Optimizer):
                 # torch.distributed.checkpoint creates missing state with an lr-0 step on zero
                 # gradients before loading a checkpoint over it: no warning for that selection.
                 warnings.simplefilter("ignore", RuntimeWarning)
-            rows, rho = select_rows(norms, group["rank"], group["selection"], generator)
+            if norms.dim() == 1:
+                rows, rho = select_rows(norms, group["rank"], group["selection"], generator)
+            else:
+                rows, rho = _select_expert_rows(norms, group, generator, state)
         state["rng"] = _rng_bytes(generator.get_state())
         remap_moments(
             state,
             rows,
-            group["rank"],
-            g.shape[1],
+            rows.numel(),
+            g.shape[-1],
             group["state_dtype"] or p.dtype,
             keep=group["reselect_state"] == "keep",
         )
@@ -613,6 +626,8 @@ class GrassAdamW(Optimizer):
                 )
         ours = [{k: g[k] for k in _RESUME_TAKES_NEW if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            _upgrade_implementation(group)
         for i, (group, keep) in enumerate(zip(self.param_groups, ours, strict=True)):
             for key, value in keep.items():
                 if group.get(key, value) != value:
@@ -634,8 +649,75 @@ class GrassAdamW(Optimizer):
                 self.state[p] = state
 
 
+def _select_expert_rows(
+    norms: torch.Tensor, group: dict, generator: torch.Generator, state: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of each expert's matrix from its own row norms (E, m), as flat sorted indices
+    ``e * m + i`` (see :func:`~hf_grass.functional.row_index`) and their scales.
+
+    An expert that no token reached in the selection step's batch has an all-zero gradient: it
+    keeps its previous rows and scales (the first time, rows drawn uniformly, as for any
+    gradient with no signal), without the zero-gradient warning, which is meant for a whole
+    model's gradient.
+    """
+    experts, m = norms.shape
+    rank = group["rank"]
+    rows, rhos = [], []
+    for e in range(experts):
+        keep = slice(e * rank, (e + 1) * rank)
+        silent = bool(norms[e].eq(0).all())
+        if silent and "rows" in state:
+            rows.append(state["rows"][keep] - e * m)
+            rhos.append(state["rho"][keep])
+            continue
+        with warnings.catch_warnings():
+            if silent:
+                warnings.simplefilter("ignore", RuntimeWarning)
+            expert_rows, rho = select_rows(norms[e], rank, group["selection"], generator)
+        rows.append(expert_rows)
+        rhos.append(rho)
+    offsets = torch.arange(experts, device=norms.device)[:, None] * m
+    flat = (torch.stack(rows).to(norms.device) + offsets).reshape(-1)
+    return flat, torch.cat(rhos).to(norms.device)
+
+
+def _implementation(name: str | None, flags: dict[str, bool | None]) -> str:
+    """The implementation ``name`` (GrassConfig's default when ``None``), or the one the older
+    flags choose (``ValueError`` when both are given and disagree, or Triton is asked for where
+    it cannot run)."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    if given:
+        values = {k: given.get(k, default) for k, default in _IMPLEMENTATION_FLAGS}
+        chosen = implementation_from_flags(**values)
+        if name is not None and name != chosen:
+            raise ValueError(
+                f"implementation={name!r} and {given} choose different implementations: give "
+                "implementation only."
+            )
+        name = chosen
+    name = resolve_option("implementation", name)
+    if name == "triton":
+        from .triton_step import triton_available
+
+        if not triton_available():
+            raise ValueError(
+                "implementation='triton' needs Triton (pip install triton) and a CUDA device: "
+                "use implementation='grouped' (the default) here."
+            )
+    return name
+
+
+def _upgrade_implementation(group: dict) -> None:
+    """Give a group saved by hf-grass 0.2 or earlier (``foreach``/``batched``/``compiled`` keys)
+    the ``implementation`` they chose, and drop those keys."""
+    flags = {k: group.pop(k) for k, _ in _IMPLEMENTATION_FLAGS if k in group}
+    if "implementation" not in group:
+        group["implementation"] = _implementation(None, flags)
+
+
 def _row_norms(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Norms of the rows of the oriented gradient ``g`` (float32 at least; fp64 stays fp64).
+    """Norms of the rows of the oriented gradient ``g`` (float32 at least; fp64 stays fp64):
+    (m,) for a matrix, (E, m) for experts' matrices (E, m, k).
 
     For a weight sharded by rows (FSDP2), ``g`` holds this rank's part of every column: the
     squared norms are summed over the ranks (one all-reduce of a k-vector), so every rank sees
@@ -643,7 +725,7 @@ def _row_norms(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """
     g = g.to(torch.promote_types(g.dtype, torch.float32))
     if not row_sharded(p):
-        return g.norm(dim=1)
+        return g.norm(dim=-1)
     import torch.distributed as dist
 
     squares = g.pow(2).sum(dim=1)
@@ -739,13 +821,20 @@ def _validate_projected_group(group: dict) -> None:
     validate_group_options(group)
     rank = group["rank"]
     for p in group["params"]:
-        if p.dim() != 2:
+        if p.dim() not in (2, 3):
             raise ValueError(
                 f"A projected group (with 'rank') holds a {p.dim()}-D tensor of shape {tuple(p.shape)}: "
-                "Grass projects 2-D weights only; put it in a group without 'rank'."
+                "Grass projects matrices (2-D) and stacks of experts' matrices (3-D) only; put it "
+                "in a group without 'rank'."
+            )
+        if p.dim() == 3 and hasattr(p, "device_mesh"):
+            raise ValueError(
+                f"An experts' weight of shape {tuple(p.shape)} is sharded (FSDP2): Grass does not "
+                "project sharded expert weights yet; leave the experts out of target_modules "
+                "(e.g. a regex without 'experts') or train without FSDP."
             )
         side = side_of(p, group["proj_side"])
-        size = p.shape[0] if side == "rows" else p.shape[1]
+        size = selected_size(p, side)
         if rank > size:
             fix = f"use rank <= {size}"
             if group["proj_side"] != "auto":
@@ -759,7 +848,8 @@ def _validate_projected_group(group: dict) -> None:
 def _check_state_shapes(p: torch.Tensor, state: dict, group: dict) -> None:
     if "rank" in group:
         side = side_of(p, group["proj_side"])
-        expected = (group["rank"], oriented(p, side).shape[1])
+        experts = p.shape[0] if p.dim() == 3 else 1
+        expected = (group["rank"] * experts, oriented(p, side).shape[-1])
     else:
         expected = tuple(local(p).shape)
     found = tuple(local(state["exp_avg"]).shape) if "exp_avg" in state else expected

@@ -26,7 +26,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .functional import unique_rows
+from .functional import row_index, unique_rows
 
 if TYPE_CHECKING:
     from .optim import GrassAdamW
@@ -49,13 +49,14 @@ def projection_of(weight: torch.Tensor) -> GrassProjection | None:
 
 
 def projection_side(shape: torch.Size | tuple[int, ...], proj_side: str = "auto") -> str:
-    """``"rows"`` or ``"cols"``: the dimension selected for a weight of ``shape`` (m, n).
+    """``"rows"`` or ``"cols"``: the dimension selected for a weight of ``shape`` (m, n), or
+    for each matrix of a stack of experts' weights (E, m, n).
 
     ``"auto"`` selects the larger dimension, which leaves the smaller state r x min(m, n).
     """
     if proj_side != "auto":
         return proj_side
-    return "rows" if shape[0] >= shape[1] else "cols"
+    return "rows" if shape[-2] >= shape[-1] else "cols"
 
 
 def side_of(param: torch.Tensor, proj_side: str = "auto") -> str:
@@ -83,9 +84,15 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 def oriented(t: torch.Tensor, side: str) -> torch.Tensor:
-    """A view of ``t`` (its local shard for a DTensor) with the selected dimension first."""
+    """A view of ``t`` (its local shard for a DTensor) with the selected dimension first: (m, k),
+    or (E, m, k) for a stack of experts' matrices."""
     t = local(t)
-    return t if side == "rows" else t.t()
+    return t if side == "rows" else t.transpose(-2, -1)
+
+
+def selected_size(t: torch.Tensor, side: str) -> int:
+    """The size of the selected dimension of ``t`` (of each expert's matrix in a stack)."""
+    return oriented(t, side).shape[-2]
 
 
 class GrassProjection:
@@ -101,6 +108,7 @@ class GrassProjection:
         self.anchor: torch.Tensor | None = None  # grad-ready signal (hf_grass.layerwise)
         self._unique: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._unit_rho: tuple[torch.Tensor, bool] | None = None
+        self._expert_rows: tuple[torch.Tensor, torch.Tensor] | None = None
         # Set by hf_grass.distributed: averages a full gradient across ranks before selecting.
         self.reduce_full: Callable[[torch.Tensor], torch.Tensor] | None = None
         _PROJECTIONS[param] = self
@@ -138,7 +146,8 @@ class GrassProjection:
 
     @property
     def rows(self) -> torch.Tensor:
-        """Selected indices (int64, r, sorted; repeats possible with ``multinomial``)."""
+        """Selected indices (int64, r, sorted; repeats possible with ``multinomial``); for
+        experts' weights E * r flat indices (see :func:`row_index`)."""
         return self._state["rows"]
 
     @property
@@ -180,7 +189,31 @@ class GrassProjection:
 
     def compress(self, grad: torch.Tensor) -> torch.Tensor:
         """``rho[:, None] * G[rows]`` for a full gradient in the parameter's layout."""
-        return self.scale_rows_(oriented(grad, self.side)[self.rows])
+        g = oriented(grad, self.side)
+        return self.scale_rows_(g[row_index(g, self.rows)])
+
+    @property
+    def experts(self) -> int:
+        """The number of matrices the weight stacks: E for experts' weights (E, m, n), else 1."""
+        weight = self._param()
+        return weight.shape[0] if weight.dim() == 3 else 1
+
+    @property
+    def compressed_shape(self) -> tuple[int, int]:
+        """The shape of ``grad``: (r, k), or (E * r, k) for experts (r rows of each)."""
+        weight = self._param()
+        return self.rank * self.experts, oriented(weight, self.side).shape[-1]
+
+    @property
+    def expert_rows(self) -> torch.Tensor:
+        """For experts' weights: the selected rows of each expert, as (E, r) indices into that
+        expert's own matrix (recomputed only when the rows change)."""
+        rows = self.rows
+        if self._expert_rows is None or self._expert_rows[0] is not rows:
+            m = selected_size(self._param(), self.side)
+            local_rows = rows.view(self.experts, self.rank) % m
+            self._expert_rows = (rows, local_rows)
+        return self._expert_rows[1]
 
     # ---- the compressed gradient's lifetime ---------------------------------------------------
     def check_data_parallel(self) -> None:

@@ -147,6 +147,7 @@ def coverage_line(
     (default: each parameter's dtype), as GrassAdamW and torch's AdamW keep them; row indices
     and step counters are left out.
     """
+    from .config import default_of
     from .projection import projection_side
 
     trainable = trainable_parameters(model)
@@ -160,9 +161,10 @@ def coverage_line(
         size = (state_dtype or p.dtype).itemsize
         if id(p) not in ranks:
             return 2 * p.numel() * size
-        side = projection_side(p.shape, group_of[id(p)].get("proj_side", "auto"))
-        unselected = p.shape[1] if side == "rows" else p.shape[0]
-        return 2 * ranks[id(p)] * unselected * size
+        side = projection_side(p.shape, group_of[id(p)].get("proj_side", default_of("proj_side")))
+        unselected = p.shape[-1] if side == "rows" else p.shape[-2]
+        experts = p.shape[0] if p.dim() == 3 else 1
+        return 2 * ranks[id(p)] * experts * unselected * size
 
     grass_state = sum(moment_bytes(p) for p in trainable)
     adamw_state = sum(2 * p.numel() * p.dtype.itemsize for p in trainable)
@@ -184,6 +186,7 @@ _DENSE_KINDS = {
     "bias": ("bias", "biases"),
     "adapter": ("LoRA adapter weight", "LoRA adapter weights"),
     "linear": ("untargeted linear weight", "untargeted linear weights"),
+    "router": ("MoE router", "MoE routers"),
     "unprojectable": ("layer Grass cannot project", "layers Grass cannot project"),
     "other": ("other parameter", "other parameters"),
 }
@@ -220,6 +223,8 @@ def _describe_dense(model: torch.nn.Module, dense: list[torch.Tensor]) -> str:
             kind = "bias"
         elif isinstance(module, linear_layer_types()):
             kind = "linear"
+        elif "router" in type(module).__name__.lower():
+            kind = "router"  # an MoE block's (E, h) gate, not a linear layer in transformers 5
         elif p.dim() >= 2:
             kind = "unprojectable"
         else:

@@ -40,6 +40,65 @@ def conv1d_type() -> type[nn.Module] | None:
     return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
 
 
+# The names transformers gives the 3-D weights of an experts module.
+EXPERT_WEIGHT_NAMES = ("gate_up_proj", "up_proj", "down_proj")
+
+
+def expert_weights(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The 3-D expert weights of ``module`` by name (``gate_up_proj``/``up_proj``, ``down_proj``)."""
+    found = {}
+    for name in EXPERT_WEIGHT_NAMES:
+        p = module._parameters.get(name)
+        if p is not None and p.dim() == 3:
+            found[name] = p
+    return found
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """True for a transformers MoE experts module whose 3-D weights Grass projects: one made by
+    ``transformers.integrations.moe.use_experts_implementation``, which records the layout
+    (``has_gate``, ``has_bias``, ``is_transposed``) that Grass's forward follows."""
+    layout = ("has_gate", "has_bias", "is_transposed", "num_experts")
+    return all(hasattr(module, a) for a in layout) and bool(expert_weights(module))
+
+
+def layer_weights(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The weights a Grass target module holds, by name: ``{"weight": ...}`` for a linear layer
+    or an embedding, the 3-D expert weights for an experts module."""
+    if is_experts_module(module):
+        return expert_weights(module)
+    return {"weight": module.weight}
+
+
+def target_weights(model: nn.Module, names: Sequence[str]) -> list[nn.Parameter]:
+    """The weights of the targets ``names`` (:func:`grass_target_names`): a module's
+    :func:`layer_weights`, or the one expert weight a parameter path names."""
+    modules = dict(model.named_modules())
+    weights = []
+    for name in names:
+        if name in modules:
+            weights += layer_weights(modules[name]).values()
+        else:
+            module_name, _, param_name = name.rpartition(".")
+            weights.append(modules[module_name]._parameters[param_name])
+    return weights
+
+
+def target_module_name(model_modules: dict[str, nn.Module], name: str) -> str:
+    """The module a target name belongs to: itself, or the experts module of a weight path."""
+    return name if name in model_modules else name.rpartition(".")[0]
+
+
+def _expert_weight_paths(modules: dict[str, nn.Module]) -> list[str]:
+    """``<experts module>.<weight>`` for every 3-D expert weight Grass can project."""
+    return [
+        f"{name}.{param_name}"
+        for name, module in modules.items()
+        if is_experts_module(module)
+        for param_name in expert_weights(module)
+    ]
+
+
 def linear_layer_types() -> tuple[type[nn.Module], ...]:
     """The layer types Grass projects as linear layers: ``nn.Linear`` and :func:`conv1d_type`."""
     conv1d = conv1d_type()
@@ -49,34 +108,44 @@ def linear_layer_types() -> tuple[type[nn.Module], ...]:
 def match_target_modules(
     model: nn.Module, target_modules: TargetModules = "all-linear"
 ) -> list[str]:
-    """Names of the linear layers (``nn.Linear``, GPT-2's ``Conv1D``) of ``model`` that
-    ``target_modules`` selects.
+    """Names of the linear layers (``nn.Linear``, GPT-2's ``Conv1D``) and MoE experts modules
+    of ``model`` that ``target_modules`` selects.
 
-    ``target_modules`` is ``"all-linear"`` (every linear layer except output heads such as
-    ``lm_head``/``score``, anywhere in the module's path, and PEFT adapter layers), a regex matched in full against module names, or a list of names,
-    each matching a module whose name equals it or ends with ``"." + name`` (PEFT's convention:
-    ``["q_proj", "v_proj"]``). A module PEFT trains whole (``LoraConfig(modules_to_save=...)``)
-    is matched through its wrapper: the target is the trainable copy
-    (``<name>.modules_to_save.<adapter>``), never the frozen ``original_module``. A matched
+    ``target_modules`` is ``"all-linear"`` (every linear layer and experts module except output
+    heads such as ``lm_head``/``score``, anywhere in the module's path, and PEFT adapter
+    layers), a regex matched in full against module names, or a list of names, each matching a
+    module whose name equals it or ends with ``"." + name`` (PEFT's convention:
+    ``["q_proj", "v_proj"]``). Both also match the 3-D weights of an experts module by their
+    path, as PEFT's ``target_parameters`` names them: ``"experts"`` selects every expert
+    weight, ``"down_proj"`` the linear layers of that name and the experts' ``down_proj``, a
+    regex ``".*experts[.]gate_up_proj"`` one kind; such a name is returned as the weight's
+    path (``model.layers.0.mlp.experts.down_proj``). A module PEFT trains whole
+    (``LoraConfig(modules_to_save=...)``) is matched through its wrapper: the target is the
+    trainable copy (``<name>.modules_to_save.<adapter>``), never the frozen
+    ``original_module``. A matched
     module that is not a linear layer (a LoRA layer among them) or a selector that matches
     nothing raises ``ValueError``.
     """
     modules = dict(model.named_modules())
     linear = linear_layer_types()
+    # Names a selector can match: modules, and the expert weights inside experts modules.
+    candidates = [n for n in modules if n] + _expert_weight_paths(modules)
     if isinstance(target_modules, str) and target_modules == "all-linear":
         names = [
-            n for n, m in modules.items() if isinstance(m, linear) and not _is_head_or_adapter(n)
+            n
+            for n, m in modules.items()
+            if (isinstance(m, linear) or is_experts_module(m)) and not _is_head_or_adapter(n)
         ]
         selector = "all-linear"
     elif isinstance(target_modules, str):
         pattern = re.compile(target_modules)
-        names = [n for n in modules if n and pattern.fullmatch(n)]
+        names = [n for n in candidates if pattern.fullmatch(n)]
         selector = f"regex {target_modules!r}"
     else:
         keys = list(target_modules)
         if not keys:
             raise ValueError("target_modules is empty: pass module names, a regex or 'all-linear'.")
-        names = [n for n in modules if n and any(n == k or n.endswith("." + k) for k in keys)]
+        names = [n for n in candidates if any(n == k or n.endswith("." + k) for k in keys)]
         unmatched = [k for k in keys if not any(n == k or n.endswith("." + k) for n in names)]
         if unmatched:
             raise ValueError(
@@ -90,7 +159,13 @@ def match_target_modules(
             f"target_modules ({selector}) matches no module of {type(model).__name__}; "
             f"its linear layers end in {sorted(_linear_suffixes(modules))}."
         )
-    wrong = [n for n in names if not isinstance(modules[n], linear)]
+    # An expert weight whose experts module is selected too is covered by the module.
+    names = [n for n in names if n in modules or n.rpartition(".")[0] not in names]
+    wrong = [
+        n
+        for n in names
+        if n in modules and not (isinstance(modules[n], linear) or is_experts_module(modules[n]))
+    ]
     lora = [n for n in wrong if _is_tuner_layer(modules[n])]
     if lora:
         cls = type(modules[lora[0]])
@@ -105,7 +180,7 @@ def match_target_modules(
         raise ValueError(
             f"target_modules ({selector}) matches {wrong[:3]} of type "
             f"{type(modules[wrong[0]]).__name__}; Grass projects the weights of linear layers "
-            "only (nn.Linear, GPT-2's Conv1D): narrow target_modules to linear layers."
+            "(nn.Linear, GPT-2's Conv1D) and MoE experts only: narrow target_modules to those."
         )
     return names
 
@@ -150,7 +225,8 @@ def _through_saved_wrappers(modules: dict[str, nn.Module], names: list[str]) -> 
 
 def _linear_suffixes(modules: dict[str, nn.Module]) -> set[str]:
     linear = linear_layer_types()
-    return {n.split(".")[-1] for n, m in modules.items() if isinstance(m, linear)}
+    suffixes = {n.split(".")[-1] for n, m in modules.items() if isinstance(m, linear)}
+    return suffixes | {n.split(".")[-1] for n in _expert_weight_paths(modules)}
 
 
 def grass_target_names(
@@ -189,8 +265,7 @@ def frozen_targets_problem(model: nn.Module, names: Sequence[str]) -> str | None
     and the optimizer built from them is plain AdamW on the adapters: callers refuse that rather
     than train without Grass and without a word. Some frozen targets among trainable ones are a
     deliberate choice and pass."""
-    modules = dict(model.named_modules())
-    if not names or any(modules[n].weight.requires_grad for n in names):
+    if not names or any(w.requires_grad for w in target_weights(model, names)):
         return None
     shown = ", ".join(repr(n) for n in names[:2]) + (
         f" and {len(names) - 2} more" if len(names) > 2 else ""
@@ -210,8 +285,9 @@ def unprojectable_problem(model: nn.Module) -> str | None:
     parameters (elements), else None.
 
     Counted: trainable parameters of two or more dimensions outside the layer types Grass
-    projects (:func:`linear_layer_types`, ``nn.Embedding``): the 3-D expert weights of
-    transformers' MoE models, a router, a convolution. Heads and embeddings left dense by
+    projects (:func:`linear_layer_types`, ``nn.Embedding``, experts modules): a convolution,
+    the experts of a MoE family whose experts module transformers does not describe (no
+    ``use_experts_implementation``), a router. Heads and embeddings left dense by
     choice are not counted; targets are not either, so the answer is the same for any.
     """
     projectable = (*linear_layer_types(), nn.Embedding)
@@ -224,7 +300,7 @@ def unprojectable_problem(model: nn.Module) -> str | None:
                 continue
             seen.add(id(p))
             total += p.numel()
-            if p.dim() >= 2 and not isinstance(module, projectable):
+            if p.dim() >= 2 and not (isinstance(module, projectable) or is_experts_module(module)):
                 name = f"{module_name}.{param_name}" if module_name else param_name
                 by_type.setdefault(type(module).__name__, []).append((name, p.shape, p.numel()))
     outside = sum(n for found in by_type.values() for _, _, n in found)
@@ -234,8 +310,8 @@ def unprojectable_problem(model: nn.Module) -> str | None:
     example, shape, _ = found[0]
     return (
         f"{100 * outside / total:.1f}% of the trainable parameters are weights of layer types "
-        f"Grass cannot project, most in {kind} ({len(found)} weights such as {example!r} of "
-        f"shape {tuple(shape)})"
+        f"Grass cannot project, most in {kind} ({len(found)} weight{'s' if len(found) > 1 else ''} "
+        f"such as {example!r} of shape {tuple(shape)})"
     )
 
 
@@ -272,7 +348,6 @@ def grass_param_groups(
     shared parameter appears once. Empty groups are left out. ``embeddings`` and ``lm_head`` add
     the input embedding and the output head (see :func:`grass_target_names`).
     """
-    modules = dict(model.named_modules())
     names = grass_target_names(model, target_modules, embeddings, lm_head)
     problem = unprojectable_problem(model)
     if problem:
@@ -283,7 +358,7 @@ def grass_param_groups(
             UserWarning,
             stacklevel=2,
         )
-    projected = {id(modules[n].weight) for n in names}
+    projected = {id(w) for w in target_weights(model, names)}
     no_decay = set(no_decay or ())
     groups: dict[tuple[bool, bool], list] = {}
     seen: set[int] = set()

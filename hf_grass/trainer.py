@@ -35,7 +35,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 from transformers.utils import logging as hf_logging
 
-from hf_grass.config import GrassConfig, check_option, resume_conflicts
+from hf_grass.config import GrassConfig, check_option, default_of, resume_conflicts
 from hf_grass.errors import UsageError
 from hf_grass.recompute import layers_recomputed, recompute_norms
 from hf_grass.report import coverage_line, unwrap_optimizer
@@ -59,10 +59,13 @@ def _optim_help() -> str:
 
 
 def _from_config(name: str, **override: Any) -> Any:
-    """The ``grass_<name>`` argument: GrassConfig's default and help unless overridden."""
-    source = _CONFIG_FIELDS[name]
-    metadata = dict(source.metadata)
-    default = override.pop("default", source.default)
+    """The ``grass_<name>`` argument: GrassConfig's default and help unless overridden.
+
+    The metadata keeps what ``HfArgumentParser`` passes to argparse (``help``, ``choices``);
+    ``resume`` stays GrassConfig's (:data:`~hf_grass.config.FIXED_ON_RESUME`).
+    """
+    metadata = {k: v for k, v in _CONFIG_FIELDS[name].metadata.items() if k != "resume"}
+    default = override.pop("default", default_of(name))
     metadata.update(override)
     return field(default=default, metadata=metadata)
 
@@ -92,7 +95,7 @@ class GrassArguments:
         help=_CONFIG_FIELDS["target_modules"].metadata["help"]
         + " Names may be given as 'q_proj v_proj' or 'q_proj,v_proj'; a value with regex "
         "characters such as '.*(attn|mlp).*' is a regex. Unset: --optim_target_modules if "
-        "given, else 'all-linear'.",
+        f"given, else {default_of('target_modules')!r}.",
     )
     grass_embeddings: bool = _from_config("embeddings")
     grass_lm_head: bool = _from_config("lm_head")
@@ -104,8 +107,10 @@ class GrassArguments:
     grass_compressed_backward: bool = _from_config("compressed_backward")
     grass_layerwise: bool = _from_config("layerwise")
     grass_layerwise_bucket_mb: float = _from_config("layerwise_bucket_mb")
+    grass_bucket_cap_mb: float = _from_config("bucket_cap_mb")
     grass_recompute_selection: bool = _from_config("recompute_selection")
     grass_recompute_norms: bool = _from_config("recompute_norms")
+    grass_implementation: str = _from_config("implementation")
     grass_compiled: bool = _from_config("compiled")
 
     def __post_init__(self) -> None:
@@ -155,7 +160,7 @@ class GrassArguments:
         if self.grass_target_modules is not None:
             return self.grass_target_modules
         fallback = normalize_target_modules(getattr(self, "optim_target_modules", None))
-        return "all-linear" if fallback is None else fallback
+        return default_of("target_modules") if fallback is None else fallback
 
     def grass_optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``GrassAdamW`` (they apply to every parameter group)."""
@@ -165,12 +170,13 @@ class GrassArguments:
             "betas": (getattr(self, "adam_beta1", 0.9), getattr(self, "adam_beta2", 0.999)),
             "eps": getattr(self, "adam_epsilon", 1e-8),
             "weight_decay": getattr(self, "weight_decay", 0.0),
-            "stochastic_rounding": config.stochastic_rounding,
-            "compiled": config.compiled,
-            "state_dtype": None
-            if config.state_dtype is None
-            else getattr(torch, config.state_dtype),
+            **config.optimizer_options(),
         }
+
+    def grass_data_parallel_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``GrassDataParallel`` (several processes, compressed backward)."""
+        config = self.grass_config()
+        return {"layerwise": config.layerwise, "bucket_cap_mb": config.bucket_cap_mb}
 
     def set_optimizer(self, name: str | OptimizerNames = "adamw_torch", **kwargs: Any):
         """``TrainingArguments.set_optimizer`` that also accepts ``name="grass"``."""
@@ -365,7 +371,7 @@ class GrassTrainerMixin:
             from hf_grass.distributed import GrassDataParallel
 
             self._grass_dp = GrassDataParallel(
-                opt_model, self.optimizer, layerwise=args.grass_layerwise
+                opt_model, self.optimizer, **args.grass_data_parallel_kwargs()
             )
         if args.grass_layerwise:
             _enable_layerwise(self.optimizer, opt_model, args, self._grass_dp)
@@ -534,6 +540,13 @@ def _check_fsdp2_groups(groups: list[dict]) -> None:
             raise ValueError(
                 "proj_side='rows' under FSDP2, which shards weights by rows: Grass selects "
                 "columns there; use --grass_proj_side auto or cols"
+            )
+        experts = [tuple(p.shape) for p in group["params"] if p.dim() == 3]
+        if experts:
+            raise ValueError(
+                f"Grass does not project MoE expert weights (shape {experts[0]}) under FSDP2 "
+                "yet: leave them out with --grass_target_modules (a regex without 'experts'), "
+                "or train without FSDP"
             )
         narrow = [
             tuple(p.shape) for p in group["params"] if p.dim() == 2 and p.shape[1] < group["rank"]

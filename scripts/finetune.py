@@ -72,7 +72,7 @@ from hf_grass import cli
 from hf_grass import data as grass_data
 from hf_grass.errors import MissingFileError, UsageError
 from hf_grass.report import ResourceReportCallback, format_report, limit_malloc_caching
-from hf_grass.targets import match_target_modules
+from hf_grass.targets import linear_layer_types, match_target_modules
 from hf_grass.trainer import GrassTrainer, GrassTrainingArguments
 
 logger = logging.getLogger("finetune")
@@ -208,8 +208,15 @@ def same_targets_as_grass(model: torch.nn.Module, args: GrassTrainingArguments) 
     (``score``) among them, which Grass leaves out: a comparison must project the same weights.
     """
     names = match_target_modules(model, args.grass_targets())
-    logger.info("%s projects Grass's %d target modules.", args.optim, len(names))
-    return "|".join(re.escape(name) for name in names)
+    modules = dict(model.named_modules())
+    linear = [n for n in names if isinstance(modules.get(n), linear_layer_types())]
+    if len(linear) < len(names):
+        logger.warning(
+            "%s projects linear layers only: the experts of %d MoE layers, which Grass "
+            "projects, stay dense (plain AdamW) under it.", args.optim, len(names) - len(linear),
+        )  # fmt: skip
+    logger.info("%s projects Grass's %d linear target modules.", args.optim, len(linear))
+    return "|".join(re.escape(name) for name in linear)
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, GrassTrainingArguments]:
@@ -448,7 +455,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     task = check_task(data_args)
     check_eval_only(data_args, args)
     grass_data.check_sample_limits(data_args.max_train_samples, data_args.max_eval_samples)
-    if model_args.freeze_embeddings and getattr(args, "grass_embeddings", False):
+    if model_args.freeze_embeddings and args.grass_embeddings:
         raise UsageError(
             "--freeze_embeddings with --grass_embeddings: a frozen embedding has nothing to "
             "project. Choose one."

@@ -12,7 +12,8 @@ temporaries; see ``hf_grass.memory``) and the total, or with ``--json`` one JSON
 in turn) and one ``<part>_bytes`` key per part. ``--budget`` adds whether the plan fits,
 the largest batch size that fits and the smallest and largest ranks that fit.
 
-Grass plans model GrassTrainer's defaults (``scripts/finetune.py``, ``scripts/pretrain.py``:
+A flag left out takes ``plan_memory``'s default (its rank, method, dtype, ...). Grass plans model
+GrassTrainer's defaults (``scripts/finetune.py``, ``scripts/pretrain.py``:
 selection steps and norms recomputed); ``--no_recompute`` models a plain training loop instead.
 
 A bad flag value prints one line ``memory.py: error: <problem and fix>`` and exits with status 2.
@@ -42,25 +43,52 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+# The flags that are plan_memory's arguments: left out, they take its defaults (one home).
+PLAN_ARGUMENTS = (
+    "method",
+    "rank",
+    "dtype",
+    "attention",
+    "layerwise",
+    "activation_checkpointing",
+    "batch_size",
+    "seq_len",
+    "embeddings",
+    "lm_head",
+    "recompute",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="memory.py", description=__doc__.split("\n\n")[0])
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--preset", help="LLaMA preset: 60m, 130m, 350m, 1b, 7b, 13b (or llama-13b)")
     model.add_argument("--config", help="a model config JSON file instead of a preset")
-    parser.add_argument("--method", default="grass", help=f"one of {', '.join(METHODS)}")
-    parser.add_argument("--rank", type=int, default=256, help="Grass/GaLore/LoRA rank")
-    parser.add_argument("--dtype", default="bf16", help=f"one of {', '.join(DTYPES)}")
-    parser.add_argument("--attention", default="sdpa", help=f"one of {', '.join(ATTENTIONS)}")
-    parser.add_argument("--layerwise", action="store_true", help="update inside the backward")
-    parser.add_argument("--activation_checkpointing", action="store_true")
-    parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--seq_len", type=int, default=256)
-    parser.add_argument("--embeddings", action="store_true", help="Grass on the embedding too")
-    parser.add_argument("--lm_head", action="store_true", help="Grass on the output head too")
-    parser.add_argument(
+    plan = parser.add_argument_group(
+        "plan", "plan_memory's arguments; a flag left out takes plan_memory's default"
+    )
+    unset = argparse.SUPPRESS
+    plan.add_argument("--method", default=unset, help=f"one of {', '.join(METHODS)}")
+    plan.add_argument("--rank", type=int, default=unset, help="Grass/GaLore/LoRA rank")
+    plan.add_argument("--dtype", default=unset, help=f"one of {', '.join(DTYPES)}")
+    plan.add_argument("--attention", default=unset, help=f"one of {', '.join(ATTENTIONS)}")
+    plan.add_argument(
+        "--layerwise", action="store_true", default=unset, help="update inside the backward"
+    )
+    plan.add_argument("--activation_checkpointing", action="store_true", default=unset)
+    plan.add_argument("--batch_size", type=int, default=unset)
+    plan.add_argument("--seq_len", type=int, default=unset)
+    plan.add_argument(
+        "--embeddings", action="store_true", default=unset, help="Grass on the embedding too"
+    )
+    plan.add_argument(
+        "--lm_head", action="store_true", default=unset, help="Grass on the output head too"
+    )
+    plan.add_argument(
         "--no_recompute",
         dest="recompute",
         action="store_false",
+        default=unset,
         help="Grass: model a plain training loop without GrassTrainer (selection steps keep "
         "every linear's whole input, norms their full set). By default the plan models "
         "GrassTrainer's --grass_recompute_selection and --grass_recompute_norms (on by "
@@ -77,20 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.preset is None and args.config is None:
         raise UsageError("Pass --preset (e.g. --preset llama-1b) or --config path/to/config.json.")
     budget = parse_size(args.budget) if args.budget is not None else None
-    kwargs = dict(
-        model=args.preset or args.config,
-        method=args.method,
-        rank=args.rank,
-        dtype=args.dtype,
-        layerwise=args.layerwise,
-        activation_checkpointing=args.activation_checkpointing,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        embeddings=args.embeddings,
-        lm_head=args.lm_head,
-        attention=args.attention,
-        recompute=args.recompute,
-    )
+    given = {name: getattr(args, name) for name in PLAN_ARGUMENTS if hasattr(args, name)}
+    kwargs = dict(model=args.preset or args.config, **given)
     plan = plan_memory(**kwargs)
     result = plan.as_dict()
     if budget is not None:

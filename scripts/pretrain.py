@@ -23,6 +23,7 @@ checkpoints (``--save_steps``; resume with ``--resume_from_checkpoint true``) to
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -50,10 +51,11 @@ finally:
 import torch
 import transformers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     HfArgumentParser,
-    LlamaConfig,
+    PretrainedConfig,
     PreTrainedModel,
 )
 
@@ -101,7 +103,11 @@ class PretrainArguments:
     )
     model_config: str | None = field(
         default=None,
-        metadata={"help": "A LlamaConfig JSON (e.g. a model's config.json) instead of --preset."},
+        metadata={
+            "help": "A model config JSON (a model's config.json: LLaMA, or any causal LM family "
+            "by its model_type, e.g. a MoE model such as configs/models/mixtral-tiny.json) "
+            "instead of --preset."
+        },
     )
     model_dtype: str = field(
         default="float32",
@@ -192,12 +198,22 @@ def check_preset(pargs: PretrainArguments) -> None:
         )
 
 
-def model_config(pargs: PretrainArguments, vocab_size: int) -> LlamaConfig:
-    """The preset's (or the JSON's) LlamaConfig, with the tokenizer's vocabulary size."""
+def model_config(pargs: PretrainArguments, vocab_size: int) -> PretrainedConfig:
+    """The preset's LlamaConfig, or the JSON's config of its ``model_type`` (LLaMA when it has
+    none), with the tokenizer's vocabulary size."""
     if pargs.model_config:
         if not Path(pargs.model_config).is_file():
             raise MissingFileError(f"--model_config {pargs.model_config} does not exist.")
-        config = LlamaConfig.from_json_file(pargs.model_config)
+        values = json.loads(Path(pargs.model_config).read_text())
+        model_type = values.pop("model_type", "llama")
+        try:
+            config = AutoConfig.for_model(model_type, **values)
+        except ValueError as error:
+            raise UsageError(
+                f"--model_config {pargs.model_config}: model_type {model_type!r} is not one "
+                "transformers knows; use the model_type of a causal LM family (llama, mixtral, "
+                "qwen3_moe, ...)."
+            ) from error
         config.vocab_size = vocab_size
     else:
         check_preset(pargs)
@@ -210,7 +226,7 @@ def model_config(pargs: PretrainArguments, vocab_size: int) -> LlamaConfig:
     return config
 
 
-def build_model(config: LlamaConfig, tokenizer, dtype: torch.dtype) -> PreTrainedModel:
+def build_model(config: PretrainedConfig, tokenizer, dtype: torch.dtype) -> PreTrainedModel:
     """A randomly initialized causal LM of ``config``, with the tokenizer's special tokens.
 
     Packed blocks hold no padding, so the model gets no pad token: LLaMA makes the pad token's

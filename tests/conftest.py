@@ -57,6 +57,66 @@ def compressed_grad(p: torch.Tensor) -> torch.Tensor | None:
     return None if projection is None else projection.grad
 
 
+def assert_gradients_match_dense(
+    model: torch.nn.Module, reference: torch.nn.Module, side: str
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every gradient of ``model`` against the dense float64 gradients of ``reference`` (an
+    untouched copy after the same backward): a plain ``.grad`` equal to it, a projected weight
+    (selecting ``side``) with no ``.grad`` and a compressed gradient equal to ``rho * G[rows]``,
+    plain indexing of the dense gradient. Returns the projected weights with their dense
+    gradients."""
+    from hf_grass import projection_of
+    from hf_grass.functional import row_index
+
+    ref_params = dict(reference.named_parameters())
+    projected = []
+    for name, p in model.named_parameters():
+        projection = projection_of(p)
+        dense = ref_params[name].grad
+        if projection is None:
+            torch.testing.assert_close(p.grad, dense, rtol=0, atol=1e-12)
+            continue
+        assert p.grad is None and projection.side == side
+        oriented = dense if side == "rows" else dense.transpose(-2, -1)
+        rows = oriented[row_index(oriented, projection.rows)]
+        expected = projection.rho.to(dense.dtype)[:, None] * rows
+        torch.testing.assert_close(projection.grad, expected, rtol=0, atol=1e-12)
+        projected.append((p, dense))
+    return projected
+
+
+def method_optimizer(model: torch.nn.Module, method: str, rank: int, **grass):
+    """The optimizer the memory planner models for ``method``: torch's AdamW, bitsandbytes'
+    AdamW8bit, GrassAdamW on a grassified ``model``, galore_torch's GaLoreAdamW on every
+    ``nn.Linear`` but the output head (scale 0.25, K 200), or AdamW on what is trainable (LoRA)."""
+    from hf_grass import GrassAdamW, grassify
+
+    if method == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if method == "adamw-8bit":
+        bnb = pytest.importorskip("bitsandbytes")
+        return bnb.optim.AdamW8bit(model.parameters(), lr=1e-3)
+    if method == "grass":
+        return GrassAdamW(grassify(model, rank=rank, **grass), lr=1e-3)
+    if method == "galore":
+        galore = pytest.importorskip("galore_torch")
+        linear = {
+            f"{n}.weight"
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.split(".")[-1] != "lm_head"
+        }
+        params = dict(model.named_parameters())
+        groups = [
+            {"params": [p for n, p in params.items() if n not in linear]},
+            {
+                "params": [p for n, p in params.items() if n in linear],
+                **dict(rank=rank, update_proj_gap=200, scale=0.25, proj_type="std"),
+            },
+        ]
+        return galore.GaLoreAdamW(groups, lr=1e-3)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+
 def end_worker() -> None:
     """End a torchrun worker: tear the process group down and leave without running C++ static
     destructors (gloo occasionally aborts there, "terminate called without an active
@@ -168,41 +228,59 @@ WORDS = (
 ).split()
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> str:
-    """A tiny random LLaMA with a word-level tokenizer, saved like any checkpoint."""
+def _word_level_tokenizer():
+    """A lower-casing word-level tokenizer of ``WORDS`` with LLaMA's special tokens."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<unk>", "<s>", "</s>"]
     vocab = {w: i for i, w in enumerate(specials + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",
         pad_token="<pad>",
         bos_token="<s>",
         eos_token="</s>",
     )
+
+
+def _saved_tiny_model(tmp_path_factory, name: str, config_cls, model_cls, **config) -> str:
+    """A tiny random causal LM with the word-level tokenizer, saved like any checkpoint."""
+    tokenizer = _word_level_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
-    path = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(config).save_pretrained(path)
+    config = config_cls(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=2,
+        eos_token_id=3, **config,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp(name)
+    model_cls(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A tiny random LLaMA with a word-level tokenizer, saved like any checkpoint."""
+    from transformers import LlamaConfig
+
+    return _saved_tiny_model(
+        tmp_path_factory, "tiny_llama", LlamaConfig, LlamaForCausalLM, intermediate_size=64
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory) -> str:
+    """A tiny random Mixtral (4 experts, top-2) with the word-level tokenizer, saved."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return _saved_tiny_model(
+        tmp_path_factory, "tiny_mixtral", MixtralConfig, MixtralForCausalLM,
+        intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
 
 
 SFT_WORDS = "<pad> <unk> <s> </s> the cat sat on a mat dog ran".split()
@@ -266,3 +344,46 @@ def tiny_gpt2(seed: int = 0, **overrides):
     config |= dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # deterministic
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(**(config | overrides)))
+
+
+def tiny_moe(family: str = "mixtral", seed: int = 0, **overrides):
+    """A randomly initialized 2-layer mixture-of-experts model of a transformers 5 family
+    (hidden 16, vocab 64, 8 experts), whose experts are 3-D parameters of one experts module:
+    ``mixtral`` (top-1 routing), ``qwen3_moe`` (top-2, layer 0 a dense MLP of ``nn.Linear``
+    layers when ``mlp_only_layers=[0]``), ``gpt_oss`` (top-2, transposed experts with biases).
+    Every parameter is drawn from N(0, 0.2), so that biases (zero at init) matter too. The
+    experts run transformers' eager implementation, the plain reference loop."""
+    import transformers
+
+    common = dict(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1,
+    )  # fmt: skip
+    if family == "mixtral":
+        config = transformers.MixtralConfig(
+            **common, intermediate_size=24, num_local_experts=8, num_experts_per_tok=1
+        )
+        cls = transformers.MixtralForCausalLM
+    elif family == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(
+            **common, head_dim=8, intermediate_size=24, moe_intermediate_size=12, num_experts=8,
+            num_experts_per_tok=2, decoder_sparse_step=1,
+        )  # fmt: skip
+        cls = transformers.Qwen3MoeForCausalLM
+    elif family == "gpt_oss":
+        config = transformers.GptOssConfig(
+            **common, head_dim=8, intermediate_size=12, num_local_experts=8, num_experts_per_tok=2,
+            layer_types=["full_attention"] * 2,
+        )  # fmt: skip
+        cls = transformers.GptOssForCausalLM
+    else:
+        raise ValueError(family)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config._experts_implementation = "eager"
+    torch.manual_seed(seed)
+    model = cls(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model

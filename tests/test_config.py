@@ -91,7 +91,7 @@ def test_load_hooks_see_the_real_state_and_old_groups_get_new_defaults():
     opt.step()
     saved = opt.state_dict()
     for group in saved["param_groups"]:  # a checkpoint from before these keys existed
-        del group["foreach"], group["reselect_state"]
+        del group["implementation"], group["reselect_state"]
     seen = []
     fresh = GrassAdamW([{"params": [nn.Parameter(p.detach().clone())], "rank": 2}])
     fresh.register_load_state_dict_pre_hook(lambda o, sd: seen.append(len(sd["state"])))
@@ -101,7 +101,7 @@ def test_load_hooks_see_the_real_state_and_old_groups_get_new_defaults():
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     assert seen == [1]
     group = fresh.param_groups[0]
-    assert group["foreach"] is True and group["reselect_state"] == "keep"
+    assert group["implementation"] == "grouped" and group["reselect_state"] == "keep"
 
 
 # ---- the functional core: reference and batched paths agree ---------------------------------------

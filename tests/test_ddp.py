@@ -30,10 +30,12 @@ def _features(mode: str) -> set[str]:
 
 
 def _model(mode: str = "", seed: int = 0):
-    from conftest import tiny_gpt2, tiny_llama
+    from conftest import tiny_gpt2, tiny_llama, tiny_moe
 
     if "gpt2" in _features(mode):  # Conv1D layers (transposed weights)
         return tiny_gpt2(seed=seed).double()
+    if "moe" in _features(mode):  # 3-D expert weights, top-1 of 8 experts
+        return tiny_moe("mixtral", seed=seed).double()
     # "embeddings": the tied embedding and head are projected too (one weight, two uses)
     tied = "embeddings" in _features(mode)
     return tiny_llama(seed=seed, vocab_size=64, tie_word_embeddings=tied).double()
@@ -226,6 +228,8 @@ def _launch(tmp_path: Path, mode: str, timeout: float = 180):
         "embeddings",
         # GPT-2's Conv1D layers, whose weights are stored transposed.
         "gpt2+unused",
+        # MoE experts (3-D weights): experts that get tokens on one rank only, or on none.
+        "moe+unused",
         # Projected weights are broadcast from rank 0 like DDP's own.
         "seeds",
         # A second use of a projected weight outside its layer is averaged too, and counted

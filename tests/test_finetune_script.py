@@ -571,3 +571,35 @@ def test_the_scripts_start_without_bitsandbytes_and_its_warning(script):
     assert BITSANDBYTES_WARNING not in before_baseline + help_text
     modules = json.loads(result)
     assert not any(modules.values()), modules
+
+
+def test_a_moe_model_finetunes_with_its_experts_projected(tiny_moe_dir, tmp_path, caplog):
+    """A Mixtral checkpoint: Grass projects its experts (the report's projected share counts
+    their 3-D weights); GaLore, which projects linear layers only, gets the linear targets and
+    a line saying that the experts stay dense under it."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_moe_dir, num_labels=2)
+    _, _, args = finetune.parse_args(["--optim", "galore_adamw"])
+    with caplog.at_level("WARNING"):  # before finetune.main, which resets the root logger
+        regex = finetune.same_targets_as_grass(model, args)
+    assert sorted(regex.replace("\\", "").split("|")) == sorted(
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "score"
+    )
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        "the experts of 2 MoE layers, which Grass projects, stay dense" in w for w in warnings
+    )
+
+    out = tmp_path / "out"
+    finetune.main(tiny_flags(tiny_moe_dir, out, "--max_train_samples", "16"))
+    report = json.loads((out / "resource_report.json").read_text())
+    params = dict(model.named_parameters())
+    experts = sum(p.numel() for n, p in params.items() if ".experts." in n)
+    linear = sum(
+        m.weight.numel()
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not n.endswith("score")
+    )
+    share = (experts + linear) / sum(p.numel() for p in params.values())
+    assert report["projected_param_fraction"] == pytest.approx(share, rel=1e-6)

@@ -412,8 +412,8 @@ def test_save_pretrained_of_a_grassified_llama_loads_into_the_stock_class(tmp_pa
     [
         (["nonexistent_proj"], "match no module"),
         (r".*\.nothing_here", "matches no module"),
-        (["input_layernorm"], "the weights of linear layers only"),
-        (r"model\.layers\.0\.mlp", "the weights of linear layers only"),
+        (["input_layernorm"], "the weights of linear layers .* and MoE experts only"),
+        (r"model\.layers\.0\.mlp", "the weights of linear layers .* and MoE experts only"),
     ],
 )
 def test_bad_target_modules_raise_a_clear_error(target_modules, message):

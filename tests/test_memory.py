@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import method_optimizer, tiny_llama
 
-from hf_grass import GrassAdamW, enable_layerwise, grassify, projection_of
+from hf_grass import enable_layerwise, projection_of
 from hf_grass.errors import UsageError
 from hf_grass.memory import (
     METHODS,
@@ -36,31 +36,8 @@ RANK = 8
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.float32}
 
 
-def _optimizer(model, method: str, layerwise: bool = False, **grass):
-    if method == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=1e-3)
-    if method == "adamw-8bit":
-        bnb = pytest.importorskip("bitsandbytes")
-        return bnb.optim.AdamW8bit(model.parameters(), lr=1e-3)
-    if method == "grass":
-        return GrassAdamW(grassify(model, rank=RANK, **grass), lr=1e-3)
-    if method == "galore":
-        galore = pytest.importorskip("galore_torch")
-        linear = {
-            f"{n}.weight"
-            for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and n != "lm_head"
-        }
-        params = dict(model.named_parameters())
-        groups = [
-            {"params": [p for n, p in params.items() if n not in linear]},
-            {
-                "params": [p for n, p in params.items() if n in linear],
-                **dict(rank=RANK, update_proj_gap=200, scale=0.25, proj_type="std"),
-            },
-        ]
-        return galore.GaLoreAdamW(groups, lr=1e-3)
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+def _optimizer(model, method: str, **grass):
+    return method_optimizer(model, method, RANK, **grass)
 
 
 def _model(method: str, dtype: str, **overrides):

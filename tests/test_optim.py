@@ -546,8 +546,8 @@ def test_bad_input_raises_value_error_naming_value_and_fix(build, match):
         build(p)
 
 
-@pytest.mark.parametrize("shape", [(8,), (2, 3, 4)])
-def test_rank_group_holding_a_non_2d_tensor_raises(shape):
+@pytest.mark.parametrize("shape", [(8,), (2, 3, 4, 5)])
+def test_rank_group_holding_a_tensor_neither_2d_nor_3d_raises(shape):
     with pytest.raises(ValueError, match=rf"{len(shape)}-D tensor .*group without 'rank'"):
         GrassAdamW([_grass_group(_param(torch.zeros(shape)), 1)])
 
@@ -934,3 +934,52 @@ def test_parameters_replaced_before_the_first_step_are_followed():
     opt.param_groups[0]["params"] = [old]
     with pytest.raises(RuntimeError, match="replaced after its first step"):
         opt.step()
+
+
+# ---- the implementation setting ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("flags", "implementation"),
+    [
+        (dict(foreach=False), "reference"),
+        (dict(batched=False), "foreach"),
+        (dict(compiled=True), "compiled"),
+        (dict(foreach=True, batched=True), "grouped"),
+        ({}, "grouped"),
+    ],
+)
+def test_the_older_flags_choose_the_implementation(flags, implementation):
+    p = _param(torch.zeros(6, 4))
+    opt = GrassAdamW([_grass_group(p, 2)], **flags)
+    assert opt.param_groups[0]["implementation"] == implementation
+    assert not {"foreach", "batched", "compiled"} & set(opt.param_groups[0])
+    group_opt = GrassAdamW([{**_grass_group(_param(torch.zeros(6, 4)), 2), **flags}])
+    assert group_opt.param_groups[0]["implementation"] == implementation
+
+
+def test_an_implementation_that_contradicts_the_flags_or_cannot_run_is_refused():
+    p = _param(torch.zeros(6, 4))
+    with pytest.raises(ValueError, match="choose different implementations"):
+        GrassAdamW([_grass_group(p, 2)], implementation="grouped", foreach=False)
+    with pytest.raises(ValueError, match="Unknown implementation|Invalid implementation"):
+        GrassAdamW([_grass_group(p, 2)], implementation="fast")
+    if not torch.cuda.is_available():  # the CPU without Triton's interpreter: no device for it
+        with pytest.raises(ValueError, match="implementation='triton' needs Triton"):
+            GrassAdamW([_grass_group(p, 2)], implementation="triton")
+
+
+def test_a_checkpoint_with_the_older_flags_resumes_with_this_runs_implementation():
+    """Checkpoints of hf-grass 0.2 hold foreach/batched/compiled in their groups: they load, the
+    run's own implementation applies and the older keys are gone."""
+    torch.manual_seed(0)
+    p = _param(torch.randn(6, 4))
+    opt = GrassAdamW([_grass_group(p, 2)])
+    p.grad = torch.randn(6, 4)
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["implementation"]
+        group.update(foreach=True, batched=True, compiled=True)
+    resumed = GrassAdamW([_grass_group(p, 2)], implementation="reference")
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["implementation"] == "reference"
+    assert not {"foreach", "batched", "compiled"} & set(resumed.param_groups[0])

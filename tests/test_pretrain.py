@@ -419,3 +419,24 @@ def test_grass_pretraining_defaults_follow_the_ablations_and_yield_to_flags():
     assert (args.grass_scale, args.grass_selection) == (1.0, "top_r")
     _, args = pretrain.parse_args(["--optim", "adamw_torch"])
     assert args.learning_rate == pretrain.LEARNING_RATES["adamw"]
+
+
+def test_pretrain_takes_a_moe_config_and_projects_its_experts(cache, tmp_path):
+    """``--model_config`` with a Mixtral config (configs/models/mixtral-tiny.json): the experts'
+    3-D weights are projected (the report's projected share counts them) and the loss falls."""
+    out = tmp_path / "moe"
+    config = ROOT / "configs" / "models" / "mixtral-tiny.json"
+    pretrain.main(small_flags(out, "--optim", "grass", "--model_config", str(config),
+                              "--max_steps", "12", "--save_strategy", "no"))  # fmt: skip
+    losses = logged(out, "loss")
+    assert min(losses[-3:]) < losses[0] - 0.5
+    report = json.loads((out / "resource_report.json").read_text())
+    values = json.loads(config.read_text())
+    h, inter, experts = (
+        values["hidden_size"],
+        values["intermediate_size"],
+        values["num_local_experts"],
+    )
+    trainable = report["trainable_param_bytes"] / 4  # float32
+    expert_share = values["num_hidden_layers"] * experts * 3 * h * inter / trainable
+    assert report["projected_param_fraction"] > expert_share > 0.3

@@ -685,16 +685,27 @@ if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
 
 
-def test_compiled_flag_reaches_the_optimizer_and_trains_like_the_default(tmp_path):
-    """--grass_compiled fuses the batched Adam arithmetic; results equal the default (float64)."""
+@pytest.mark.parametrize(
+    "flags",
+    [dict(grass_compiled=True), dict(grass_implementation="compiled"),
+     dict(grass_implementation="reference")],
+)  # fmt: skip
+def test_implementation_flags_reach_the_optimizer_and_train_like_the_default(tmp_path, flags):
+    """--grass_implementation (and the older --grass_compiled) choose how the step runs;
+    results equal the default grouped step (float64)."""
     results = []
-    for compiled in (False, True):
+    for chosen in ({}, flags):
         model = tiny_lm().double()
-        args = make_args(tmp_path, max_steps=2, grass_compiled=compiled, max_grad_norm=0.0)
+        args = make_args(tmp_path, max_steps=2, max_grad_norm=0.0, **chosen)
         trainer = GrassTrainer(model=model, args=args, train_dataset=lm_data(n=16))
         trainer.train()
+        expected = (
+            "compiled"
+            if chosen.get("grass_compiled")
+            else chosen.get("grass_implementation", "grouped")
+        )
         groups = [g for g in trainer.optimizer.param_groups if "rank" in g]
-        assert groups and all(g["compiled"] is compiled for g in groups)
+        assert groups and all(g["implementation"] == expected for g in groups)
         results.append(params_of(model))
     for name, p in results[0].items():
         torch.testing.assert_close(results[1][name], p, rtol=0, atol=1e-12, msg=name)
