@@ -155,8 +155,9 @@ def grass_experts_forward(
 
     The same routing arithmetic as transformers' ``grouped_mm`` experts implementation: pairs
     sorted by expert, gate (``self._apply_gate``) or activation, optional post-expert norm,
-    outputs weighted and summed per token. Expert indices >= E (expert parallelism's masked
-    slots) are dropped.
+    outputs weighted, put back in token order and summed over each token's k slots, keeping for
+    the backward what ``grouped_mm`` keeps. Expert indices >= E (expert parallelism's masked
+    slots) are dropped (their slots add zero).
     """
     num_tokens, top_k = top_k_index.shape
     experts = self.num_experts
@@ -182,9 +183,11 @@ def grass_experts_forward(
     if getattr(self, "has_post_expert_norm", False):
         out = self.post_expert_norm(out)
     out = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
-    final = torch.zeros(num_tokens, out.shape[1], dtype=out.dtype, device=out.device)
-    final.index_add_(0, tokens, out)
-    return final.to(hidden_states.dtype)
+    # Back to (token, slot) order and summed over the k slots: index_put keeps only the index
+    # for the backward (index_add would keep `out` too: S x h more per MoE layer), and the sum
+    # has a fixed order (deterministic, unlike index_add with repeated indices on a GPU).
+    pairs = out.new_zeros(num_tokens * top_k, out.shape[1]).index_put((order,), out)
+    return pairs.view(num_tokens, top_k, -1).sum(1).to(hidden_states.dtype)
 
 
 _GRASS_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}

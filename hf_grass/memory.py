@@ -734,9 +734,8 @@ def moe_activation_bytes(arch: Architecture, method: str, prec: Precision, token
         routing   28S + 4E             transformers' grouped_mm experts forward (its default):
                                        each pair's gathered routing weight (float32 at most)
                                        and three int64 permutations; int32 offsets
-                  or 20S + eSh         Grass's experts forward (:mod:`hf_grass.experts`): the
-                                       weight, two int64 permutations and the weighted outputs,
-                                       which its ``index_add_`` keeps
+                  or 20S               Grass's experts forward (:mod:`hf_grass.experts`): the
+                                       weight and two int64 permutations
 
     LoRA (``method="lora"``: router and experts frozen) saves no matmul inputs (``eTh +
     eS(h + f)``). Grass keeps the experts' whole inputs (no ``X[:, cols]`` slices) on every
@@ -748,7 +747,7 @@ def moe_activation_bytes(arch: Architecture, method: str, prec: Precision, token
     router = 4 * t * arch.experts + 8 * pairs + (4 * pairs + 4 * t if arch.norm_topk else 0)
     experts = e * pairs * (3 * f + h)
     if method == "grass":
-        routing = 20 * pairs + e * pairs * h
+        routing = 20 * pairs
     else:
         routing = 28 * pairs + 4 * arch.experts
     return inputs + router + experts + routing
