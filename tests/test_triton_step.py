@@ -348,6 +348,40 @@ def test_grass_adamw_with_the_triton_implementation_trains_as_the_grouped_step(i
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
 
 
+def test_layerwise_updates_take_one_launch_per_weight(impl):
+    """Layer-wise mode with ``implementation="triton"``: each projected weight is updated inside
+    the backward by one kernel launch, and the run follows ordinary grouped steps."""
+    import copy
+
+    from conftest import tiny_llama
+
+    from hf_grass import GrassAdamW, enable_layerwise, grassify
+
+    module, device = impl
+    reference = tiny_llama(seed=0, vocab_size=64).to(device)
+    model = copy.deepcopy(reference)
+    ref_opt = GrassAdamW(grassify(reference, rank=4, update_proj_gap=2), lr=1e-2)
+    groups = grassify(model, rank=4, update_proj_gap=2)
+    projected = sum(len(g["params"]) for g in groups if "rank" in g)
+    opt = GrassAdamW(groups, lr=1e-2, implementation="triton")
+    enable_layerwise(opt, model)
+    calls = []
+    kernel = module._launch
+    module._launch = lambda *a, **k: (calls.append(len(a[0])), kernel(*a, **k))
+    try:
+        for step in range(3):
+            ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(step))
+            for m, o in ((reference, ref_opt), (model, opt)):
+                m(input_ids=ids.to(device), labels=ids.to(device)).loss.backward()
+                o.step()
+                o.zero_grad()
+    finally:
+        module._launch = kernel
+    assert calls == [1] * (3 * projected)  # one weight per launch, every weight every step
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.skipif(INTERPRETED, reason="this is the interpreter's run")
 def test_in_the_interpreter():
     """This file's tests, on CPU tensors, in a subprocess with ``TRITON_INTERPRET=1``."""
