@@ -135,9 +135,10 @@ class GrassConfig:
     )
     target_modules: str | list[str] = _setting(
         "all-linear",
-        "Linear modules Grass projects: 'all-linear' (every nn.Linear but output heads and "
-        "adapter layers), module names (PEFT's suffix match) or one regex matched in full "
-        "against module names.",
+        "Modules Grass projects: 'all-linear' (every linear layer and MoE experts module but "
+        "output heads and adapter layers), module names (PEFT's suffix match) or one regex "
+        "matched in full against module names; both also match an experts module's 3-D "
+        "weights by path (down_proj, experts.gate_up_proj).",
         resume=FIXED,
     )
     embeddings: bool = _setting(
