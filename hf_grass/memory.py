@@ -33,7 +33,8 @@ Parts (bytes):
   in host memory even on a GPU; about 5 KB per matrix); dense parameters get AdamW state.
   Experts: Grass projects each expert's matrix of a stack (E, m, n) on its own, the larger of
   (m, n) selected, r rows per expert: moments ``2 E r k``, per-row steps (float32 E r), and two
-  step scalars and one RNG state per stack; the router stays dense (AdamW; "all-linear" leaves
+  step scalars per stack, and no RNG state (each expert's sampled rows come from a generator
+  seeded by its index and the step); the router stays dense (AdamW; "all-linear" leaves
   it out even where it is an ``nn.Linear``: it has E rows only). ``adamw-8bit`` quantizes every
   tensor, 3-D stacks too. GaLore (``galore_torch``): moments ``2 r max(m, n)`` and the
   projection ``r min(m, n)`` per projected matrix, in the parameter's dtype (its step counter is
@@ -534,8 +535,8 @@ def layerwise_gradient_bytes(arch: Architecture, method: str, grads: list[int]) 
 
 def optimizer_state_bytes(arch: Architecture, method: str, rank: int, prec: Precision) -> int:
     """Bytes of the optimizer state (without Grass's rows and rho: :func:`indices_bytes`; with
-    its selection RNG state, :data:`RNG_STATE_BYTES` per projected weight, one per stack of
-    experts' matrices)."""
+    its selection RNG state, :data:`RNG_STATE_BYTES` per projected matrix; a stack of
+    experts' matrices keeps none)."""
     if method == "lora":
         return sum(_adamw_state(n, LORA_DTYPE_BYTES) for n in lora_sizes(arch, rank))
     if method == "adamw":
@@ -546,10 +547,10 @@ def optimizer_state_bytes(arch: Architecture, method: str, rank: int, prec: Prec
     for p in arch.params:
         if method == "grass" and p.projected:
             # per matrix: moments r x k, per-row steps (float32 r); per weight: the step and
-            # selected_step scalars and the RNG state
+            # selected_step scalars, and the RNG state of a matrix (not of experts' matrices)
             rows = p.stack * rank
             total += 2 * rows * min(p.matrix) * prec.weight + 4 * rows + 2 * STEP_SCALAR
-            total += RNG_STATE_BYTES
+            total += 0 if p.experts else RNG_STATE_BYTES
         elif method == "galore" and p.projected and not p.experts:
             # moments r x max(m, n), projection r x min(m, n)
             total += (2 * max(p.shape) + min(p.shape)) * rank * prec.weight

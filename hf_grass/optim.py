@@ -45,6 +45,7 @@ from .functional import grass_adamw, implementation_from_flags, remap_moments
 from .projection import (
     DATA_PARALLEL_RECIPE,
     GrassProjection,
+    experts_sharded,
     local,
     oriented,
     projection_of,
@@ -540,13 +541,9 @@ class GrassAdamW(Optimizer):
         group = self._group_of(p)
         state = self.state[p]
         g = oriented(grad, projection.side)
-        generator = torch.Generator()
-        if "rng" in state:
-            generator.set_state(_rng_tensor(state["rng"]))
-        else:
-            generator.manual_seed(group["seed"] + self._param_index(p))
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
+        seed = group["seed"] + self._param_index(p)
         norms = _row_norms(p, g)
         with warnings.catch_warnings():
             if group["lr"] == 0:
@@ -554,10 +551,15 @@ class GrassAdamW(Optimizer):
                 # gradients before loading a checkpoint over it: no warning for that selection.
                 warnings.simplefilter("ignore", RuntimeWarning)
             if norms.dim() == 1:
+                generator = torch.Generator()
+                if "rng" in state:
+                    generator.set_state(_rng_tensor(state["rng"]))
+                else:
+                    generator.manual_seed(seed)
                 rows, rho = select_rows(norms, group["rank"], group["selection"], generator)
+                state["rng"] = _rng_bytes(generator.get_state())
             else:
-                rows, rho = _select_expert_rows(norms, group, generator, state)
-        state["rng"] = _rng_bytes(generator.get_state())
+                rows, rho = _select_expert_rows(norms, group, state, seed, _first_expert(p))
         remap_moments(
             state,
             rows,
@@ -574,7 +576,9 @@ class GrassAdamW(Optimizer):
 
         Under FSDP2 each rank holds the moments of its own rows of the weight: oriented, this
         rank's columns of the r x m moments. They are returned as DTensors of the global r x m
-        shape, sharded on dim 1 like the weight on dim 0, so that
+        shape, sharded on dim 1 like the weight on dim 0 (for experts' weights, sharded by
+        experts, every per-row tensor, rows included, as a DTensor over all E * r rows, sharded
+        on dim 0 like the weight), so that
         ``torch.distributed.checkpoint`` (``get_optimizer_state_dict``, ``dcp.save``) gathers,
         saves and reshards them like any sharded state, and a checkpoint resumes on any number
         of processes. The optimizer's own state is not changed.
@@ -586,8 +590,15 @@ class GrassAdamW(Optimizer):
             if entry is None or "rows" not in entry or not row_sharded(p):
                 continue
             entry = dict(entry)  # torch.optim shares the state's own dicts
-            for key in MOMENTS:
-                entry[key] = _global_moment(entry[key], p)
+            if experts_sharded(p):
+                rank = self._group_of(p)["rank"]
+                m = selected_size(p, self._projections[id(p)].side)
+                entry["rows"] = entry["rows"] + _first_expert(p) * m
+                for key in _PER_ROW_KEYS:
+                    entry[key] = _global_per_row(entry[key], p, rank)
+            else:
+                for key in MOMENTS:
+                    entry[key] = _global_moment(entry[key], p)
             state_dict["state"][index] = entry
         return state_dict
 
@@ -650,11 +661,15 @@ class GrassAdamW(Optimizer):
 
 
 def _select_expert_rows(
-    norms: torch.Tensor, group: dict, generator: torch.Generator, state: dict
+    norms: torch.Tensor, group: dict, state: dict, seed: int, first_expert: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of each expert's matrix from its own row norms (E, m), as flat sorted indices
     ``e * m + i`` (see :func:`~hf_grass.functional.row_index`) and their scales.
 
+    A sampled selection draws expert e's rows from a generator of its own, seeded by the
+    parameter's seed, the expert's index in the whole stack (``first_expert + e`` on a rank
+    that holds experts from ``first_expert`` on) and the step: the draws are the same however
+    the experts are sharded, and a resumed run repeats them without a saved generator state.
     An expert that no token reached in the selection step's batch has an all-zero gradient: it
     keeps its previous rows and scales (the first time, rows drawn uniformly, as for any
     gradient with no signal), without the zero-gradient warning, which is meant for a whole
@@ -662,6 +677,7 @@ def _select_expert_rows(
     """
     experts, m = norms.shape
     rank = group["rank"]
+    step = int(state["step"])
     rows, rhos = [], []
     for e in range(experts):
         keep = slice(e * rank, (e + 1) * rank)
@@ -670,6 +686,8 @@ def _select_expert_rows(
             rows.append(state["rows"][keep] - e * m)
             rhos.append(state["rho"][keep])
             continue
+        generator = torch.Generator()
+        generator.manual_seed(hash((seed, first_expert + e, step)) % 2**63)
         with warnings.catch_warnings():
             if silent:
                 warnings.simplefilter("ignore", RuntimeWarning)
@@ -715,6 +733,41 @@ def _upgrade_implementation(group: dict) -> None:
         group["implementation"] = _implementation(None, flags)
 
 
+# ---- FSDP2 on experts' weights: each rank holds whole experts (dim 0 sharded) ----------------------
+# Per-row state of an experts' weight, sharded with its experts: E * r rows in expert order.
+_PER_ROW_KEYS = ("exp_avg", "exp_avg_sq", "row_step", "rho", "rows")
+
+
+def _first_expert(p: torch.Tensor) -> int:
+    """The index, in the whole stack, of this rank's first expert of ``p`` (0 unless sharded)."""
+    if not experts_sharded(p):
+        return 0
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
+    return compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)[1][0]
+
+
+def _global_per_row(local_value: torch.Tensor, p: torch.Tensor, rank: int) -> torch.Tensor:
+    """This rank's per-row state of an experts-sharded ``p`` as a DTensor over all E * r rows,
+    sharded like ``p`` (row indices counted in the whole stack)."""
+    from torch.distributed.tensor import DTensor
+
+    shape = (p.shape[0] * rank, *local_value.shape[1:])
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local_value, p.device_mesh, p.placements, shape=shape, stride=stride)
+
+
+def _local_per_row(value: torch.Tensor, p: torch.Tensor, rank: int) -> torch.Tensor:
+    """This rank's part of saved per-row state of an experts-sharded ``p``: from a DTensor of
+    any placement or from a full tensor (a single process's state)."""
+    if hasattr(value, "redistribute"):
+        return value.redistribute(p.device_mesh, p.placements).to_local()
+    start = _first_expert(p) * rank
+    return value[start : start + local(p).shape[0] * rank]
+
+
 def _row_norms(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Norms of the rows of the oriented gradient ``g`` (float32 at least; fp64 stays fp64):
     (m,) for a matrix, (E, m) for experts' matrices (E, m, k).
@@ -724,7 +777,7 @@ def _row_norms(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     the norms of the whole gradient and selects the same columns.
     """
     g = g.to(torch.promote_types(g.dtype, torch.float32))
-    if not row_sharded(p):
+    if not row_sharded(p) or experts_sharded(p):  # sharded by experts: each expert is local
         return g.norm(dim=-1)
     import torch.distributed as dist
 
@@ -761,7 +814,7 @@ def _placed_moment(moment: torch.Tensor, p: torch.Tensor, projected: bool) -> to
         return moment.full_tensor() if hasattr(moment, "full_tensor") else moment
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    grass_sharded = projected and row_sharded(p)
+    grass_sharded = projected and row_sharded(p) and p.dim() == 2
     placements = _moment_placements(p) if grass_sharded else list(p.placements)
     if isinstance(moment, DTensor):
         moment = moment.redistribute(p.device_mesh, placements)
@@ -792,10 +845,18 @@ def _restore_state(p: torch.Tensor, saved: dict, group: dict) -> dict:
     """
     state = {}
     moments_dtype = group["state_dtype"] or p.dtype
+    per_row = "rows" in saved and experts_sharded(p)
     for key, value in saved.items():
         if key in ("unique_rows", "inverse"):
             continue
-        if key == "rng":
+        if per_row and key in _PER_ROW_KEYS:
+            value = _local_per_row(value, p, group["rank"])
+            if key == "rows":
+                side = side_of(p, group["proj_side"])
+                value = value - _first_expert(p) * selected_size(p, side)
+            dtype = moments_dtype if key in MOMENTS else value.dtype
+            state[key] = value.to(p.device, dtype, copy=True)
+        elif key == "rng":
             state[key] = value if isinstance(value, bytes) else _rng_bytes(_rng_tensor(value))
         elif key in ("step", "selected_step"):
             state[key] = value.to("cpu", torch.float32, copy=True)
@@ -828,11 +889,7 @@ def _validate_projected_group(group: dict) -> None:
                 "in a group without 'rank'."
             )
         if p.dim() == 3 and hasattr(p, "device_mesh"):
-            raise ValueError(
-                f"An experts' weight of shape {tuple(p.shape)} is sharded (FSDP2): Grass does not "
-                "project sharded expert weights yet; leave the experts out of target_modules "
-                "(e.g. a regex without 'experts') or train without FSDP."
-            )
+            _check_experts_sharding(p)
         side = side_of(p, group["proj_side"])
         size = selected_size(p, side)
         if rank > size:
@@ -845,10 +902,30 @@ def _validate_projected_group(group: dict) -> None:
             )
 
 
+def _check_experts_sharding(p: torch.Tensor) -> None:
+    """Grass takes an experts' weight sharded by whole experts (FSDP2's dim 0), in equal parts."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    shards = [
+        (pl, p.device_mesh.size(i))
+        for i, pl in enumerate(p.placements)
+        if not isinstance(pl, Replicate)
+    ]
+    if any(not (isinstance(pl, Shard) and pl.dim == 0) for pl, _ in shards) or any(
+        p.shape[0] % size for _, size in shards
+    ):
+        raise ValueError(
+            f"An experts' weight of shape {tuple(p.shape)} is sharded as {list(p.placements)}: "
+            "Grass needs it sharded by whole experts in equal parts (FSDP2's default Shard(0), "
+            "with the number of experts divisible by the number of shards); shard it so, or "
+            "leave the experts out of target_modules."
+        )
+
+
 def _check_state_shapes(p: torch.Tensor, state: dict, group: dict) -> None:
     if "rank" in group:
         side = side_of(p, group["proj_side"])
-        experts = p.shape[0] if p.dim() == 3 else 1
+        experts = local(p).shape[0] if p.dim() == 3 else 1
         expected = (group["rank"] * experts, oriented(p, side).shape[-1])
     else:
         expected = tuple(local(p).shape)

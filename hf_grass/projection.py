@@ -60,9 +60,10 @@ def projection_side(shape: torch.Size | tuple[int, ...], proj_side: str = "auto"
 
 
 def side_of(param: torch.Tensor, proj_side: str = "auto") -> str:
-    """The selected side of ``param``: :func:`projection_side`, except for a weight sharded by
-    rows (FSDP2's ``fully_shard``), where Grass selects columns (see :mod:`hf_grass.optim`)."""
-    if not row_sharded(param):
+    """The selected side of ``param``: :func:`projection_side`, except for a matrix sharded by
+    rows (FSDP2's ``fully_shard``), where Grass selects columns (see :mod:`hf_grass.optim`).
+    Experts' weights sharded by experts keep every expert's matrix whole: any side."""
+    if not row_sharded(param) or experts_sharded(param):
         return projection_side(param.shape, proj_side)
     if proj_side == "rows":
         raise ValueError(
@@ -76,6 +77,12 @@ def row_sharded(t: torch.Tensor) -> bool:
     """True for a DTensor sharded along dim 0 (what ``fully_shard`` makes of a weight)."""
     placements = getattr(t, "placements", None)
     return placements is not None and any(getattr(p, "dim", None) == 0 for p in placements)
+
+
+def experts_sharded(t: torch.Tensor) -> bool:
+    """True for experts' weights (E, m, n) as a DTensor sharded by experts (dim 0, what
+    ``fully_shard`` does): each rank holds whole experts."""
+    return t.dim() == 3 and row_sharded(t)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -541,13 +541,6 @@ def _check_fsdp2_groups(groups: list[dict]) -> None:
                 "proj_side='rows' under FSDP2, which shards weights by rows: Grass selects "
                 "columns there; use --grass_proj_side auto or cols"
             )
-        experts = [tuple(p.shape) for p in group["params"] if p.dim() == 3]
-        if experts:
-            raise ValueError(
-                f"Grass does not project MoE expert weights (shape {experts[0]}) under FSDP2 "
-                "yet: leave them out with --grass_target_modules (a regex without 'experts'), "
-                "or train without FSDP"
-            )
         narrow = [
             tuple(p.shape) for p in group["params"] if p.dim() == 2 and p.shape[1] < group["rank"]
         ]

@@ -195,15 +195,6 @@ def test_optimizer_state_of_experts_resumes_exactly():
         assert torch.equal(p, q)
 
 
-def test_experts_weights_under_fsdp2_are_refused_before_training():
-    """Grass does not project sharded expert weights: the Trainer stops with the fix."""
-    from hf_grass.trainer import _check_fsdp2_groups
-
-    model = tiny_moe("mixtral")
-    with pytest.raises(ValueError, match="MoE expert weights .* under FSDP2"):
-        _check_fsdp2_groups(grassify(model, rank=2))
-
-
 def test_layerwise_updates_of_experts_equal_stepping_after_backward():
     """Layer-wise mode (each weight updated in the backward once its gradient is complete,
     here with 2 micro-batches a window) matches ordinary steps on a MoE model."""

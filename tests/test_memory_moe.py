@@ -116,8 +116,9 @@ def _grass_reference(model: nn.Module, dtype: str, rank: int) -> dict[str, int]:
         if _is_stack(name, p) or name in linear:
             matrices = p.shape[0] if p.dim() == 3 else 1
             rows, k = matrices * rank, min(p.shape[-2:])
-            # moments, per-row steps (float32), step + selected_step, RNG state
-            state += 2 * rows * k * w + 4 * rows + 2 * 4 + RNG_STATE_BYTES
+            # moments, per-row steps (float32), step + selected_step; the RNG state of a
+            # matrix (experts draw from generators seeded per expert and step)
+            state += 2 * rows * k * w + 4 * rows + 2 * 4 + (0 if p.dim() == 3 else RNG_STATE_BYTES)
             indices += rows * (8 + 4)  # int64 rows, float32 rho
             grads += rows * k * w
         else:
