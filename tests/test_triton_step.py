@@ -10,8 +10,10 @@ tests/test_triton_step.py`` shows the tests one by one.
 
 Tolerances. Step counts and moments are computed with the reference's roundings (its ``lerp`` and
 ``addcmul`` are fused multiply-adds on CPU and GPU, and so are the kernel's): counts are compared
-exactly, moments to one unit in the last place of their dtype, for a torch build whose scalar
-fallback does not fuse. The direction ``m / bc1 / (sqrt(v) / sqrt(bc2) + eps)`` is correctly
+exactly, moments to four units in the last place of their dtype at the size of their operands
+(``m + w (g - m)`` cancels where g and m nearly do, so a torch build whose kernel rounds
+otherwise, torch 2.14's CPU kernels among them, differs by an ulp or two of the operands: many
+ulps of the result). The direction ``m / bc1 / (sqrt(v) / sqrt(bc2) + eps)`` is correctly
 rounded op by op in the kernel, while torch's CPU ``sqrt`` and ``pow`` are SIMD approximations
 within one ulp: each costs a few ulp of relative error, except ``pow`` in ``bc2 = 1 - b2^t``,
 where one ulp of ``b2^t`` (2^-24) is a relative error of 2^-24 / bc2 in bc2 (cancellation), half
@@ -112,10 +114,14 @@ def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.finfo(dtype).eps * torch.exp2(exponent.double() - 1)
 
 
-def _assert_within_ulp(out: torch.Tensor, ref: torch.Tensor, ulps: int = 1) -> None:
+def _assert_within_ulp(
+    out: torch.Tensor, ref: torch.Tensor, ulps: int = 1, scale: torch.Tensor | None = None
+) -> None:
+    """|out - ref| within ``ulps`` units in the last place of ``ref``'s dtype at ``scale``
+    (default: at ``ref``)."""
     assert out.dtype == ref.dtype
     gap = (out.double() - ref.double()).abs()
-    bad = gap > ulps * _ulp(ref, ref.dtype)
+    bad = gap > ulps * _ulp(ref if scale is None else scale, ref.dtype)
     assert not bad.any(), f"{int(bad.sum())} values beyond {ulps} ulp; worst gap {gap.max()}"
 
 
@@ -142,8 +148,18 @@ def _compare(fn, problem, steps=1, **hp):
         _assert_weights_close(
             out[0][i], ref[0][i], before[0][i], lr, hp.get("weight_decay", 0.0), row_index
         )
-        _assert_within_ulp(out[2][i], ref[2][i])  # moments
-        _assert_within_ulp(out[3][i], ref[3][i])
+        # Moments: m + w (g - m) and b2 v + (1 - b2) g^2 cancel where g and m (or the terms)
+        # nearly cancel, so a rounding that goes the other way (a torch build whose CPU kernel
+        # rounds otherwise) is an ulp or two of the operands, not of the result.
+        grad = before[1][i].double().abs()
+        m_scale = torch.maximum(before[2][i].double().abs(), grad)
+        v_scale = torch.maximum(before[3][i].double().abs(), grad.square())
+        _assert_within_ulp(
+            out[2][i], ref[2][i], 2, torch.maximum(m_scale, ref[2][i].double().abs())
+        )
+        _assert_within_ulp(
+            out[3][i], ref[3][i], 2, torch.maximum(v_scale, ref[3][i].double().abs())
+        )
         assert torch.equal(out[4][i], ref[4][i])  # step counts
     # The reference must have moved the selected rows: the comparison is not vacuous.
     assert any(not torch.equal(a, b) for a, b in zip(ref[0], before[0], strict=True))
@@ -243,8 +259,9 @@ def test_stochastic_rounding_is_unbiased(fused):
     assert normalized.abs().max() < 0.35 + (slack / ulp).max()
     assert normalized.mean().abs() < 0.01 + (slack / ulp).max()
     # Moments and counts do not depend on the noise.
+    scale = torch.maximum(m1.double().abs(), grad.double().abs())  # see _compare
     for i in range(copies):
-        _assert_within_ulp(batch[2][i], exact[2][0])
+        _assert_within_ulp(batch[2][i], exact[2][0], 4, torch.maximum(scale, exact[2][0].abs()))
         assert torch.equal(batch[4][i], exact[4][0])
 
 
