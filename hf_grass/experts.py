@@ -22,6 +22,10 @@ so the full (E, m, n) gradient is formed only at selection steps, one layer at a
 compressed gradient has the same shape on every data-parallel rank). Biases get their ordinary
 dense gradient.
 
+Under FSDP2 the forward sees the unsharded copy of the weight, which has no projection: the
+backward returns the full gradient for FSDP2 to reduce-scatter, and the optimizer compresses
+each rank's own experts (see :mod:`hf_grass.optim`).
+
 This is the reference path: one matmul pair per expert that received tokens, in plain
 PyTorch.
 """

@@ -134,6 +134,21 @@ def end_worker() -> None:
     os._exit(0)
 
 
+def run_two_processes(script: str, *args: str, timeout: float = 180):
+    """``script args`` under ``torch.distributed.run`` on 2 CPU processes (gloo, one thread
+    each, this folder importable), bounded by :func:`run_bounded`."""
+    import os
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+        script, *args,
+    ]  # fmt: skip
+    return run_bounded(cmd, env, timeout)
+
+
 def run_bounded(cmd: list[str], env: dict[str, str], timeout: float):
     """Run ``cmd`` (e.g. a torchrun job) in its own session; on a timeout kill it and all its
     workers and fail the test. Returns the ``subprocess.CompletedProcess``."""

@@ -207,14 +207,9 @@ def _worker(out: str, mode: str) -> None:
 
 
 def _launch(tmp_path: Path, mode: str, timeout: float = 180):
-    from conftest import run_bounded
+    from conftest import run_two_processes
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-        __file__, str(tmp_path), mode,
-    ]  # fmt: skip
-    return run_bounded(cmd, env, timeout)
+    return run_two_processes(__file__, str(tmp_path), mode, timeout=timeout)
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ all-reduced column norms, so every rank picks the same ones and keeps moments on
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -255,14 +254,9 @@ def _worker(out: str, selection: str) -> None:
 
 def _two_processes(tmp_path, mode: str) -> None:
     """Run this file's ``mode`` worker on 2 CPU processes (gloo), bounded in time."""
-    from conftest import run_bounded
+    from conftest import run_two_processes
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-        __file__, str(tmp_path), mode,
-    ]  # fmt: skip
-    proc = run_bounded(cmd, env, timeout=180)
+    proc = run_two_processes(__file__, str(tmp_path), mode)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 

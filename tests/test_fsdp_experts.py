@@ -11,7 +11,6 @@ sharded run resumes on 2 processes and on 1.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -205,14 +204,9 @@ def _worker(out: str, selection: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("selection", ["top_r", "multinomial"])
 def test_sharded_experts_train_and_resume_as_one_process(tmp_path, selection):
-    from conftest import run_bounded
+    from conftest import run_two_processes
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-        __file__, str(tmp_path), selection,
-    ]  # fmt: skip
-    proc = run_bounded(cmd, env, timeout=240)
+    proc = run_two_processes(__file__, str(tmp_path), selection, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / f"{selection}.json").read_text())
     assert result["sharded_vs_one_process"] < 1e-10
