@@ -69,7 +69,7 @@ from .targets import (
     grass_target_names,
     is_experts_module,
     target_module_name,
-    target_weights,
+    weights_of_target,
 )
 
 
@@ -335,9 +335,7 @@ def grassify(
             "modules with target_modules, or train the other parameters with a plain optimizer "
             "such as torch.optim.AdamW."
         )
-    targets = {
-        target_module_name(modules, n): modules[target_module_name(modules, n)] for n in names
-    }
+    targets = {m: modules[m] for m in (target_module_name(modules, n) for n in names)}
     for name, module in targets.items():
         if isinstance(module, nn.Embedding):
             if _grass_class(module) is None or module.max_norm or module.sparse:
@@ -405,7 +403,7 @@ def _check_not_shared(model: nn.Module, targets: dict[str, nn.Module], names: li
     modules = dict(model.named_modules())
     for target in names:
         name = target_module_name(modules, target)
-        others = [u for w in target_weights(model, [target]) for u in users.get(id(w), ())]
+        others = [u for w in weights_of_target(modules, target) for u in users.get(id(w), ())]
         if others:
             raise ValueError(
                 f"{name}.weight is shared with {others[0]!r}, which Grass leaves out (tied "

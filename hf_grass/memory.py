@@ -100,7 +100,14 @@ from .errors import MissingFileError, UsageError
 from .models import LLAMA_PRESETS, llama_config
 from .optim import _rng_bytes
 from .projection import projection_side
-from .targets import grass_target_names, linear_layer_types, match_target_modules
+from .targets import (
+    expert_weights,
+    grass_target_names,
+    is_experts_module,
+    linear_layer_types,
+    match_target_modules,
+    weights_of_target,
+)
 
 METHODS = ("adamw", "adamw-8bit", "galore", "lora", "grass")
 RANKED_METHODS = ("galore", "lora", "grass")
@@ -234,19 +241,12 @@ def _walk(config: PretrainedConfig, embeddings: bool, lm_head: bool) -> Architec
     _refuse_half_tied(model, embeddings, lm_head)
     moe = _moe_blocks(modules)
     routers = {f"{block}.gate" for block in moe}
-    experts_modules = {f"{block}.experts" for block in moe}
-    # a router has E rows only: dense even where it is an nn.Linear that "all-linear" matches;
-    # the experts' stacks (a target by module or by weight path) are added below
-    projected = {
-        id(modules[n].weight)
-        for n in targets
-        if n not in routers
-        and n not in experts_modules
-        and n.rpartition(".")[0] not in experts_modules
-    }
+    # a router has E rows only: dense even where it is an nn.Linear that "all-linear" matches
+    projected = {id(w) for n in targets if n not in routers for w in weights_of_target(modules, n)}
     linear = {id(m.weight) for m in modules.values() if isinstance(m, linear_layer_types())}
-    stacks = {id(p): p.shape[0] for experts in moe.values() for p in _stacks(experts)}
-    projected |= stacks.keys()
+    stacks = {
+        id(p): p.shape[0] for experts in moe.values() for p in expert_weights(experts).values()
+    }
     linear |= stacks.keys() | {id(modules[n].weight) for n in routers if n in modules}
     users: dict[int, int] = {}
     for module in model.modules(remove_duplicate=False):
@@ -289,20 +289,15 @@ def _walk(config: PretrainedConfig, embeddings: bool, lm_head: bool) -> Architec
     )
 
 
-def _stacks(experts: nn.Module) -> list[nn.Parameter]:
-    """The experts' 3-D weights (E, m, n) of an experts module."""
-    return [p for p in experts.parameters(recurse=False) if p.dim() == 3]
-
-
 def _moe_blocks(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
     """Each sparse MoE block's name -> its experts module (transformers 5: a module named
     ``experts`` holding the stacks ``gate_up_proj`` (E, 2f, h) and ``down_proj`` (E, h, f))."""
     blocks = {}
     for name, module in modules.items():
         block, _, leaf = name.rpartition(".")
-        if leaf != "experts" or not _stacks(module):
+        if leaf != "experts" or not is_experts_module(module):
             continue
-        names = {n for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
+        names = set(expert_weights(module))
         if names != {"gate_up_proj", "down_proj"}:
             raise UsageError(
                 f"The experts of {block} hold {sorted(names)}; the planner models experts as "

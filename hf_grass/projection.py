@@ -201,8 +201,9 @@ class GrassProjection:
 
     @property
     def experts(self) -> int:
-        """The number of matrices the weight stacks: E for experts' weights (E, m, n), else 1."""
-        weight = self._param()
+        """The number of matrices the weight stacks here: E for experts' weights (E, m, n) (this
+        rank's experts when they are sharded), else 1."""
+        weight = local(self._param())
         return weight.shape[0] if weight.dim() == 3 else 1
 
     @property

@@ -70,18 +70,20 @@ def layer_weights(module: nn.Module) -> dict[str, nn.Parameter]:
     return {"weight": module.weight}
 
 
+def weights_of_target(modules: dict[str, nn.Module], name: str) -> list[nn.Parameter]:
+    """The weights of one target (a name of :func:`grass_target_names`) among ``modules``
+    (``dict(model.named_modules())``): a module's :func:`layer_weights`, or the one expert
+    weight a parameter path names."""
+    if name in modules:
+        return list(layer_weights(modules[name]).values())
+    module_name, _, param_name = name.rpartition(".")
+    return [modules[module_name]._parameters[param_name]]
+
+
 def target_weights(model: nn.Module, names: Sequence[str]) -> list[nn.Parameter]:
-    """The weights of the targets ``names`` (:func:`grass_target_names`): a module's
-    :func:`layer_weights`, or the one expert weight a parameter path names."""
+    """The weights of the targets ``names`` (:func:`grass_target_names`), in order."""
     modules = dict(model.named_modules())
-    weights = []
-    for name in names:
-        if name in modules:
-            weights += layer_weights(modules[name]).values()
-        else:
-            module_name, _, param_name = name.rpartition(".")
-            weights.append(modules[module_name]._parameters[param_name])
-    return weights
+    return [w for name in names for w in weights_of_target(modules, name)]
 
 
 def target_module_name(model_modules: dict[str, nn.Module], name: str) -> str:
