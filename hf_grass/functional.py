@@ -166,17 +166,11 @@ def implementation_of(name: str) -> Callable[..., None]:
         from .triton_step import triton_grass_adamw
 
         return triton_grass_adamw
-    implementations = {
-        "reference": _single_tensor_grass_adamw,
-        "foreach": _multi_tensor_grass_adamw,
-        "grouped": functools.partial(_grouped_grass_adamw, compiled=False),
-        "compiled": functools.partial(_grouped_grass_adamw, compiled=True),
-    }
-    if name not in implementations:
+    if name not in _STEP_FUNCTIONS:
         raise ValueError(
             f"Unknown implementation {name!r}: use one of {', '.join(IMPLEMENTATIONS)}."
         )
-    return implementations[name]
+    return _STEP_FUNCTIONS[name]
 
 
 def implementation_from_flags(foreach: bool, batched: bool, compiled: bool) -> str:
@@ -499,3 +493,13 @@ def round_to(
     if share is not None:
         noise = noise.gather(1, share[..., None].expand_as(noise))
     return ((bits + noise) & -65536).view(torch.float32).to(dtype)
+
+
+# The torch implementations by name (built once: looked up on every step, per parameter in
+# layer-wise mode); "triton" is imported on first use.
+_STEP_FUNCTIONS: dict[str, Callable[..., None]] = {
+    "reference": _single_tensor_grass_adamw,
+    "foreach": _multi_tensor_grass_adamw,
+    "grouped": functools.partial(_grouped_grass_adamw, compiled=False),
+    "compiled": functools.partial(_grouped_grass_adamw, compiled=True),
+}
