@@ -5,12 +5,29 @@
     python benchmarks/compare_pretrain.py configs/pretrain/compare_20m.yaml --only adamw grass
 
 A config holds ``flags`` (``scripts/pretrain.py`` flags shared by every run), ``seeds`` and
-``runs`` (name -> the flags that make that run different). Each run and seed is
+``runs`` (name -> the flags that make that run different), or, for a tuned comparison,
+``methods`` in place of ``runs``::
+
+    methods:
+      grass:
+        flags: {optim: grass, grass_rank: 32}
+        grid: {learning_rate: [3.0e-3, 1.0e-2], grass_scale: [0.25, 1.0]}
+      galore:
+        flags: {optim: galore_adamw, optim_args: {rank: 32, update_proj_gap: 200}}
+        grid: {learning_rate: [3.0e-3, 1.0e-2], optim_args.scale: [0.25, 1.0]}
+
+Each method's grid (every combination; ``optim_args.<key>`` sets one key of its ``optim_args``)
+runs on the first seed; the point with the lowest final validation loss is chosen and run on the
+other seeds. With ``hold_out_test: true`` among the flags every run also reports the test split
+that neither training nor tuning saw: the tuned table reports test perplexity (mean, min-max over
+seeds) and, per seed, the difference from the ``reference`` method. Grids of unequal size are
+named in a warning line (equal tuning budgets are the point). Each run and seed is
 ``python scripts/pretrain.py`` in its own process with the same model, data and token budget, so
 memory and timing are the run's own. A run whose output folder already holds
 ``eval_results.json`` is read back, not rerun (delete the folder to rerun it).
 
-Writes to ``--out`` (default ``benchmarks/results/pretrain/<config name>``): ``summary.json`` (every
+Writes to ``--out`` (default ``benchmarks/results/pretrain/<config name>``; a tuned comparison
+also writes ``tuning.md``, every grid point's validation perplexity): ``summary.json`` (every
 run's final validation loss/perplexity, optimizer-state and peak-gradient bytes, tokens/s, wall
 time, and the validation curve), ``table.md`` (the Markdown table it prints: perplexity as the
 mean over seeds with the spread min-max) and ``val_loss.png`` (validation loss against tokens,
@@ -22,6 +39,7 @@ not comparable; time methods with ``--jobs 1`` and nothing else running.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -41,13 +59,38 @@ SCRIPT = REPO / "scripts" / "pretrain.py"
 
 def load_spec(path: str) -> dict[str, Any]:
     spec = yaml.safe_load(Path(path).read_text())
-    for key in ("flags", "runs"):
-        if not isinstance(spec.get(key), dict):
+    key = "methods" if "methods" in spec else "runs"
+    for needed in ("flags", key):
+        if not isinstance(spec.get(needed), dict):
             raise SystemExit(
-                f"{path}: needs a '{key}' mapping (see benchmarks/compare_pretrain.py)"
+                f"{path}: needs a '{needed}' mapping (see benchmarks/compare_pretrain.py)"
             )
     spec.setdefault("seeds", [42])
     return spec
+
+
+def grid_points(method: str, entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Run name -> flags for every combination of a method's grid."""
+    grid = entry.get("grid") or {}
+    points = {}
+    for values in itertools.product(*grid.values()):
+        flags = {**(entry.get("flags") or {})}
+        args = flags.get("optim_args") or {}
+        if isinstance(args, str):  # "rank=32,scale=0.25" as HF's --optim_args writes it
+            args = dict(pair.split("=", 1) for pair in args.split(","))
+        args = dict(args)
+        label = [method]
+        for key, value in zip(grid, values, strict=True):
+            if key.startswith("optim_args."):
+                args[key.removeprefix("optim_args.")] = value
+            else:
+                flags[key] = value
+            short = key.split(".")[-1].removeprefix("grass_").replace("learning_rate", "lr")
+            label.append(f"{short}{value:g}" if isinstance(value, float) else f"{short}{value}")
+        if args:
+            flags["optim_args"] = ",".join(f"{k}={v}" for k, v in args.items())
+        points["-".join(label)] = flags
+    return points
 
 
 def as_flags(mapping: dict[str, Any]) -> list[str]:
@@ -85,11 +128,15 @@ def read_run(name: str, seed: int, out: Path) -> dict[str, Any]:
         for e in state["log_history"]
         if "eval_loss" in e
     ]
+    test_file = out / "test_results.json"
+    test = json.loads(test_file.read_text()) if test_file.is_file() else {}
     return {
         "name": name,
         "seed": seed,
         "eval_loss": final["eval_loss"],
         "perplexity": final["perplexity"],
+        "test_loss": test.get("test_loss"),
+        "test_perplexity": test.get("test_perplexity"),
         "optimizer_state_bytes": report["optimizer_state_bytes"],
         "peak_grad_bytes": report["peak_grad_bytes"],
         "tokens_per_s": report["tokens_per_s"],
@@ -148,10 +195,75 @@ def plot(results: list[dict[str, Any]], runs: list[str], title: str, path: Path)
     plt.close(fig)
 
 
+def tuned_table(
+    results: list[dict[str, Any]], chosen: dict[str, str], reference: str | None, jobs: int
+) -> str:
+    """One row per method at its chosen point: test (or validation) perplexity over seeds, and the
+    per-seed difference from the reference method's."""
+    metric = "test_perplexity" if all(r.get("test_perplexity") for r in results) else "perplexity"
+    split = "test" if metric == "test_perplexity" else "val"
+    timing = "" if jobs == 1 else f" (under --jobs {jobs}: not comparable)"
+    by_seed = {(r["name"], r["seed"]): r[metric] for r in results if r["name"] in chosen.values()}
+    lines = [
+        f"| method | chosen | {split} perplexity | min-max | vs {reference} per seed "
+        f"| val perplexity | state MiB | tokens/s{timing} |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method, name in chosen.items():
+        ok = [r for r in results if r["name"] == name and not r.get("failed")]
+        values = [r[metric] for r in ok]
+        diffs = [
+            by_seed[(name, r["seed"])] - by_seed[(chosen[reference], r["seed"])]
+            for r in ok
+            if reference and (chosen[reference], r["seed"]) in by_seed
+        ]
+        paired = (
+            ""
+            if method == reference or not diffs
+            else f"{statistics.mean(diffs):+.2f} ({min(diffs):+.2f} to {max(diffs):+.2f})"
+        )
+        lines.append(
+            f"| {method} | {name} | {statistics.mean(values):.2f} | "
+            f"{min(values):.2f}-{max(values):.2f} ({len(ok)} seeds) | {paired} | "
+            f"{statistics.mean(r['perplexity'] for r in ok):.2f} | "
+            f"{ok[0]['optimizer_state_bytes'] / 2**20:.1f} | "
+            f"{statistics.mean(r['tokens_per_s'] for r in ok):,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def tuning_table(results: list[dict[str, Any]], grids: dict[str, list[str]], seed: int) -> str:
+    lines = [
+        f"| method | grid point | val perplexity (seed {seed}) | chosen |",
+        "|---|---|---|---|",
+    ]
+    for method, names in grids.items():
+        scored = {r["name"]: r for r in results if r["name"] in names and r["seed"] == seed}
+        best = _best(scored.values())
+        for name in names:
+            r = scored.get(name)
+            value = "failed" if r is None or r.get("failed") else f"{r['perplexity']:.2f}"
+            lines.append(f"| {method} | {name} | {value} | {'yes' if r is best else ''} |")
+    return "\n".join(lines)
+
+
+def _best(results) -> dict[str, Any] | None:
+    return min(
+        (r for r in results if not r.get("failed")), key=lambda r: r["eval_loss"], default=None
+    )
+
+
+def run_all(jobs: list[tuple], workers: int) -> list[dict[str, Any]]:
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    print(f"{len(jobs)} runs, {workers} at a time, {threads} thread(s) each", flush=True)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda job: run_one(*job, threads=threads), jobs))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="a YAML of flags, seeds and runs (configs/pretrain/)")
-    parser.add_argument("--only", nargs="+", help="run only these runs of the config")
+    parser.add_argument("--only", nargs="+", help="run only these runs (or methods) of the config")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each)")
     parser.add_argument("--out", help="output folder (default benchmarks/results/pretrain/NAME)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
@@ -160,29 +272,47 @@ def main() -> None:
     name = Path(args.config).stem
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / "pretrain" / name
     out.mkdir(parents=True, exist_ok=True)
-    runs = [r for r in spec["runs"] if not args.only or r in args.only]
     seeds = args.seeds or spec["seeds"]
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    jobs = [
-        (
-            run,
-            seed,
-            as_flags({**spec["flags"], **(spec["runs"][run] or {})}),
-            out / f"{run}-s{seed}",
-        )
-        for seed in seeds
-        for run in runs
-    ]
-    print(f"{name}: {len(jobs)} runs, {args.jobs} at a time, {threads} thread(s) each", flush=True)
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda job: run_one(*job, threads=threads), jobs))
-    text = table(results, runs, args.jobs)
     title = spec.get("title", name)
-    summary = {
-        "config": str(args.config),
-        "title": title,
-        "flags": spec["flags"],
-        "runs": {r: spec["runs"][r] for r in runs},
+    summary: dict[str, Any] = {"config": str(args.config), "title": title, "flags": spec["flags"]}
+
+    def job(run: str, seed: int, flags: dict[str, Any]) -> tuple:
+        return (run, seed, as_flags({**spec["flags"], **flags}), out / f"{run}-s{seed}")
+
+    if "methods" in spec:
+        methods = {m: e for m, e in spec["methods"].items() if not args.only or m in args.only}
+        points = {m: grid_points(m, entry) for m, entry in methods.items()}
+        sizes = {m: len(p) for m, p in points.items()}
+        if len(set(sizes.values())) > 1:
+            print(f"warning: unequal tuning budgets (grid points per method: {sizes})", flush=True)
+        print(f"{name}: tuning on seed {seeds[0]}", flush=True)
+        every = {run: flags for p in points.values() for run, flags in p.items()}
+        results = run_all([job(run, seeds[0], flags) for run, flags in every.items()], args.jobs)
+        chosen = {}
+        for method, p in points.items():
+            best = _best(r for r in results if r["name"] in p)
+            if best is not None:
+                chosen[method] = best["name"]
+        print(f"{name}: chosen {chosen}; seeds {seeds[1:]}", flush=True)
+        results += run_all(
+            [job(run, seed, every[run]) for seed in seeds[1:] for run in chosen.values()],
+            args.jobs,
+        )
+        reference = spec.get("reference")
+        text = tuned_table(results, chosen, reference if reference in chosen else None, args.jobs)
+        grids = {m: list(p) for m, p in points.items()}
+        tuning = tuning_table(results, grids, seeds[0])
+        (out / "tuning.md").write_text(f"{title}: tuning\n\n{tuning}\n")
+        summary |= {"methods": methods, "grids": grids, "chosen": chosen, "reference": reference}
+        runs = list(chosen.values())
+        print(f"\n{tuning}\n", flush=True)
+    else:
+        runs = [r for r in spec["runs"] if not args.only or r in args.only]
+        jobs = [job(run, seed, spec["runs"][run] or {}) for seed in seeds for run in runs]
+        results = run_all(jobs, args.jobs)
+        text = table(results, runs, args.jobs)
+        summary["runs"] = {r: spec["runs"][r] for r in runs}
+    summary |= {
         "seeds": seeds,
         "jobs": args.jobs,
         "date": time.strftime("%Y-%m-%d"),
@@ -192,9 +322,7 @@ def main() -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "table.md").write_text(f"{title}\n\n{text}\n")
     plot(results, runs, title, out / "val_loss.png")
-    best = min(
-        (r for r in results if not r.get("failed")), key=lambda r: r["eval_loss"], default=None
-    )
+    best = _best(results)
     print(f"\n{title}\n\n{text}\n")
     if best is not None:
         print(

