@@ -5,8 +5,9 @@ from .distributed import GrassDataParallel, prepare_data_parallel
 from .embedding import GrassEmbedding
 from .layerwise import LayerwiseHandle, enable_layerwise
 from .linear import GrassLinear, grass_linear, grassify, ungrassify
-from .optim import GrassAdamW, clip_grad_norm_
+from .optim import GrassAdamW, GrassOptimizer, clip_grad_norm_
 from .projection import GrassProjection, projection_of
+from .rules import RULES, UpdateRule, register_rule
 from .selection import SELECTIONS, select_rows
 from .targets import grass_param_groups, grass_target_names, match_target_modules
 
@@ -24,6 +25,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "RULES",
     "SELECTIONS",
     "GrassAdamW",
     "GrassArguments",
@@ -31,6 +33,7 @@ __all__ = [
     "GrassDataParallel",
     "GrassEmbedding",
     "GrassLinear",
+    "GrassOptimizer",
     "GrassProjection",
     "GrassTrainer",
     "GrassTrainerMixin",
@@ -44,9 +47,11 @@ __all__ = [
     "grassify",
     "match_target_modules",
     "prepare_data_parallel",
+    "register_rule",
     "projection_of",
     "select_rows",
     "ungrassify",
+    "UpdateRule",
 ]
 
 __version__ = "0.1.0"

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .functional import IMPLEMENTATIONS
+from .rules import RULES
 from .selection import SELECTIONS
 
 RESELECT_STATES = ("keep", "reset")
@@ -71,6 +72,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     ),
     "bucket_cap_mb": (_megabytes, "use a number of megabytes >= 0 (0: each weight alone)"),
     "implementation": (_one_of(IMPLEMENTATIONS), f"use one of {', '.join(IMPLEMENTATIONS)}"),
+    # RULES is read when checking: rules registered after import count too.
+    "update_rule": (lambda v: v in RULES, "use a registered rule (hf_grass.rules.RULES)"),
     "state_dtype": (
         _one_of((*STATE_DTYPES, None)),
         f"use one of {', '.join(STATE_DTYPES)}, or leave it unset (the parameter's dtype)",
@@ -226,6 +229,14 @@ class GrassConfig:
         "Same as implementation='compiled' (kept for existing command lines).",
         resume=TAKES_NEW,
     )
+    update_rule: str = _setting(
+        "adam",
+        "The base optimizer on the selected rows (and on the dense parameters): 'adam' "
+        "(AdamW), 'lion' (one momentum: half of Adam's state) or 'sign' (sign descent, no "
+        "state); see hf_grass.rules.",
+        choices=tuple(RULES),
+        resume=FIXED,
+    )
 
     # Keys of a projected GrassAdamW param group, besides "params" and the AdamW ones.
     GROUP_KEYS = (
@@ -238,7 +249,7 @@ class GrassConfig:
         "seed",
     )
     # GrassAdamW's keyword arguments that are Grass settings: keys of every param group.
-    OPTIMIZER_KEYS = ("state_dtype", "stochastic_rounding", "implementation")
+    OPTIMIZER_KEYS = ("state_dtype", "stochastic_rounding", "implementation", "update_rule")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -23,7 +23,9 @@ ordinary tensor ops (optionally one ``torch.compile``-d kernel), leaving two ind
 weight for the gather and scatter of its rows; :mod:`hf_grass.triton_step` runs such a batch as
 one fused Triton kernel. A model has hundreds of projected matrices of a few shapes, and
 per-matrix kernel launches dominate a GPU step. Tests hold them all equal to the reference.
-Another base optimizer (Adafactor, Lion, ...) is another function of this shape.
+Other base optimizers (Lion, sign descent, ...) are update rules (:mod:`hf_grass.rules`): a
+direction from the compressed gradient and per-row state, then the same row scatter
+(:func:`apply_update`).
 
 Arithmetic runs in float32 at least (``compute_dtype``); moments are written back in their own
 dtype, tensor by tensor.
@@ -62,26 +64,38 @@ def row_index(oriented_t: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tenso
     return torch.div(rows, m, rounding_mode="floor"), rows % m
 
 
-def remap_moments(
-    state: dict, rows: Tensor, rank: int, width: int, dtype: torch.dtype, keep: bool
+def remap_state(
+    state: dict,
+    rows: Tensor,
+    keys: tuple[str, ...],
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    keep: bool,
 ) -> None:
-    """Give ``state`` moments for newly selected ``rows`` (r, or E * r for experts), in place.
+    """Give ``state`` per-row tensors ``keys`` (each of ``shape``: r, or E * r for experts, by
+    k) and per-row step counts for newly selected ``rows``, in place.
 
-    With ``keep``, rows selected before and after keep their moments and step counts; new rows
+    With ``keep``, rows selected before and after keep their state and step counts; new rows
     start from zero (their bias correction restarts with them). Otherwise all start from zero.
     """
     device = rows.device
-    exp_avg = torch.zeros(rank, width, dtype=dtype, device=device)
-    exp_avg_sq = torch.zeros_like(exp_avg)
-    row_step = torch.zeros(rank, dtype=torch.float32, device=device)
+    fresh = {key: torch.zeros(shape, dtype=dtype, device=device) for key in keys}
+    row_step = torch.zeros(shape[0], dtype=torch.float32, device=device)
     if keep and "rows" in state:
         old = state["rows"]
         pos = torch.searchsorted(old, rows).clamp_(max=old.numel() - 1)
         kept = old[pos] == rows
-        exp_avg[kept] = state["exp_avg"][pos[kept]].to(dtype)
-        exp_avg_sq[kept] = state["exp_avg_sq"][pos[kept]].to(dtype)
+        for key, value in fresh.items():
+            value[kept] = state[key][pos[kept]].to(dtype)
         row_step[kept] = state["row_step"][pos[kept]]
-    state.update(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, row_step=row_step)
+    state.update(fresh, row_step=row_step)
+
+
+def remap_moments(
+    state: dict, rows: Tensor, rank: int, width: int, dtype: torch.dtype, keep: bool
+) -> None:
+    """:func:`remap_state` for Adam's moments (``exp_avg``, ``exp_avg_sq``) of ``rank`` rows."""
+    remap_state(state, rows, ("exp_avg", "exp_avg_sq"), (rank, width), dtype, keep)
 
 
 def grass_adamw(
@@ -210,7 +224,7 @@ def _single_tensor_grass_adamw(
             update = direction * -hp["lr"]
         else:
             update = direction * (rhos[i].to(cdt)[:, None] * (-hp["lr"] * hp["scale"]))
-        _apply_update(param, update, rows[i], uniques[i], cdt, **hp)
+        apply_update(param, update, rows[i], uniques[i], cdt, **hp)
 
 
 def _multi_tensor_grass_adamw(
@@ -253,7 +267,7 @@ def _multi_tensor_grass_adamw(
         ]
         torch._foreach_mul_(updates, factors)
         for i, update in zip(index, updates, strict=True):
-            _apply_update(params[i], update, rows[i], uniques[i], cdt, **hp)
+            apply_update(params[i], update, rows[i], uniques[i], cdt, **hp)
 
 
 def _grouped_grass_adamw(
@@ -342,7 +356,7 @@ def _unbatch(tensors: list[Tensor], batch: Tensor) -> None:
     torch._foreach_copy_(tensors, list(batch.to(tensors[0].dtype).unbind(0)))
 
 
-def _moments_and_direction(
+def moments_and_direction(
     grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, beta1: float, beta2: float,
     eps: float,
 ) -> Tensor:  # fmt: skip
@@ -363,7 +377,7 @@ def _compiled_moments_and_direction():
     # Compiled lazily (importing hf_grass must not touch the compiler) and once per process;
     # torch.compile then specializes on each batch shape and dtype (dynamic=False: r and k are
     # fixed for a run, and static shapes give the simplest fused kernel).
-    return torch.compile(_moments_and_direction, fullgraph=True, dynamic=False)
+    return torch.compile(moments_and_direction, fullgraph=True, dynamic=False)
 
 
 def _step_group(
@@ -378,7 +392,7 @@ def _step_group(
     step.add_(1)
     if not t_in_place:
         _unbatch(steps, step)
-    core = _compiled_moments_and_direction() if compiled else _moments_and_direction
+    core = _compiled_moments_and_direction() if compiled else moments_and_direction
     direction = core(
         grad, exp_avg, exp_avg_sq, step.to(cdt)[..., None], hp["beta1"], hp["beta2"], hp["eps"]
     )
@@ -399,7 +413,7 @@ def _apply_group_update(
     cdt: torch.dtype,
     **hp,
 ) -> None:
-    """:func:`_apply_update` for a batch: ``W_g[rows_g] = round(W_g[rows_g] * (1 - lr wd) + U_g)``.
+    """:func:`apply_update` for a batch: ``W_g[rows_g] = round(W_g[rows_g] * (1 - lr wd) + U_g)``.
 
     Same values as the reference: a row drawn several times gets the sum of its updates (here
     summed with ``scatter_add`` in the batch, then given to each of its positions, which all
@@ -435,7 +449,7 @@ def _apply_group_update(
         param.index_put_(row_index(param, index), new)
 
 
-def _apply_update(
+def apply_update(
     param: Tensor,
     update: Tensor,
     rows: Tensor | None,

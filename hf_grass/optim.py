@@ -1,4 +1,5 @@
-"""GrassAdamW: AdamW whose state lives on r selected rows of each projected weight.
+"""GrassOptimizer and GrassAdamW: an optimizer whose state lives on r selected rows of each
+projected weight. The base rule on those rows is AdamW by default (:mod:`hf_grass.rules`).
 
 For a projected weight ``W`` (m x n, oriented so that the selected dimension comes first) and a
 selection ``(rows, rho)`` (see :mod:`hf_grass.selection`), one step is::
@@ -13,7 +14,9 @@ selection ``(rows, rho)`` (see :mod:`hf_grass.selection`), one step is::
 Rows are re-selected from the gradient's row norms every ``update_proj_gap`` steps (step 0
 included). ``reselect_state="keep"`` carries the moments (and bias-correction counts) of rows
 selected both times and starts new rows from zero; ``"reset"`` zeroes all of them. With
-``rank = m``, ``top_r``, ``scale = 1`` and ``"keep"`` this is exactly AdamW.
+``rank = m``, ``top_r``, ``scale = 1`` and ``"keep"`` this is exactly AdamW. Another update
+rule (``update_rule``: Lion, sign descent, one of your own) replaces the moments and the
+direction ``D`` and keeps everything else.
 
 The class keeps the bookkeeping (groups, state, selection, checkpoints); the arithmetic is the
 functional core of :mod:`hf_grass.functional`. Each projected weight has a
@@ -41,7 +44,7 @@ from .config import (
     resume_conflicts,
     validate_group_options,
 )
-from .functional import grass_adamw, implementation_from_flags, remap_moments
+from .functional import implementation_from_flags, remap_state
 from .projection import (
     DATA_PARALLEL_RECIPE,
     GrassProjection,
@@ -53,11 +56,13 @@ from .projection import (
     selected_size,
     side_of,
 )
+from .rules import UpdateRule, rule_of
 from .selection import select_rows
 
 logger = logging.getLogger(__name__)
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
+# The update rule of groups saved before rules could be chosen.
+_SAVED_WITHOUT_RULE = "adam"
 
 
 LOSS_SCALER_REFUSAL = (
@@ -86,8 +91,9 @@ _RESUME_TAKES_NEW = (
 _IMPLEMENTATION_FLAGS = (("foreach", True), ("batched", True), ("compiled", False))
 
 
-class GrassAdamW(Optimizer):
-    """AdamW with Grass structured sparse projections on the groups that have a ``rank``.
+class GrassOptimizer(Optimizer):
+    """An update rule (AdamW by default) with Grass structured sparse projections on the groups
+    that have a ``rank``.
 
     Args:
         params: parameters or param groups. A group with a ``rank`` key is projected; its other
@@ -118,6 +124,10 @@ class GrassAdamW(Optimizer):
             up to float rounding; the state stays per parameter. A param group may set its own.
         foreach, batched, compiled: the older way to choose (``foreach=False``: reference;
             ``batched=False``: foreach; ``compiled=True``: compiled); still accepted.
+        update_rule: the base optimizer on the selected rows and on the plain parameters, by
+            name (:data:`hf_grass.rules.RULES`): ``"adam"`` (default), ``"lion"``, ``"sign"``
+            or a rule of your own. ``implementation`` applies to Adam; other rules run their
+            own step.
     """
 
     def __init__(
@@ -134,6 +144,7 @@ class GrassAdamW(Optimizer):
         foreach: bool | None = None,
         batched: bool | None = None,
         compiled: bool | None = None,
+        update_rule: str | None = None,
     ):
         if isinstance(lr, torch.Tensor):
             lr = float(lr)
@@ -155,6 +166,7 @@ class GrassAdamW(Optimizer):
             implementation=_implementation(
                 implementation, dict(foreach=foreach, batched=batched, compiled=compiled)
             ),
+            update_rule=resolve_option("update_rule", update_rule),
         )
         self._group_index: dict[int, dict] = {}
         self._projections: dict[int, GrassProjection] = {}
@@ -200,6 +212,7 @@ class GrassAdamW(Optimizer):
                     group.setdefault(key, value)
             group.setdefault("state_dtype", None)
             group.setdefault("stochastic_rounding", False)
+            group.setdefault("update_rule", _SAVED_WITHOUT_RULE)
             _upgrade_implementation(group)
         self._group_index = {}
         if not hasattr(self, "_projections"):  # unpickled
@@ -240,6 +253,9 @@ class GrassAdamW(Optimizer):
 
     def _group_of(self, p: torch.Tensor) -> dict:
         return self._group_index[id(p)]
+
+    def _rule_of(self, p: torch.Tensor) -> UpdateRule:
+        return rule_of(self._group_of(p)["update_rule"])
 
     def projection(self, p: torch.Tensor) -> GrassProjection | None:
         """The :class:`GrassProjection` of ``p`` (``None`` for a plain AdamW parameter)."""
@@ -441,34 +457,30 @@ class GrassAdamW(Optimizer):
             projection.grad = None
 
     def _dense_steps(self, params: list[torch.Tensor], group: dict) -> None:
-        """Plain AdamW. Parameters whose moments have their own dtype go through torch's own
-        (foreach/fused-capable) AdamW kernel; low-precision ones with float32 moments or
-        stochastic rounding through the Grass core with every row selected."""
+        """The group's rule with every row selected. Adam on parameters whose moments have their
+        own dtype goes through torch's own (foreach/fused-capable) AdamW kernel; low-precision
+        ones with float32 moments or stochastic rounding, and other rules, through the rule's
+        step (:mod:`hf_grass.rules`)."""
+        rule = rule_of(group["update_rule"])
         fast, core = [], []
         for p in params:
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0)
-                sdt = group["state_dtype"] or p.dtype
-                state["exp_avg"] = torch.zeros_like(
-                    p, dtype=sdt, memory_format=torch.preserve_format
-                )
-                state["exp_avg_sq"] = torch.zeros_like(
-                    p, dtype=sdt, memory_format=torch.preserve_format
-                )
-            plain = state["exp_avg"].dtype == p.dtype and not (
-                group["stochastic_rounding"] and p.dtype == torch.bfloat16
+                for key in rule.state_keys:
+                    state[key] = torch.zeros_like(
+                        p,
+                        dtype=group["state_dtype"] or p.dtype,
+                        memory_format=torch.preserve_format,
+                    )
+            plain = (
+                rule.name == "adam"
+                and state["exp_avg"].dtype == p.dtype
+                and not (group["stochastic_rounding"] and p.dtype == torch.bfloat16)
             )
             (fast if plain and not p.grad.is_sparse else core).append(p)
-        beta1, beta2 = group["betas"]
-        hyper = dict(
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-        )
         if fast:
+            beta1, beta2 = group["betas"]
             torch_adamw(
                 fast,
                 [p.grad for p in fast],
@@ -478,21 +490,23 @@ class GrassAdamW(Optimizer):
                 [self.state[p]["step"] for p in fast],
                 amsgrad=False,
                 maximize=False,
-                **hyper,
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
             )
         if core:
-            grass_adamw(
+            implementation = "reference" if group["implementation"] == "reference" else "foreach"
+            rule.step(
                 core,
                 [p.grad for p in core],
-                [self.state[p]["exp_avg"] for p in core],
-                [self.state[p]["exp_avg_sq"] for p in core],
+                [self.state[p] for p in core],
                 [self.state[p]["step"] for p in core],
                 [None] * len(core),
                 [None] * len(core),
                 [None] * len(core),
-                stochastic_rounding=group["stochastic_rounding"],
-                implementation="reference" if group["implementation"] == "reference" else "foreach",
-                **hyper,
+                group={**group, "implementation": implementation},
             )
 
     def _projected_steps(self, params: list[torch.Tensor], group: dict) -> None:
@@ -511,24 +525,15 @@ class GrassAdamW(Optimizer):
         states = [self.state[p] for p in stepped]
         projections = [self._projections[id(p)] for p in stepped]
         torch._foreach_add_([s["step"] for s in states], 1)
-        beta1, beta2 = group["betas"]
-        grass_adamw(
+        rule_of(group["update_rule"]).step(
             [oriented(p, pr.side) for p, pr in zip(stepped, projections, strict=True)],
             grads,
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
+            states,
             [s["row_step"] for s in states],
             [s["rows"] for s in states],
             [s["rho"] for s in states],
             [pr.unique for pr in projections],
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            scale=group["scale"],
-            stochastic_rounding=group["stochastic_rounding"],
-            implementation=group["implementation"],
+            group=group,
         )
 
     # -------------------------------------------------------------------------------- selection
@@ -560,11 +565,11 @@ class GrassAdamW(Optimizer):
                 state["rng"] = _rng_bytes(generator.get_state())
             else:
                 rows, rho = _select_expert_rows(norms, group, state, seed, _first_expert(p))
-        remap_moments(
+        remap_state(
             state,
             rows,
-            rows.numel(),
-            g.shape[-1],
+            rule_of(group["update_rule"]).state_keys,
+            (rows.numel(), g.shape[-1]),
             group["state_dtype"] or p.dtype,
             keep=group["reselect_state"] == "keep",
         )
@@ -590,14 +595,15 @@ class GrassAdamW(Optimizer):
             if entry is None or "rows" not in entry or not row_sharded(p):
                 continue
             entry = dict(entry)  # torch.optim shares the state's own dicts
+            rule = self._rule_of(p)
             if experts_sharded(p):
                 rank = self._group_of(p)["rank"]
                 m = selected_size(p, self._projections[id(p)].side)
                 entry["rows"] = entry["rows"] + _first_expert(p) * m
-                for key in _PER_ROW_KEYS:
+                for key in (*_PER_ROW_KEYS, *rule.state_keys):
                     entry[key] = _global_per_row(entry[key], p, rank)
             else:
-                for key in MOMENTS:
+                for key in rule.state_keys:
                     entry[key] = _global_moment(entry[key], p)
             state_dict["state"][index] = entry
         return state_dict
@@ -638,6 +644,7 @@ class GrassAdamW(Optimizer):
         ours = [{k: g[k] for k in _RESUME_TAKES_NEW if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group in self.param_groups:
+            group.setdefault("update_rule", _SAVED_WITHOUT_RULE)
             _upgrade_implementation(group)
         for i, (group, keep) in enumerate(zip(self.param_groups, ours, strict=True)):
             for key, value in keep.items():
@@ -735,7 +742,8 @@ def _upgrade_implementation(group: dict) -> None:
 
 # ---- FSDP2 on experts' weights: each rank holds whole experts (dim 0 sharded) ----------------------
 # Per-row state of an experts' weight, sharded with its experts: E * r rows in expert order.
-_PER_ROW_KEYS = ("exp_avg", "exp_avg_sq", "row_step", "rho", "rows")
+# (with the update rule's state keys)
+_PER_ROW_KEYS = ("row_step", "rho", "rows")
 
 
 def _first_expert(p: torch.Tensor) -> int:
@@ -845,22 +853,23 @@ def _restore_state(p: torch.Tensor, saved: dict, group: dict) -> dict:
     """
     state = {}
     moments_dtype = group["state_dtype"] or p.dtype
+    moments = rule_of(group.get("update_rule", _SAVED_WITHOUT_RULE)).state_keys
     per_row = "rows" in saved and experts_sharded(p)
     for key, value in saved.items():
         if key in ("unique_rows", "inverse"):
             continue
-        if per_row and key in _PER_ROW_KEYS:
+        if per_row and key in (*_PER_ROW_KEYS, *moments):
             value = _local_per_row(value, p, group["rank"])
             if key == "rows":
                 side = side_of(p, group["proj_side"])
                 value = value - _first_expert(p) * selected_size(p, side)
-            dtype = moments_dtype if key in MOMENTS else value.dtype
+            dtype = moments_dtype if key in moments else value.dtype
             state[key] = value.to(p.device, dtype, copy=True)
         elif key == "rng":
             state[key] = value if isinstance(value, bytes) else _rng_bytes(_rng_tensor(value))
         elif key in ("step", "selected_step"):
             state[key] = value.to("cpu", torch.float32, copy=True)
-        elif key in MOMENTS:
+        elif key in moments:
             state[key] = _placed_moment(value, p, "rows" in saved)
             state[key] = state[key].to(p.device, moments_dtype, copy=True)
         elif isinstance(value, torch.Tensor):
@@ -929,14 +938,17 @@ def _check_state_shapes(p: torch.Tensor, state: dict, group: dict) -> None:
         expected = (group["rank"] * experts, oriented(p, side).shape[-1])
     else:
         expected = tuple(local(p).shape)
-    found = tuple(local(state["exp_avg"]).shape) if "exp_avg" in state else expected
+    keys = rule_of(group["update_rule"]).state_keys
+    found = {key: tuple(local(state[key]).shape) if key in state else None for key in keys}
     if "rank" in group and "rows" not in state:
-        found = None
-    if found != expected:
+        found = {key: None for key in (*keys, "rows")}
+    wrong = {key: shape for key, shape in found.items() if shape != expected}
+    if wrong and state:
+        key, shape = next(iter(wrong.items()))
         raise ValueError(
-            f"The saved optimizer state of a parameter of shape {tuple(p.shape)} has moments of "
-            f"shape {found}, expected {expected}: the checkpoint was made with another method "
-            "or rank; resume with the same settings or start a new run."
+            f"The saved optimizer state of a parameter of shape {tuple(p.shape)} has {key} of "
+            f"shape {shape}, expected {expected}: the checkpoint was made with another method, "
+            "rank or update rule; resume with the same settings or start a new run."
         )
 
 
@@ -992,3 +1004,8 @@ def clip_grad_norm_(
     for g, _ in grads:
         g.detach().mul_(coef.to(g.device, g.dtype))
     return total
+
+
+class GrassAdamW(GrassOptimizer):
+    """:class:`GrassOptimizer` with AdamW on the selected rows (``update_rule="adam"``, the
+    default): the class to reach for, by the name of the optimizer it stands in for."""

@@ -112,6 +112,7 @@ class GrassArguments:
     grass_recompute_norms: bool = _from_config("recompute_norms")
     grass_implementation: str = _from_config("implementation")
     grass_compiled: bool = _from_config("compiled")
+    grass_update_rule: str = _from_config("update_rule")
 
     def __post_init__(self) -> None:
         is_grass = str(getattr(self.optim, "value", self.optim)).lower() == GRASS
@@ -354,7 +355,7 @@ class GrassTrainerMixin:
             return (
                 super().create_optimizer(model) if model is not None else super().create_optimizer()
             )
-        from hf_grass.optim import GrassAdamW
+        from hf_grass.optim import GrassAdamW, GrassOptimizer
 
         args = self.args
         opt_model = self.model if model is None else model
@@ -364,7 +365,9 @@ class GrassTrainerMixin:
         groups = self._grass_param_groups(opt_model, install=True)
         if args.grass_recompute_norms and not self._grass_fsdp2():
             recompute_norms(opt_model)
-        self.optimizer = GrassAdamW(groups, **args.grass_optimizer_kwargs())
+        kwargs = args.grass_optimizer_kwargs()
+        optimizer_class = GrassAdamW if kwargs["update_rule"] == "adam" else GrassOptimizer
+        self.optimizer = optimizer_class(groups, **kwargs)
         self._grass_dp = None
         if args.world_size > 1 and compressed:
             # Before accelerate wraps the model in DDP: Grass weights leave DDP's reducer.

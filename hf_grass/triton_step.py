@@ -382,7 +382,7 @@ def _launch(batch, device, param_dtype, r, k, **hp) -> None:
             decay,
             LERP_SMALL=small,
             # The reference adds updates to float32 weights with index_add_ when there is no
-            # decay (a repeated row: one after the other), else sums them first (_apply_update).
+            # decay (a repeated row: one after the other), else sums them first (apply_update).
             SUM_FIRST=not (param_dtype == torch.float32 and decay == 1),
             STOCHASTIC=stochastic,
             INTERPRETER=_interpreted(),

@@ -194,6 +194,7 @@ CHANGED = {
     "state_dtype": torch.float64,
     "stochastic_rounding": True,
     "implementation": "reference",
+    "update_rule": "lion",
 }
 
 
