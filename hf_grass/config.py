@@ -33,6 +33,7 @@ from .rules import RULES
 from .selection import SELECTIONS
 
 RESELECT_STATES = ("keep", "reset")
+RESIDUAL_UPDATES = ("none", "sign")
 PROJ_SIDES = ("auto", "rows", "cols")
 STATE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -65,6 +66,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "selection": (_one_of(SELECTIONS), f"use one of {', '.join(SELECTIONS)}"),
     "reselect_state": (_one_of(RESELECT_STATES), f"use one of {', '.join(RESELECT_STATES)}"),
     "proj_side": (_one_of(PROJ_SIDES), f"use one of {', '.join(PROJ_SIDES)}"),
+    "residual_update": (_one_of(RESIDUAL_UPDATES), f"use one of {', '.join(RESIDUAL_UPDATES)}"),
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "use an integer"),
     "layerwise_bucket_mb": (
         _megabytes,
@@ -157,6 +159,17 @@ class GrassConfig:
         "dense one.",
         resume=FIXED,
     )
+    residual_update: str = _setting(
+        "none",
+        "Every row moving: 'sign' also moves the rows outside the selection each step, by "
+        "lr * scale * sign of their gradient (state-free sign descent, as FRUGAL), so every "
+        "weight gets a full-rank update while the optimizer state stays r rows. It needs the "
+        "full weight gradient (compressed_backward off): it gives up the compressed "
+        "backward's smaller weight-gradient matmul and data-parallel traffic, and keeps the "
+        "state memory. 'none': only the selected rows change.",
+        choices=RESIDUAL_UPDATES,
+        resume=TAKES_NEW,
+    )
     seed: int = _setting(0, "Seed of the sampled selections.", resume=FIXED)
     state_dtype: str | None = _setting(
         None,
@@ -247,6 +260,7 @@ class GrassConfig:
         "reselect_state",
         "proj_side",
         "seed",
+        "residual_update",
     )
     # GrassAdamW's keyword arguments that are Grass settings: keys of every param group.
     OPTIMIZER_KEYS = ("state_dtype", "stochastic_rounding", "implementation", "update_rule")
@@ -257,6 +271,12 @@ class GrassConfig:
         if not self.target_modules:
             raise ValueError(
                 "Invalid target_modules: empty; use 'all-linear', module names or a regex."
+            )
+        if self.residual_update != "none" and self.compressed_backward:
+            raise ValueError(
+                f"Invalid residual_update={self.residual_update!r} with compressed_backward=True: "
+                "moving the rows outside the selection needs their gradient; set "
+                "compressed_backward=False (--grass_compressed_backward false)."
             )
         if self.compiled and self.implementation not in ("grouped", "compiled"):
             raise ValueError(

@@ -489,6 +489,33 @@ def _add_rows(param: Tensor, rows: Tensor, update: Tensor) -> None:
         param.index_put_(row_index(param, rows), update, accumulate=True)
 
 
+def residual_sign_update(
+    param: Tensor,
+    residual: Tensor,
+    selected: Tensor,
+    *,
+    lr: float,
+    weight_decay: float,
+    scale: float,
+    stochastic_rounding: bool,
+) -> None:
+    """Every row moving: ``W[rest] = W[rest] (1 - lr wd) - lr scale sign(G[rest])``, in place.
+
+    ``param``: the oriented weight; ``residual``: its oriented full gradient with the
+    ``selected`` (unique, sorted) rows zeroed, so that ``sign`` leaves those rows alone, as the
+    decay does (they took theirs in their own step).
+    """
+    cdt = compute_dtype(param)
+    w = param.to(cdt)  # the weight itself when it is in the compute dtype
+    if weight_decay:
+        decay = w.new_full((*w.shape[:-1], 1), 1 - lr * weight_decay)
+        decay[row_index(w, selected)] = 1
+        w.mul_(decay)
+    w.add_(residual.to(cdt).sign(), alpha=-lr * scale)
+    if w is not param:
+        param.copy_(round_to(w, param.dtype, stochastic_rounding))
+
+
 def round_to(
     x: Tensor, dtype: torch.dtype, stochastic: bool, share: Tensor | None = None
 ) -> Tensor:

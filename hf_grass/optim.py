@@ -44,7 +44,7 @@ from .config import (
     resume_conflicts,
     validate_group_options,
 )
-from .functional import implementation_from_flags, remap_state
+from .functional import implementation_from_flags, remap_state, residual_sign_update
 from .projection import (
     DATA_PARALLEL_RECIPE,
     GrassProjection,
@@ -455,6 +455,7 @@ class GrassOptimizer(Optimizer):
         super().zero_grad(set_to_none=set_to_none)
         for projection in self._projections.values():
             projection.grad = None
+            projection.residual = None
 
     def _dense_steps(self, params: list[torch.Tensor], group: dict) -> None:
         """The group's rule with every row selected. Adam on parameters whose moments have their
@@ -534,6 +535,29 @@ class GrassOptimizer(Optimizer):
             [s["rho"] for s in states],
             [pr.unique for pr in projections],
             group=group,
+        )
+        if group["residual_update"] != "none":
+            for p, projection in zip(stepped, projections, strict=True):
+                self._residual_step(p, projection, group)
+
+    def _residual_step(self, p: torch.Tensor, projection: GrassProjection, group: dict) -> None:
+        """``residual_update="sign"``: the rows outside the selection, from the full gradient."""
+        residual, projection.residual = projection.residual, None
+        if residual is None:
+            raise RuntimeError(
+                f"residual_update={group['residual_update']!r} needs the full gradient of each "
+                f"projected weight, but a weight of shape {tuple(p.shape)} got a compressed one: "
+                "train without the compressed backward (grass_param_groups without grassify; "
+                "--grass_compressed_backward false), or set residual_update='none'."
+            )
+        residual_sign_update(
+            oriented(p, projection.side),
+            oriented(residual, projection.side),
+            projection.unique[0],
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            scale=group["scale"],
+            stochastic_rounding=group["stochastic_rounding"],
         )
 
     # -------------------------------------------------------------------------------- selection

@@ -118,6 +118,8 @@ class GrassProjection:
         self._expert_rows: tuple[torch.Tensor, torch.Tensor] | None = None
         # Set by hf_grass.distributed: averages a full gradient across ranks before selecting.
         self.reduce_full: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # residual_update: the full gradient with the selected rows zeroed, until the step.
+        self.residual: torch.Tensor | None = None
         _PROJECTIONS[param] = self
 
     @property
@@ -274,6 +276,10 @@ class GrassProjection:
         if self.needs_full_gradient():
             self.select(full)
         self.accumulate(self.compress(full))
+        if self._optimizer()._group_of(param)["residual_update"] != "none":
+            g = oriented(full, self.side)
+            g[row_index(g, self.unique[0])] = 0  # in place: the compressed copy is taken
+            self.residual = full
         param.grad = None
 
     def take_grad(self) -> torch.Tensor | None:

@@ -113,6 +113,7 @@ class GrassArguments:
     grass_implementation: str = _from_config("implementation")
     grass_compiled: bool = _from_config("compiled")
     grass_update_rule: str = _from_config("update_rule")
+    grass_residual_update: str = _from_config("residual_update")
 
     def __post_init__(self) -> None:
         is_grass = str(getattr(self.optim, "value", self.optim)).lower() == GRASS
@@ -145,6 +146,8 @@ class GrassArguments:
             value = getattr(self, f"grass_{name}")
             if value is not None or name not in ("seed", "target_modules"):
                 check_option(name, value, prefix="grass_")
+        if self.use_grass:
+            self.grass_config()  # the checks across settings (residual_update, compiled)
         if self.use_grass and getattr(self, "fp16", False):
             _refuse_fp16(self, "fp16=True")
 

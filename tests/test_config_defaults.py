@@ -195,6 +195,7 @@ CHANGED = {
     "stochastic_rounding": True,
     "implementation": "reference",
     "update_rule": "lion",
+    "residual_update": "sign",
 }
 
 
