@@ -31,6 +31,7 @@ import torch
 from .functional import IMPLEMENTATIONS
 from .rules import RULES
 from .selection import SELECTIONS
+from .state import STATE_FORMATS
 
 RESELECT_STATES = ("keep", "reset")
 RESIDUAL_UPDATES = ("none", "sign")
@@ -76,6 +77,10 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "implementation": (_one_of(IMPLEMENTATIONS), f"use one of {', '.join(IMPLEMENTATIONS)}"),
     # RULES is read when checking: rules registered after import count too.
     "update_rule": (lambda v: v in RULES, "use a registered rule (hf_grass.rules.RULES)"),
+    "state_format": (
+        lambda v: v in STATE_FORMATS,
+        "use a registered format (hf_grass.state.STATE_FORMATS)",
+    ),
     "state_dtype": (
         _one_of((*STATE_DTYPES, None)),
         f"use one of {', '.join(STATE_DTYPES)}, or leave it unset (the parameter's dtype)",
@@ -250,6 +255,13 @@ class GrassConfig:
         choices=tuple(RULES),
         resume=FIXED,
     )
+    state_format: str = _setting(
+        "plain",
+        "How the update rule's per-row state is stored: 'plain' (one tensor in state_dtype), or "
+        "a format registered with hf_grass.state.register_state_format.",
+        choices=tuple(STATE_FORMATS),
+        resume=FIXED,
+    )
 
     # Keys of a projected GrassAdamW param group, besides "params" and the AdamW ones.
     GROUP_KEYS = (
@@ -263,7 +275,13 @@ class GrassConfig:
         "residual_update",
     )
     # GrassAdamW's keyword arguments that are Grass settings: keys of every param group.
-    OPTIMIZER_KEYS = ("state_dtype", "stochastic_rounding", "implementation", "update_rule")
+    OPTIMIZER_KEYS = (
+        "state_dtype",
+        "stochastic_rounding",
+        "implementation",
+        "update_rule",
+        "state_format",
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

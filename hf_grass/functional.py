@@ -39,6 +39,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .state import StateFormat, state_format_of
+
 
 def compute_dtype(t: Tensor) -> torch.dtype:
     """float32 for low-precision tensors, else their own dtype (float64 stays float64)."""
@@ -71,22 +73,28 @@ def remap_state(
     shape: tuple[int, int],
     dtype: torch.dtype,
     keep: bool,
+    state_format: StateFormat | None = None,
 ) -> None:
     """Give ``state`` per-row tensors ``keys`` (each of ``shape``: r, or E * r for experts, by
-    k) and per-row step counts for newly selected ``rows``, in place.
+    k; stored in ``state_format``, plain by default) and per-row step counts for newly selected
+    ``rows``, in place.
 
     With ``keep``, rows selected before and after keep their state and step counts; new rows
     start from zero (their bias correction restarts with them). Otherwise all start from zero.
+    Every stored tensor has the rows first, so any format is carried row by row.
     """
     device = rows.device
-    fresh = {key: torch.zeros(shape, dtype=dtype, device=device) for key in keys}
+    state_format = state_format or state_format_of("plain")
+    fresh = {}
+    for key in keys:
+        fresh.update(state_format.zeros(key, shape, dtype, device))
     row_step = torch.zeros(shape[0], dtype=torch.float32, device=device)
     if keep and "rows" in state:
         old = state["rows"]
         pos = torch.searchsorted(old, rows).clamp_(max=old.numel() - 1)
         kept = old[pos] == rows
         for key, value in fresh.items():
-            value[kept] = state[key][pos[kept]].to(dtype)
+            value[kept] = state[key][pos[kept]].to(value.dtype)
         row_step[kept] = state["row_step"][pos[kept]]
     state.update(fresh, row_step=row_step)
 

@@ -58,11 +58,13 @@ from .projection import (
 )
 from .rules import UpdateRule, rule_of
 from .selection import select_rows
+from .state import state_format_of, stored_keys
 
 logger = logging.getLogger(__name__)
 
-# The update rule of groups saved before rules could be chosen.
+# The update rule and state format of groups saved before they could be chosen.
 _SAVED_WITHOUT_RULE = "adam"
+_SAVED_WITHOUT_FORMAT = "plain"
 
 
 LOSS_SCALER_REFUSAL = (
@@ -128,6 +130,9 @@ class GrassOptimizer(Optimizer):
             name (:data:`hf_grass.rules.RULES`): ``"adam"`` (default), ``"lion"``, ``"sign"``
             or a rule of your own. ``implementation`` applies to Adam; other rules run their
             own step.
+        state_format: how the rule's per-row state is stored, by name
+            (:data:`hf_grass.state.STATE_FORMATS`): ``"plain"`` (default) or a format of your
+            own (which runs the rule's reference step).
     """
 
     def __init__(
@@ -145,6 +150,7 @@ class GrassOptimizer(Optimizer):
         batched: bool | None = None,
         compiled: bool | None = None,
         update_rule: str | None = None,
+        state_format: str | None = None,
     ):
         if isinstance(lr, torch.Tensor):
             lr = float(lr)
@@ -167,6 +173,7 @@ class GrassOptimizer(Optimizer):
                 implementation, dict(foreach=foreach, batched=batched, compiled=compiled)
             ),
             update_rule=resolve_option("update_rule", update_rule),
+            state_format=resolve_option("state_format", state_format),
         )
         self._group_index: dict[int, dict] = {}
         self._projections: dict[int, GrassProjection] = {}
@@ -213,6 +220,7 @@ class GrassOptimizer(Optimizer):
             group.setdefault("state_dtype", None)
             group.setdefault("stochastic_rounding", False)
             group.setdefault("update_rule", _SAVED_WITHOUT_RULE)
+            group.setdefault("state_format", _SAVED_WITHOUT_FORMAT)
             _upgrade_implementation(group)
         self._group_index = {}
         if not hasattr(self, "_projections"):  # unpickled
@@ -463,19 +471,18 @@ class GrassOptimizer(Optimizer):
         ones with float32 moments or stochastic rounding, and other rules, through the rule's
         step (:mod:`hf_grass.rules`)."""
         rule = rule_of(group["update_rule"])
+        state_format = state_format_of(group["state_format"])
         fast, core = [], []
         for p in params:
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0)
+                dtype = group["state_dtype"] or p.dtype
                 for key in rule.state_keys:
-                    state[key] = torch.zeros_like(
-                        p,
-                        dtype=group["state_dtype"] or p.dtype,
-                        memory_format=torch.preserve_format,
-                    )
+                    state.update(state_format.zeros(key, p.shape, dtype, p.device, like=p))
             plain = (
                 rule.name == "adam"
+                and state_format.name == "plain"
                 and state["exp_avg"].dtype == p.dtype
                 and not (group["stochastic_rounding"] and p.dtype == torch.bfloat16)
             )
@@ -596,6 +603,7 @@ class GrassOptimizer(Optimizer):
             (rows.numel(), g.shape[-1]),
             group["state_dtype"] or p.dtype,
             keep=group["reselect_state"] == "keep",
+            state_format=state_format_of(group["state_format"]),
         )
         state.update(rows=rows, rho=rho, selected_step=state["step"].clone())
 
@@ -669,6 +677,7 @@ class GrassOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.setdefault("update_rule", _SAVED_WITHOUT_RULE)
+            group.setdefault("state_format", _SAVED_WITHOUT_FORMAT)
             _upgrade_implementation(group)
         for i, (group, keep) in enumerate(zip(self.param_groups, ours, strict=True)):
             for key, value in keep.items():
@@ -877,7 +886,9 @@ def _restore_state(p: torch.Tensor, saved: dict, group: dict) -> dict:
     """
     state = {}
     moments_dtype = group["state_dtype"] or p.dtype
-    moments = rule_of(group.get("update_rule", _SAVED_WITHOUT_RULE)).state_keys
+    state_format = state_format_of(group.get("state_format", _SAVED_WITHOUT_FORMAT))
+    rule = rule_of(group.get("update_rule", _SAVED_WITHOUT_RULE))
+    moments = stored_keys(state_format, rule.state_keys)
     per_row = "rows" in saved and experts_sharded(p)
     for key, value in saved.items():
         if key in ("unique_rows", "inverse"):
@@ -887,7 +898,8 @@ def _restore_state(p: torch.Tensor, saved: dict, group: dict) -> dict:
             if key == "rows":
                 side = side_of(p, group["proj_side"])
                 value = value - _first_expert(p) * selected_size(p, side)
-            dtype = moments_dtype if key in moments else value.dtype
+            dtype = state_format.saved_dtype(key, moments_dtype) if key in moments else None
+            dtype = dtype or value.dtype
             state[key] = value.to(p.device, dtype, copy=True)
         elif key == "rng":
             state[key] = value if isinstance(value, bytes) else _rng_bytes(_rng_tensor(value))
@@ -895,7 +907,8 @@ def _restore_state(p: torch.Tensor, saved: dict, group: dict) -> dict:
             state[key] = value.to("cpu", torch.float32, copy=True)
         elif key in moments:
             state[key] = _placed_moment(value, p, "rows" in saved)
-            state[key] = state[key].to(p.device, moments_dtype, copy=True)
+            dtype = state_format.saved_dtype(key, moments_dtype) or value.dtype
+            state[key] = state[key].to(p.device, dtype, copy=True)
         elif isinstance(value, torch.Tensor):
             state[key] = value.to(p.device, copy=True)
         else:
@@ -914,6 +927,15 @@ def validate_param_groups(groups: list[dict]) -> None:
 def _validate_projected_group(group: dict) -> None:
     validate_group_options(group)
     rank = group["rank"]
+    state_format = state_format_of(group.get("state_format", _SAVED_WITHOUT_FORMAT))
+    if len(state_format.stored_keys("state")) > 1 and any(
+        hasattr(p, "device_mesh") for p in group["params"]
+    ):
+        raise ValueError(
+            f"state_format={state_format.name!r} stores several tensors per state, which "
+            "sharded weights (FSDP2) do not take: use a format of one tensor (plain, "
+            "stochastic_bf16)."
+        )
     for p in group["params"]:
         if p.dim() not in (2, 3):
             raise ValueError(

@@ -133,7 +133,11 @@ def _projected_share(trainable: list[torch.Tensor], projected: Iterable[int]) ->
 
 
 def coverage_line(
-    model: torch.nn.Module, groups: list[dict], state_dtype: torch.dtype | None = None
+    model: torch.nn.Module,
+    groups: list[dict],
+    state_dtype: torch.dtype | None = None,
+    update_rule: str | None = None,
+    state_format: str | None = None,
 ) -> str:
     """One line saying what Grass projects and what stays dense (plain AdamW), e.g.
 
@@ -145,10 +149,17 @@ def coverage_line(
     counted from the shapes before the first step: ``2 r k`` elements per projected weight
     (``k`` its unselected dimension), two per element of every other one, in ``state_dtype``
     (default: each parameter's dtype), as GrassAdamW and torch's AdamW keep them; row indices
-    and step counters are left out.
+    and step counters are left out. Another ``update_rule`` keeps its own number of state
+    tensors (Lion one, sign descent none), another ``state_format`` its own bytes per element.
     """
-    from .config import default_of
+    from .config import default_of, resolve_option
     from .projection import projection_side
+    from .rules import rule_of
+    from .state import state_format_of
+
+    rule = rule_of(resolve_option("update_rule", update_rule))
+    stored = state_format_of(resolve_option("state_format", state_format))
+    tensors = len(rule.state_keys)
 
     trainable = trainable_parameters(model)
     group_of = {id(p): g for g in groups if "rank" in g for p in g["params"]}
@@ -160,11 +171,12 @@ def coverage_line(
     def moment_bytes(p: torch.Tensor) -> int:
         size = (state_dtype or p.dtype).itemsize
         if id(p) not in ranks:
-            return 2 * p.numel() * size
+            return round(tensors * p.numel() * stored.element_bytes(size, p.shape[-1]))
         side = projection_side(p.shape, group_of[id(p)].get("proj_side", default_of("proj_side")))
         unselected = p.shape[-1] if side == "rows" else p.shape[-2]
         experts = p.shape[0] if p.dim() == 3 else 1
-        return 2 * ranks[id(p)] * experts * unselected * size
+        per_element = stored.element_bytes(size, unselected)
+        return round(tensors * ranks[id(p)] * experts * unselected * per_element)
 
     grass_state = sum(moment_bytes(p) for p in trainable)
     adamw_state = sum(2 * p.numel() * p.dtype.itemsize for p in trainable)
@@ -172,7 +184,8 @@ def coverage_line(
     rank = "/".join(str(r) for r in rank_values) or "-"
     return (
         f"Grass: {len(projected)} of {len(matrices)} weight matrices projected at rank {rank} "
-        f"({100 * fraction:.1f}% of trainable parameters); Adam moments {_size(grass_state)} vs "
+        f"({100 * fraction:.1f}% of trainable parameters); "
+        f"{'Adam moments' if rule.name == 'adam' else rule.name + ' state'} {_size(grass_state)} vs "
         f"{_size(adamw_state)} for AdamW ({100 * grass_state / max(adamw_state, 1):.1f}%); "
         f"dense: {_describe_dense(model, [p for p in trainable if id(p) not in ranks])}."
     )

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .functional import apply_update, compute_dtype, grass_adamw, moments_and_direction
+from .state import state_format_of
 
 
 class UpdateRule:
@@ -67,21 +68,21 @@ class UpdateRule:
         """One step of every tensor in place: the reference, one tensor at a time.
 
         Arguments as :func:`hf_grass.functional.grass_adamw`'s, with each tensor's state as a
-        dict of :attr:`state_keys`; ``group`` gives ``lr``, ``weight_decay``, ``scale`` and
-        ``stochastic_rounding``.
+        dict of :attr:`state_keys` stored in the group's ``state_format``; ``group`` gives
+        ``lr``, ``weight_decay``, ``scale`` and ``stochastic_rounding``.
         """
+        state_format = state_format_of(group.get("state_format", "plain"))
         for i, param in enumerate(params):
             cdt = compute_dtype(param)
             steps[i].add_(1)
             stored = states[i]
-            state = {key: stored[key].to(cdt) for key in self.state_keys}
+            state = {key: state_format.load(stored, key, cdt) for key in self.state_keys}
             count = steps[i].to(cdt)
             direction = self.direction(
                 grads[i].to(cdt), state, count if count.dim() == 0 else count[:, None], group
             )
             for key in self.state_keys:
-                if state[key] is not stored[key]:  # kept in another dtype: write back
-                    stored[key].copy_(state[key])
+                state_format.store(stored, key, state[key])
             if rows[i] is None:
                 update = direction * -group["lr"]
             else:
@@ -111,6 +112,9 @@ class Adam(UpdateRule):
         )
 
     def step(self, params, grads, states, steps, rows, rhos, uniques, *, group):
+        if group.get("state_format", "plain") != "plain":  # only the reference reads formats
+            super().step(params, grads, states, steps, rows, rhos, uniques, group=group)
+            return
         beta1, beta2 = group["betas"]
         grass_adamw(
             params,

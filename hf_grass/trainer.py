@@ -113,6 +113,7 @@ class GrassArguments:
     grass_implementation: str = _from_config("implementation")
     grass_compiled: bool = _from_config("compiled")
     grass_update_rule: str = _from_config("update_rule")
+    grass_state_format: str = _from_config("state_format")
     grass_residual_update: str = _from_config("residual_update")
 
     def __post_init__(self) -> None:
@@ -386,7 +387,13 @@ class GrassTrainerMixin:
             # default Trainer run (log_level "passive") prints its warnings only: this line is
             # how a user sees that Grass is on and what it covers.
             hf_logger.warning(
-                coverage_line(opt_model, groups, self.optimizer.defaults.get("state_dtype"))
+                coverage_line(
+                    opt_model,
+                    groups,
+                    self.optimizer.defaults.get("state_dtype"),
+                    self.optimizer.defaults.get("update_rule"),
+                    self.optimizer.defaults.get("state_format"),
+                )
             )
         projected = sum(len(g["params"]) for g in groups if "rank" in g)
         logger.info(

@@ -196,6 +196,7 @@ CHANGED = {
     "implementation": "reference",
     "update_rule": "lion",
     "residual_update": "sign",
+    "state_format": "stochastic_bf16",
 }
 
 

@@ -244,3 +244,23 @@ def test_the_trainer_builds_the_optimizer_of_the_chosen_rule(tmp_path):
     assert {g["update_rule"] for g in trainer.optimizer.param_groups} == {"sign"}
     with pytest.raises(ValueError, match="grass_update_rule='adamw'"):
         GrassTrainingArguments(output_dir=str(tmp_path), optim="grass", grass_update_rule="adamw")
+
+
+@pytest.mark.parametrize("rule", ["adam", "lion", "sign"])
+def test_the_coverage_line_counts_the_state_the_rule_keeps(rule):
+    """The line's state bytes, from shapes before the first step, equal the bytes of the rule's
+    state tensors the optimizer holds after one step."""
+    from hf_grass.report import _size, coverage_line
+
+    torch.manual_seed(1)
+    model = tiny_llama(num_hidden_layers=1)
+    groups = grass_param_groups(model, rank=4)
+    line = coverage_line(model, groups, update_rule=rule)
+    opt = GrassOptimizer(groups, update_rule=rule, lr=1e-3)
+    ids = torch.randint(0, 128, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    keys = rule_of(rule).state_keys
+    held = sum(s[k].numel() * s[k].element_size() for s in opt.state.values() for k in keys)
+    label = "Adam moments" if rule == "adam" else f"{rule} state"
+    assert f"{label} {_size(held)} vs" in line, line
