@@ -30,10 +30,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from .functional import apply_update, compute_dtype, grass_adamw, moments_and_direction
+from .registry import Registry
 from .state import state_format_of
 
 
@@ -159,35 +159,10 @@ class Sign(UpdateRule):
         return grad.sign()
 
 
-RULES: dict[str, UpdateRule] = {}
-
-
-def register_rule(rule: UpdateRule) -> UpdateRule:
-    """Make ``rule`` available by its name (``update_rule=rule.name``); returns it."""
-    if not rule.name:
-        raise ValueError(f"{type(rule).__name__} has no name: set its class attribute 'name'.")
-    RULES[rule.name] = rule
-    return rule
-
-
-def rule_of(name: str) -> UpdateRule:
-    """The registered rule ``name`` (``ValueError`` naming the registered ones otherwise)."""
-    if name not in RULES:
-        raise ValueError(f"Unknown update rule {name!r}: use one of {', '.join(RULES)}.")
-    return RULES[name]
+RULES: Registry[UpdateRule] = Registry("update rule")
+register_rule = RULES.register  # register_rule(MyRule()): update_rule="<its name>" then works
+rule_of = RULES.of  # the registered rule of a name, or a ValueError naming the registered ones
 
 
 for _rule in (Adam(), Lion(), Sign()):
     register_rule(_rule)
-
-
-def state_bytes_per_element(name: str, dtype_bytes: int) -> int:
-    """Bytes a rule keeps per element of a compressed gradient, for states of ``dtype_bytes``."""
-    return len(rule_of(name).state_keys) * dtype_bytes
-
-
-def zeros_state(
-    rule: UpdateRule, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
-) -> dict[str, Tensor]:
-    """A fresh state of ``rule`` for a tensor of ``shape``: every state tensor zero."""
-    return {key: torch.zeros(shape, dtype=dtype, device=device) for key in rule.state_keys}

@@ -27,6 +27,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from .registry import Registry
+
 
 class StateFormat:
     """How one per-row state tensor of logical shape (rows, k) is stored (see the module doc)."""
@@ -100,22 +102,9 @@ class StochasticBF16(StateFormat):
         return 2
 
 
-STATE_FORMATS: dict[str, StateFormat] = {}
-
-
-def register_state_format(state_format: StateFormat) -> StateFormat:
-    """Make ``state_format`` available by its name (``state_format=...``); returns it."""
-    if not state_format.name:
-        raise ValueError(f"{type(state_format).__name__} has no name: set its attribute 'name'.")
-    STATE_FORMATS[state_format.name] = state_format
-    return state_format
-
-
-def state_format_of(name: str) -> StateFormat:
-    """The registered format ``name`` (``ValueError`` naming the registered ones otherwise)."""
-    if name not in STATE_FORMATS:
-        raise ValueError(f"Unknown state format {name!r}: use one of {', '.join(STATE_FORMATS)}.")
-    return STATE_FORMATS[name]
+STATE_FORMATS: Registry[StateFormat] = Registry("state format")
+register_state_format = STATE_FORMATS.register  # then state_format="<its name>" works
+state_format_of = STATE_FORMATS.of  # the registered format of a name (ValueError otherwise)
 
 
 def stored_keys(state_format: StateFormat, keys: tuple[str, ...]) -> tuple[str, ...]:

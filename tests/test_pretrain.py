@@ -418,8 +418,21 @@ def test_every_pretrain_config_parses_to_the_values_it_names(config):
             assert got == value, (config.name, key, got)
 
 
-def test_comparison_runs_each_config_entry_and_writes_table_summary_and_plot(tmp_path):
+def run_comparison(config: Path, out: Path, cache: Path):
+    """``benchmarks/compare_pretrain.py config`` in a subprocess, checked to succeed."""
     import subprocess
+
+    env = {"HF_GRASS_CACHE": str(cache), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compare_pretrain.py"), str(config)]
+        + ["--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def test_comparison_runs_each_config_entry_and_writes_table_summary_and_plot(tmp_path):
 
     import yaml
 
@@ -432,13 +445,7 @@ def test_comparison_runs_each_config_entry_and_writes_table_summary_and_plot(tmp
     runs = {"adamw": {"optim": "adamw_torch"}, "grass": {"optim": "grass"}}
     config.write_text(yaml.safe_dump({"title": "tiny", "flags": flags, "runs": runs}))
     out = tmp_path / "out"
-    env = {"HF_GRASS_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "compare_pretrain.py"), str(config)]
-        + ["--out", str(out)],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_comparison(config, out, tmp_path / "cache")
     summary = json.loads((out / "summary.json").read_text())
     assert [r["name"] for r in summary["results"]] == ["adamw", "grass"]
     for result in summary["results"]:
@@ -450,7 +457,6 @@ def test_comparison_runs_each_config_entry_and_writes_table_summary_and_plot(tmp
 
 
 def test_a_tuned_comparison_chooses_each_method_on_validation_then_runs_the_other_seeds(tmp_path):
-    import subprocess
 
     import yaml
 
@@ -470,13 +476,7 @@ def test_a_tuned_comparison_chooses_each_method_on_validation_then_runs_the_othe
     config = tmp_path / "tuned.yaml"
     config.write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
-    env = {"HF_GRASS_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "compare_pretrain.py"), str(config)]
-        + ["--out", str(out)],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = run_comparison(config, out, tmp_path / "cache")
     assert "unequal tuning budgets" in done.stdout
     summary = json.loads((out / "summary.json").read_text())
     results = {(r["name"], r["seed"]): r for r in summary["results"]}
