@@ -73,8 +73,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-from torch.autograd import Variable
 
+from .bucket import Bucket
 from .config import resolve_option
 from .linear import is_grass_layer
 from .projection import GrassProjection
@@ -166,7 +166,6 @@ class GrassDataParallel:
         self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
         self.meter = CommMeter()
         self._ddp: nn.Module | None = None
-        self._end_queued = False
         self._selected = False  # this backward averaged a full gradient (a selection step)
         self._hooks = []
 
@@ -197,7 +196,11 @@ class GrassDataParallel:
         self._projection_of = {id(w): optimizer.projection(w) for w in self.projected.values()}
         for weight in self.projected.values():
             self._projection_of[id(weight)].reduce_full = self._full_gradient_reducer(weight)
-        self._buckets = [] if layerwise else self._make_buckets()
+        # Forms the fixed buckets (below), then ends each backward pass that needs it.
+        self._buckets: list[_Bucket] = []
+        self._bucketing = Bucket(self.bucket_cap_bytes, self._add_bucket, self._end_of_backward)
+        if not layerwise:
+            self._make_buckets()
         for index, bucket in enumerate(self._buckets):
             for projection in bucket.projections:
                 handle = projection.register_grad_ready_hook(self._ready_hook(index, projection))
@@ -287,13 +290,13 @@ class GrassDataParallel:
             """The rank-averaged full gradient of one layer (selection steps only)."""
             self._check_same_weight(index)
             self._selected = True
-            self._queue_end_of_backward()
+            self._bucketing.flush_after_backward()
             return self._average(grad.contiguous(), "selection")
 
         return reduce_full
 
     # ---- bucketed, asynchronous averaging ----------------------------------------------------------
-    def _make_buckets(self) -> list[_Bucket]:
+    def _make_buckets(self) -> None:
         """Fixed buckets, in the reverse order of the model's modules (about the order in which
         the backward completes gradients), one dtype each, about :attr:`bucket_cap_bytes` each.
 
@@ -301,23 +304,24 @@ class GrassDataParallel:
         the same collectives in the same order: a weight unused on some rank is sent as zeros
         (see :class:`_Bucket`).
         """
-        cap = self.bucket_cap_bytes
-        buckets: list[_Bucket] = []
         for weight in reversed(list(self.projected.values())):
             projection = self._projection_of[id(weight)]
-            last = buckets[-1] if buckets else None
-            if last is None or last.dtype != weight.dtype or last.nbytes >= cap:
-                last = _Bucket(weight.dtype)
-                buckets.append(last)
-            last.add(projection)
-        return buckets
+            kept = self._bucketing.items
+            if kept and kept[0].weight.dtype != weight.dtype:
+                self._bucketing.flush()  # one dtype per bucket
+            nbytes = math.prod(projection.compressed_shape) * weight.dtype.itemsize
+            self._bucketing.add(projection, nbytes)
+        self._bucketing.flush()
+
+    def _add_bucket(self, projections: list[GrassProjection]) -> None:
+        self._buckets.append(_Bucket(projections))
 
     def _ready_hook(self, index: int, projection: GrassProjection):
         def hook() -> None:
             if not self._syncing():
                 return
             projection.absorb_full_grad()  # a use outside the Grass layer: average it too
-            self._queue_end_of_backward()
+            self._bucketing.flush_after_backward()
             self._buckets[index].ready.add(id(projection))
             self._launch_ready()
 
@@ -337,14 +341,8 @@ class GrassDataParallel:
         bucket.work = dist.all_reduce(flat, group=self.group, async_op=True)
         bucket.flat = flat
 
-    def _queue_end_of_backward(self) -> None:
-        if not self._end_queued:
-            Variable._execution_engine.queue_callback(self._end_of_backward)
-            self._end_queued = True
-
     def _end_of_backward(self) -> None:
         """Check the ranks' selections met, send the buckets left, write back the averages."""
-        self._end_queued = False
         if self._selected:
             self._selected = False
             self._check_same_weight(len(self._names))
@@ -419,17 +417,12 @@ class _Bucket:
     what DDP computes for a parameter some ranks did not use.
     """
 
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
-        self.projections: list[GrassProjection] = []
-        self.nbytes = 0
+    def __init__(self, projections: list[GrassProjection]):
+        self.projections = projections
+        self.dtype = projections[0].weight.dtype  # one dtype per bucket
         self.ready: set[int] = set()
         self.work: Any = None
         self.flat: torch.Tensor | None = None
-
-    def add(self, projection: GrassProjection) -> None:
-        self.projections.append(projection)
-        self.nbytes += math.prod(self._shape(projection)) * self.dtype.itemsize
 
     @staticmethod
     def _shape(projection: GrassProjection) -> tuple[int, int]:

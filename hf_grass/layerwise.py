@@ -56,6 +56,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from .bucket import Bucket
 from .config import resolve_option
 from .optim import clip_grad_norm_
 from .projection import projection_of
@@ -80,9 +81,8 @@ class LayerwiseHandle:
         self.max_grad_norm = max_grad_norm
         self.reduce_gradient = reduce_gradient
         self.bucket_bytes = int(bucket_mb * 2**20)
-        self._bucket: list[torch.Tensor] = []  # ready parameters waiting for their update
-        self._bucket_size = 0  # bytes of their gradients
-        self._flush_queued = False
+        # Ready parameters waiting for their update, by the bytes of their gradients.
+        self._bucket = Bucket(self.bucket_bytes, self._step_together)
         self._counts: dict[int, int] = {id(p): 0 for p in params}
         self._hooks = []
         self._anchored = []
@@ -123,22 +123,13 @@ class LayerwiseHandle:
             self.optimizer.step_param(p)
             _free_gradient(p)
             return
-        self._bucket.append(p)
-        self._bucket_size += _gradient_bytes(p)
-        if self._bucket_size >= self.bucket_bytes:
-            self._flush()
-        elif not self._flush_queued:
-            # Runs when the current backward pass ends (the last bucket is rarely full).
-            torch.autograd.Variable._execution_engine.queue_callback(self._flush)
-            self._flush_queued = True
+        self._bucket.add(p, _gradient_bytes(p))
+        if self._bucket.items:  # the last bucket is rarely full: flushed when the backward ends
+            self._bucket.flush_after_backward()
 
     @torch.no_grad()
-    def _flush(self) -> None:
-        """Update the parameters of the bucket in one batched call and free their gradients."""
-        self._flush_queued = False
-        bucket, self._bucket, self._bucket_size = self._bucket, [], 0
-        if not bucket:
-            return
+    def _step_together(self, bucket: list[torch.Tensor]) -> None:
+        """Update the parameters of a bucket in one batched call and free their gradients."""
         step_params = getattr(self.optimizer, "step_params", None)
         if step_params is not None:
             step_params(bucket)
@@ -149,7 +140,7 @@ class LayerwiseHandle:
             _free_gradient(p)
 
     def _before_step(self, optimizer, args, kwargs) -> None:
-        self._flush()  # normally empty: the end of the backward pass flushed it
+        self._bucket.flush()  # normally empty: the end of the backward pass flushed it
         # optimizer.step() updates the parameters that still hold a gradient (a window cut
         # short, a parameter that missed the last micro-batch): average and clip them as the
         # hooks would have, in the same order on every rank.
@@ -168,7 +159,7 @@ class LayerwiseHandle:
 
     def remove(self) -> None:
         """Remove every hook; the optimizer steps only when ``step()`` is called again."""
-        self._flush()
+        self._bucket.flush()
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
@@ -251,7 +242,6 @@ def enable_layerwise(
         raise ValueError(f"Invalid gradient_accumulation_steps: {steps!r}; use an integer >= 1.")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r}; use a positive norm or None.")
-    bucket_mb = resolve_option("layerwise_bucket_mb", bucket_mb, shown="bucket_mb")
 
     held = [p for g in optimizer.param_groups for p in g["params"]]
     held_ids = {id(p) for p in held}
