@@ -44,6 +44,15 @@ from .config import (
     resume_conflicts,
     validate_group_options,
 )
+from .fsdp2 import (
+    check_experts_sharding,
+    first_expert,
+    global_moment,
+    global_per_row,
+    local_per_row,
+    placed_moment,
+    row_norms,
+)
 from .functional import implementation_from_flags, remap_state, residual_sign_update
 from .projection import (
     DATA_PARALLEL_RECIPE,
@@ -580,7 +589,7 @@ class GrassOptimizer(Optimizer):
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
         seed = group["seed"] + self._param_index(p)
-        norms = _row_norms(p, g)
+        norms = row_norms(p, g)
         with warnings.catch_warnings():
             if group["lr"] == 0:
                 # torch.distributed.checkpoint creates missing state with an lr-0 step on zero
@@ -595,7 +604,7 @@ class GrassOptimizer(Optimizer):
                 rows, rho = select_rows(norms, group["rank"], group["selection"], generator)
                 state["rng"] = _rng_bytes(generator.get_state())
             else:
-                rows, rho = _select_expert_rows(norms, group, state, seed, _first_expert(p))
+                rows, rho = _select_expert_rows(norms, group, state, seed, first_expert(p))
         remap_state(
             state,
             rows,
@@ -631,12 +640,12 @@ class GrassOptimizer(Optimizer):
             if experts_sharded(p):
                 rank = self._group_of(p)["rank"]
                 m = selected_size(p, self._projections[id(p)].side)
-                entry["rows"] = entry["rows"] + _first_expert(p) * m
+                entry["rows"] = entry["rows"] + first_expert(p) * m
                 for key in (*_PER_ROW_KEYS, *rule.state_keys):
-                    entry[key] = _global_per_row(entry[key], p, rank)
+                    entry[key] = global_per_row(entry[key], p, rank)
             else:
                 for key in rule.state_keys:
-                    entry[key] = _global_moment(entry[key], p)
+                    entry[key] = global_moment(entry[key], p)
             state_dict["state"][index] = entry
         return state_dict
 
@@ -773,95 +782,9 @@ def _upgrade_implementation(group: dict) -> None:
         group["implementation"] = _implementation(None, flags)
 
 
-# ---- FSDP2 on experts' weights: each rank holds whole experts (dim 0 sharded) ----------------------
-# Per-row state of an experts' weight, sharded with its experts: E * r rows in expert order.
-# (with the update rule's state keys)
+# Per-row state besides the update rule's (an experts' weight sharded by FSDP2 shards all of it
+# with its experts: E * r rows in expert order).
 _PER_ROW_KEYS = ("row_step", "rho", "rows")
-
-
-def _first_expert(p: torch.Tensor) -> int:
-    """The index, in the whole stack, of this rank's first expert of ``p`` (0 unless sharded)."""
-    if not experts_sharded(p):
-        return 0
-    try:
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    except ImportError:  # torch < 2.5
-        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
-    return compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)[1][0]
-
-
-def _global_per_row(local_value: torch.Tensor, p: torch.Tensor, rank: int) -> torch.Tensor:
-    """This rank's per-row state of an experts-sharded ``p`` as a DTensor over all E * r rows,
-    sharded like ``p`` (row indices counted in the whole stack)."""
-    from torch.distributed.tensor import DTensor
-
-    shape = (p.shape[0] * rank, *local_value.shape[1:])
-    stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local_value, p.device_mesh, p.placements, shape=shape, stride=stride)
-
-
-def _local_per_row(value: torch.Tensor, p: torch.Tensor, rank: int) -> torch.Tensor:
-    """This rank's part of saved per-row state of an experts-sharded ``p``: from a DTensor of
-    any placement or from a full tensor (a single process's state)."""
-    if hasattr(value, "redistribute"):
-        return value.redistribute(p.device_mesh, p.placements).to_local()
-    start = _first_expert(p) * rank
-    return value[start : start + local(p).shape[0] * rank]
-
-
-def _row_norms(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Norms of the rows of the oriented gradient ``g`` (float32 at least; fp64 stays fp64):
-    (m,) for a matrix, (E, m) for experts' matrices (E, m, k).
-
-    For a weight sharded by rows (FSDP2), ``g`` holds this rank's part of every column: the
-    squared norms are summed over the ranks (one all-reduce of a k-vector), so every rank sees
-    the norms of the whole gradient and selects the same columns.
-    """
-    g = g.to(torch.promote_types(g.dtype, torch.float32))
-    if not row_sharded(p) or experts_sharded(p):  # sharded by experts: each expert is local
-        return g.norm(dim=-1)
-    import torch.distributed as dist
-
-    squares = g.pow(2).sum(dim=1)
-    dist.all_reduce(squares, group=p.device_mesh.get_group())
-    return squares.sqrt()
-
-
-def _moment_placements(p: torch.Tensor) -> list:
-    """Placements of the oriented (r x m) moments of a weight sharded by rows: its own, with
-    the weight's dim-0 sharding on the moments' dim 1."""
-    from torch.distributed.tensor import Shard
-
-    return [Shard(1) if getattr(pl, "dim", None) == 0 else pl for pl in p.placements]
-
-
-def _global_moment(local_moment: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """This rank's r x m/W moments of a row-sharded ``p`` as a DTensor of shape r x m."""
-    from torch.distributed.tensor import DTensor
-
-    r, m = local_moment.shape[0], p.shape[0]
-    return DTensor.from_local(
-        local_moment, p.device_mesh, _moment_placements(p), shape=(r, m), stride=(m, 1)
-    )
-
-
-def _placed_moment(moment: torch.Tensor, p: torch.Tensor, projected: bool) -> torch.Tensor:
-    """Saved moments as ``p``'s state holds them. For a sharded ``p`` (a DTensor) they may come
-    as a DTensor of any placement (what ``torch.distributed.checkpoint`` loads) or as a full
-    tensor (a single process's state, :func:`hf_grass.distributed.full_optimizer_state_dict`):
-    Grass moments of a row-sharded weight become this rank's r x m/W part, plain AdamW moments a
-    DTensor sharded like ``p``; sharded moments for a plain ``p`` are gathered."""
-    if not hasattr(p, "device_mesh"):
-        return moment.full_tensor() if hasattr(moment, "full_tensor") else moment
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    grass_sharded = projected and row_sharded(p) and p.dim() == 2
-    placements = _moment_placements(p) if grass_sharded else list(p.placements)
-    if isinstance(moment, DTensor):
-        moment = moment.redistribute(p.device_mesh, placements)
-    else:
-        moment = distribute_tensor(moment.to(p.device), p.device_mesh, placements)
-    return moment.to_local() if grass_sharded else moment
 
 
 def _rng_bytes(state: torch.Tensor) -> bytes:
@@ -894,10 +817,10 @@ def _restore_state(p: torch.Tensor, saved: dict, group: dict) -> dict:
         if key in ("unique_rows", "inverse"):
             continue
         if per_row and key in (*_PER_ROW_KEYS, *moments):
-            value = _local_per_row(value, p, group["rank"])
+            value = local_per_row(value, p, group["rank"])
             if key == "rows":
                 side = side_of(p, group["proj_side"])
-                value = value - _first_expert(p) * selected_size(p, side)
+                value = value - first_expert(p) * selected_size(p, side)
             dtype = state_format.saved_dtype(key, moments_dtype) if key in moments else None
             dtype = dtype or value.dtype
             state[key] = value.to(p.device, dtype, copy=True)
@@ -906,7 +829,7 @@ def _restore_state(p: torch.Tensor, saved: dict, group: dict) -> dict:
         elif key in ("step", "selected_step"):
             state[key] = value.to("cpu", torch.float32, copy=True)
         elif key in moments:
-            state[key] = _placed_moment(value, p, "rows" in saved)
+            state[key] = placed_moment(value, p, "rows" in saved)
             dtype = state_format.saved_dtype(key, moments_dtype) or value.dtype
             state[key] = state[key].to(p.device, dtype, copy=True)
         elif isinstance(value, torch.Tensor):
@@ -944,7 +867,7 @@ def _validate_projected_group(group: dict) -> None:
                 "in a group without 'rank'."
             )
         if p.dim() == 3 and hasattr(p, "device_mesh"):
-            _check_experts_sharding(p)
+            check_experts_sharding(p)
         side = side_of(p, group["proj_side"])
         size = selected_size(p, side)
         if rank > size:
@@ -955,26 +878,6 @@ def _validate_projected_group(group: dict) -> None:
                 f"rank {rank} is larger than the selected dimension ({side}, size {size}) of a "
                 f"weight of shape {tuple(p.shape)}: {fix}."
             )
-
-
-def _check_experts_sharding(p: torch.Tensor) -> None:
-    """Grass takes an experts' weight sharded by whole experts (FSDP2's dim 0), in equal parts."""
-    from torch.distributed.tensor import Replicate, Shard
-
-    shards = [
-        (pl, p.device_mesh.size(i))
-        for i, pl in enumerate(p.placements)
-        if not isinstance(pl, Replicate)
-    ]
-    if any(not (isinstance(pl, Shard) and pl.dim == 0) for pl, _ in shards) or any(
-        p.shape[0] % size for _, size in shards
-    ):
-        raise ValueError(
-            f"An experts' weight of shape {tuple(p.shape)} is sharded as {list(p.placements)}: "
-            "Grass needs it sharded by whole experts in equal parts (FSDP2's default Shard(0), "
-            "with the number of experts divisible by the number of shards); shard it so, or "
-            "leave the experts out of target_modules."
-        )
 
 
 def _check_state_shapes(p: torch.Tensor, state: dict, group: dict) -> None:
