@@ -56,7 +56,9 @@ def _megabytes(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
 
 
-# name -> (test, what a valid value is). The message names the value and the fix.
+# name -> (test, what a valid value is, or a function giving it). The message names the value and
+# the fix. The registries (selections, rules, formats) are read when checking: names registered
+# after import count too.
 _CHECKS: dict[str, tuple[Any, str]] = {
     "rank": (_positive_int, "use an integer rank >= 1"),
     "update_proj_gap": (_positive_int, "use an integer >= 1 (steps between re-selections)"),
@@ -64,7 +66,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
         lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
         "use a positive number",
     ),
-    "selection": (_one_of(SELECTIONS), f"use one of {', '.join(SELECTIONS)}"),
+    "selection": (lambda v: v in SELECTIONS, lambda: f"use one of {', '.join(SELECTIONS)}"),
     "reselect_state": (_one_of(RESELECT_STATES), f"use one of {', '.join(RESELECT_STATES)}"),
     "proj_side": (_one_of(PROJ_SIDES), f"use one of {', '.join(PROJ_SIDES)}"),
     "residual_update": (_one_of(RESIDUAL_UPDATES), f"use one of {', '.join(RESIDUAL_UPDATES)}"),
@@ -75,11 +77,10 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     ),
     "bucket_cap_mb": (_megabytes, "use a number of megabytes >= 0 (0: each weight alone)"),
     "implementation": (_one_of(IMPLEMENTATIONS), f"use one of {', '.join(IMPLEMENTATIONS)}"),
-    # RULES is read when checking: rules registered after import count too.
-    "update_rule": (lambda v: v in RULES, "use a registered rule (hf_grass.rules.RULES)"),
+    "update_rule": (lambda v: v in RULES, lambda: f"use one of {', '.join(RULES)}"),
     "state_format": (
         lambda v: v in STATE_FORMATS,
-        "use a registered format (hf_grass.state.STATE_FORMATS)",
+        lambda: f"use one of {', '.join(STATE_FORMATS)}",
     ),
     "state_dtype": (
         _one_of((*STATE_DTYPES, None)),
@@ -92,7 +93,8 @@ def check_option(name: str, value: Any, prefix: str = "", shown: str | None = No
     """Raise ``ValueError`` naming ``prefix + name`` (or ``shown``), the bad value and the fix."""
     check = _CHECKS.get(name)
     if check is not None and not check[0](value):
-        raise ValueError(f"Invalid {shown or prefix + name}={value!r}: {check[1]}.")
+        fix = check[1]() if callable(check[1]) else check[1]  # registries: the names now
+        raise ValueError(f"Invalid {shown or prefix + name}={value!r}: {fix}.")
 
 
 def _setting(default: Any, help: str, *, resume: str, **metadata: Any) -> Any:
@@ -126,7 +128,7 @@ class GrassConfig:
         "top_r",
         "How rows are chosen from the gradient's row norms: top_r, multinomial (unbiased, with "
         "replacement), multinomial_nr (without replacement) or uniform.",
-        choices=SELECTIONS,
+        choices=tuple(SELECTIONS),
         resume=FIXED,
     )
     reselect_state: str = _setting(

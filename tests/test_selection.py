@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hf_grass import SELECTIONS, select_rows
+from hf_grass.selection import Selection, register_selection
 
 SAMPLED = ("multinomial", "multinomial_nr", "uniform")
 
@@ -186,3 +187,37 @@ def test_unknown_selection_raises_naming_the_value_and_the_choices():
 def test_rank_outside_one_to_m_raises(rank):
     with pytest.raises(ValueError, match=rf"rank {rank}.*1 <= rank <= 8"):
         select_rows(torch.rand(8), rank, "top_r")
+
+
+# ---- a selection rule of one's own: this file is all it takes -----------------------------------
+
+
+class BottomR(Selection):
+    """The r smallest row norms (an example, not a good idea), rho = 1."""
+
+    name = "bottom_r_example"
+
+    def choose(self, norms, rank, generator):
+        return torch.topk(norms, rank, largest=False).indices, torch.ones(rank, dtype=torch.float64)
+
+
+def test_a_registered_selection_reaches_the_config_and_the_optimizer():
+    from torch import nn
+
+    from hf_grass import GrassAdamW, GrassConfig
+
+    register_selection(BottomR())
+    try:
+        assert GrassConfig(selection="bottom_r_example").selection == "bottom_r_example"
+        g = torch.randn(9, 4, generator=torch.Generator().manual_seed(3))
+        w = nn.Parameter(torch.zeros(9, 4))
+        opt = GrassAdamW([dict(params=[w], rank=3, selection="bottom_r_example", proj_side="rows")])
+        w.grad = g.clone()
+        opt.step()
+        expected = g.norm(dim=1).argsort()[:3].sort().values  # plain indexing of the gradient
+        assert torch.equal(opt.state[w]["rows"], expected)
+        assert w.detach()[expected].abs().sum() > 0 and (w.detach().abs().sum(1) > 0).sum() == 3
+    finally:
+        del SELECTIONS["bottom_r_example"]
+    with pytest.raises(ValueError, match="selection='bottom_r_example': use one of top_r"):
+        GrassConfig(selection="bottom_r_example")
