@@ -1,11 +1,12 @@
-"""Default finetune, side by side: Grass, AdamW, LoRA and GaLore on the same data and budget.
+"""Default finetune, side by side: Grass, AdamW, LoRA and GaLore (or any method of the registry,
+``hf_grass.methods``: 8-bit AdamW, Muon, Adam-mini, Fira, BAdam, ...) on the same data and budget.
 
 Runs ``scripts/finetune.py`` once per method (BENCHMARKS.md, Protocol 1: SmolLM2-135M-Instruct,
 Rotten Tomatoes, fp32, batch 16, 64 steps, max length 64), one after the other in this process's
 machine, then prints validation accuracy, optimizer-state bytes, peak gradient bytes, peak memory,
 tokens/s and wall time of each, with ratios to AdamW. Raw numbers: benchmarks/results/finetune.json.
 
-    python benchmarks/bench_finetune.py [--methods grass adamw lora galore grass-embeddings]
+    python benchmarks/bench_finetune.py [--methods grass adamw lora galore muon grass-embeddings]
         [--seeds 42 43 44] [--out FILE] [-- extra finetune flags]
 
 With several seeds the methods run interleaved (every method for one seed, then the next seed),
@@ -28,11 +29,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # hf_grass from this checkout
+from hf_grass import methods  # noqa: E402  (torch only)
+
 METHODS = {
-    "grass": ["--optim", "grass"],
-    "adamw": ["--optim", "adamw_torch_fused"],
-    "lora": ["--optim", "adamw_torch_fused", "--use_lora"],
-    "galore": ["--optim", "galore_adamw"],
+    # every method of the registry that finetunes, by the flags that select it
+    **{m.name: list(m.flags) for m in methods.REGISTRY if m.finetune_lr is not None},
     # Grass on the input embedding as well (rows of the vocabulary; issue: embedding state)
     "grass-embeddings": ["--optim", "grass", "--grass_embeddings", "true"],
     # what users do today to save the embedding's state: freeze it

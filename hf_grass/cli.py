@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from . import methods
 from .errors import MissingFileError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -47,16 +48,42 @@ TRAINER_DEFAULTS: dict[str, Any] = dict(
 
 
 def method_name(optim: Any, use_lora: bool = False) -> str:
-    """'grass', 'lora', 'adamw', 'galore', 'apollo' or the optimizer's own name."""
-    optim = str(getattr(optim, "value", optim)).lower()
+    """The registry's name of the method ``optim`` selects ('lora' with ``use_lora``; see
+    ``hf_grass.methods``), or the optimizer's own name for an optim the registry does not list."""
     if use_lora:
         return "lora"
-    for family in ("galore", "apollo"):
-        if optim.startswith(family):
-            return family
-    if optim.startswith("adamw_torch"):
-        return "adamw"
-    return optim
+    method = methods.for_optim(optim)
+    return str(getattr(optim, "value", optim)).lower() if method is None else method.name
+
+
+class BuiltOptimArguments:
+    """Lets ``optim`` take the registry's optimizers that the scripts build (``muon``,
+    ``adam_mini``, ``fira_adamw``, ``badam``: ``methods.BUILT_HERE``) past transformers' check
+    of optimizer names, as ``GrassArguments`` does for ``grass``. An optim that neither the
+    registry nor transformers knows is a `UsageError` naming both. Put it first among the bases:
+    ``class Args(BuiltOptimArguments, GrassTrainingArguments)``.
+    """
+
+    def __post_init__(self) -> None:
+        from transformers.training_args import OptimizerNames
+
+        name = str(getattr(self.optim, "value", self.optim))
+        built_here = name.lower() in methods.BUILT_HERE
+        if (
+            not built_here
+            and name.lower() != "grass"
+            and name not in {o.value for o in OptimizerNames}
+        ):
+            raise UsageError(
+                f"Unknown --optim {name!r}: use grass, {', '.join(methods.BUILT_HERE)}, or a "
+                "transformers optimizer name (adamw_torch, adamw_bnb_8bit, galore_adamw, ...; "
+                "--help lists them)."
+            )
+        if built_here:
+            self.optim = OptimizerNames.ADAMW_TORCH.value  # a stand-in for the stock checks
+        super().__post_init__()  # type: ignore[misc]
+        if built_here:
+            self.optim = name.lower()
 
 
 def read_config(path: str) -> dict[str, Any]:

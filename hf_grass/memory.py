@@ -95,11 +95,14 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from .config import GrassConfig
+from .config import GrassConfig, resolve_option
 from .errors import MissingFileError, UsageError
+from .methods import planner_methods
 from .models import LLAMA_PRESETS, llama_config
 from .optim import _rng_bytes
 from .projection import projection_side
+from .rules import rule_of
+from .state import state_format_of
 from .targets import (
     expert_weights,
     grass_target_names,
@@ -109,8 +112,8 @@ from .targets import (
     weights_of_target,
 )
 
-METHODS = ("adamw", "adamw-8bit", "galore", "lora", "grass")
-RANKED_METHODS = ("galore", "lora", "grass")
+METHODS = planner_methods()  # the registry's methods the planner models (hf_grass.methods)
+RANKED_METHODS = planner_methods(ranked=True)
 DTYPES = ("fp32", "bf16-mixed", "bf16")
 ATTENTIONS = ("sdpa", "eager")
 PARTS = ("weights", "gradients", "optimizer_state", "indices", "activations", "temporaries")
@@ -378,6 +381,8 @@ def plan_memory(
     lm_head: bool = False,
     attention: str = "sdpa",
     recompute: bool = True,
+    update_rule: str | None = None,
+    state_format: str | None = None,
 ) -> MemoryPlan:
     """Plan the memory of training ``model`` with ``method`` (see the module docstring).
 
@@ -391,7 +396,9 @@ def plan_memory(
     (``grass_recompute_selection``, ``grass_recompute_norms``): the peak is an ordinary step whose
     cols-side layers keep ``X[:, cols]`` and whose norms keep only their input; ``False`` models a
     plain training loop, whose selection steps (step 0 among them) keep every linear's whole input.
-    Raises :class:`~hf_grass.errors.UsageError` for a bad value.
+    ``update_rule``, ``state_format`` (Grass only; GrassConfig's defaults when unset): the rule's
+    number of state tensors and the format's bytes per element (:mod:`hf_grass.rules`,
+    :mod:`hf_grass.state`). Raises :class:`~hf_grass.errors.UsageError` for a bad value.
     """
     _check_inputs(method, rank, dtype, batch_size, seq_len, embeddings, lm_head, attention)
     if not isinstance(recompute, bool):
@@ -405,7 +412,9 @@ def plan_memory(
     parts = {
         "weights": weight_bytes(arch, method, rank, prec),
         "gradients": layerwise_gradient_bytes(arch, method, grads) if layerwise else sum(grads),
-        "optimizer_state": optimizer_state_bytes(arch, method, rank, prec),
+        "optimizer_state": optimizer_state_bytes(
+            arch, method, rank, prec, update_rule, state_format
+        ),
         "indices": indices_bytes(arch, method, rank),
         "activations": activation_bytes(
             arch,
@@ -528,24 +537,38 @@ def layerwise_gradient_bytes(arch: Architecture, method: str, grads: list[int]) 
     return shared + max(single, default=0)
 
 
-def optimizer_state_bytes(arch: Architecture, method: str, rank: int, prec: Precision) -> int:
+def optimizer_state_bytes(
+    arch: Architecture,
+    method: str,
+    rank: int,
+    prec: Precision,
+    update_rule: str | None = None,
+    state_format: str | None = None,
+) -> int:
     """Bytes of the optimizer state (without Grass's rows and rho: :func:`indices_bytes`; with
     its selection RNG state, :data:`RNG_STATE_BYTES` per projected matrix; a stack of
-    experts' matrices keeps none)."""
+    experts' matrices keeps none). Grass keeps its ``update_rule``'s state tensors (Adam: 2) in
+    its ``state_format``, on the projected and the dense parameters."""
     if method == "lora":
         return sum(_adamw_state(n, LORA_DTYPE_BYTES) for n in lora_sizes(arch, rank))
     if method == "adamw":
         return sum(_adamw_state(p.numel, prec.weight) for p in arch.params)
     if method == "adamw-8bit":
         return sum(_adamw8bit_state(p.numel) for p in arch.params) + BNB_QMAPS
+    rule = rule_of(resolve_option("update_rule", update_rule))
+    stored = state_format_of(resolve_option("state_format", state_format))
+    tensors = len(rule.state_keys)
     total = 0
     for p in arch.params:
         if method == "grass" and p.projected:
-            # per matrix: moments r x k, per-row steps (float32 r); per weight: the step and
-            # selected_step scalars, and the RNG state of a matrix (not of experts' matrices)
-            rows = p.stack * rank
-            total += 2 * rows * min(p.matrix) * prec.weight + 4 * rows + 2 * STEP_SCALAR
-            total += 0 if p.experts else RNG_STATE_BYTES
+            # per matrix: the rule's state r x k, per-row steps (float32 r); per weight: the step
+            # and selected_step scalars, and the RNG state of a matrix (not of experts' matrices)
+            rows, k = p.stack * rank, min(p.matrix)
+            total += round(tensors * rows * k * stored.element_bytes(prec.weight, k))
+            total += 4 * rows + 2 * STEP_SCALAR + (0 if p.experts else RNG_STATE_BYTES)
+        elif method == "grass":
+            k = p.shape[-1]
+            total += round(tensors * p.numel * stored.element_bytes(prec.weight, k)) + STEP_SCALAR
         elif method == "galore" and p.projected and not p.experts:
             # moments r x max(m, n), projection r x min(m, n)
             total += (2 * max(p.shape) + min(p.shape)) * rank * prec.weight

@@ -13,13 +13,13 @@ Every flag of ModelArguments, DataArguments and GrassTrainingArguments (all of t
 TrainingArguments plus the ``grass_*`` ones) is accepted. Without flags the run follows
 Protocol 1 of BENCHMARKS.md: max length 64, batch 16, 64 steps, linear schedule with 10%
 warm-up, weight decay 0, max grad norm 1.0, seed 42, one evaluation on the whole validation
-split. The learning rate defaults by method (see LEARNING_RATES). Writes train and eval metrics
-(``train_results.json``, ``eval_results.json``), the loss log (``trainer_state.json``),
-``resource_report.json`` and, for instruction tuning, ``generations.jsonl`` to ``output_dir``
-(default ``outputs/<task>-<method>``). ``--do_train false`` only evaluates the model (a
-checkpoint saved by ``--save_final_model true``, say) on the validation split: no optimizer is
-created, and ``eval_results.json`` is written as a training run writes it (default output
-``outputs/<task>-eval``).
+split. The learning rate and a method's extra arguments default by method (``hf_grass.methods``,
+LEARNING_RATES). Writes train and eval metrics (``train_results.json``, ``eval_results.json``),
+the loss log (``trainer_state.json``), ``resource_report.json`` and, for instruction tuning,
+``generations.jsonl`` to ``output_dir`` (default ``outputs/<task>-<method>``).
+``--do_train false`` only evaluates the model (a checkpoint saved by ``--save_final_model true``,
+say) on the validation split: no optimizer is created, and ``eval_results.json`` is written as a
+training run writes it (default output ``outputs/<task>-eval``).
 
 A mistake in the flags, the config file or the data files stops the script before training (and
 before the model is loaded, unless the check needs the model) with one line
@@ -68,7 +68,7 @@ from transformers import (
     HfArgumentParser,
 )
 
-from hf_grass import cli
+from hf_grass import cli, methods
 from hf_grass import data as grass_data
 from hf_grass.errors import MissingFileError, UsageError
 from hf_grass.report import ResourceReportCallback, format_report, limit_malloc_caching
@@ -80,8 +80,8 @@ logger = logging.getLogger("finetune")
 DEFAULT_TASKS = {"classification": "rotten_tomatoes", "instruction": "alpaca_eval"}
 TASK_TYPES = ("classification", "instruction")
 FALSE_VALUES = ("false", "f", "no", "n", "0")  # what HfArgumentParser reads as False
-# Learning rates when --learning_rate is not given (BENCHMARKS.md, Protocol 1).
-LEARNING_RATES = {"grass": 2e-4, "adamw": 5e-5, "lora": 5e-4, "galore": 2e-4}
+# Learning rates when --learning_rate is not given (BENCHMARKS.md, Protocol 1), by method.
+LEARNING_RATES = methods.learning_rates(methods.FINETUNE)
 # TrainingArguments defaults of this script (Protocol 1's), applied unless given.
 SCRIPT_DEFAULTS: dict[str, Any] = dict(
     cli.TRAINER_DEFAULTS,
@@ -198,11 +198,18 @@ class DataArguments:
     )
 
 
+@dataclass
+class TrainingArguments(cli.BuiltOptimArguments, GrassTrainingArguments):
+    """GrassTrainingArguments whose ``--optim`` also takes the baselines built here (Muon,
+    Adam-mini, Fira, BAdam; see ``hf_grass.methods``)."""
+
+
 # ---- arguments ---------------------------------------------------------------------------------
 
 
 def same_targets_as_grass(model: torch.nn.Module, args: GrassTrainingArguments) -> str:
-    """A regex of exactly the modules Grass would project, for HF's GaLore/APOLLO.
+    """A regex of exactly the modules Grass would project, for HF's GaLore/APOLLO, Fira and Muon
+    (the methods with ``grass_targets`` in ``hf_grass.methods``).
 
     Their ``optim_target_modules="all-linear"`` takes every ``nn.Linear``, the classifier head
     (``score``) among them, which Grass leaves out: a comparison must project the same weights.
@@ -215,15 +222,13 @@ def same_targets_as_grass(model: torch.nn.Module, args: GrassTrainingArguments) 
             "%s projects linear layers only: the experts of %d MoE layers, which Grass "
             "projects, stay dense (plain AdamW) under it.", args.optim, len(names) - len(linear),
         )  # fmt: skip
-    logger.info("%s projects Grass's %d linear target modules.", args.optim, len(linear))
+    logger.info("%s takes Grass's %d linear target modules.", args.optim, len(linear))
     return "|".join(re.escape(name) for name in linear)
 
 
-def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, GrassTrainingArguments]:
+def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """Flags, optionally after one .json/.yaml/.yml config file; flags win over the file."""
-    parser = HfArgumentParser(
-        (ModelArguments, DataArguments, GrassTrainingArguments), epilog=cli.EPILOG
-    )
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), epilog=cli.EPILOG)
     argv = cli.expand_config(parser, argv, "finetune.py")
     # Pre-parse what the method-dependent defaults need.
     given = cli.given_flags(
@@ -238,11 +243,11 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, GrassTra
     eval_only = str(given["do_train"]).lower() in FALSE_VALUES
     output = f"outputs/{task}-{'eval' if eval_only else method}"
     defaults = {**SCRIPT_DEFAULTS, "optim": optim, "output_dir": output}
-    if method in LEARNING_RATES:
-        defaults["learning_rate"] = LEARNING_RATES[method]
-    if method == "galore":
-        # Rank 64, as in Protocol 1; its target modules are Grass's (see same_targets_as_grass).
-        defaults.update(optim_args="rank=64")
+    entry = methods.find(method)
+    if entry is not None:
+        # Its learning rate and extra arguments (GaLore: rank 64, as in Protocol 1); target
+        # modules are set once the model is loaded: Grass's (see same_targets_as_grass).
+        defaults.update(entry.trainer_defaults(methods.FINETUNE))
     parser.set_defaults(**defaults)
     return cli.parse_dataclasses(parser, argv)
 
@@ -460,11 +465,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "--freeze_embeddings with --grass_embeddings: a frozen embedding has nothing to "
             "project. Choose one."
         )
-    if model_args.use_lora and args.use_grass:
+    if model_args.use_lora and (args.use_grass or args.optim in methods.BUILT_HERE):
         raise UsageError(
-            "--use_lora with --optim grass: LoRA trains its adapters with AdamW. Choose one: "
-            "--use_lora --optim adamw_torch_fused, or --optim grass without --use_lora."
+            f"--use_lora with --optim {args.optim}: LoRA trains its adapters with AdamW. Choose "
+            f"one: --use_lora --optim adamw_torch_fused, or --optim {args.optim} without "
+            "--use_lora."
         )
+    entry = methods.find(method) if args.do_train else None
+    if entry is not None:
+        entry.require()  # its package is installed
     resume = cli.resolve_resume(args.resume_from_checkpoint, args.output_dir)
     model_path = resolve_model_path(model_args)
     logger.info(
@@ -516,8 +525,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model.get_input_embeddings().weight.requires_grad_(False)
     if model_args.use_lora:
         model = apply_lora(model, model_args, data_args.task_type)
-    if args.do_train and method in ("galore", "apollo") and args.optim_target_modules is None:
+    if entry is not None and entry.grass_targets and args.optim_target_modules is None:
         args.optim_target_modules = same_targets_as_grass(model, args)
+    optimizer = None  # the Trainer builds it, unless the registry's method is built here
+    if entry is not None and entry.build is not None:
+        with cli.values_as_usage_errors():  # a bad --optim_args value
+            optimizer = entry.build_optimizer(model.to(args.device), args)
 
     eval_dataset = _sort_by_length(tokenized["validation"]) if "validation" in tokenized else None
     report = ResourceReportCallback(method=method)
@@ -533,6 +546,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             processing_class=tokenizer,
             compute_metrics=compute_metrics,
             callbacks=[report],
+            optimizers=(optimizer, None),
         )
     if data_args.task_type == "classification":
         # Classification heads average their loss per micro-batch: let the Trainer divide by the

@@ -33,7 +33,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from hf_grass import cli
 from hf_grass.errors import UsageError
-from hf_grass.memory import ATTENTIONS, DTYPES, METHODS, fit_budget, parse_size, plan_memory
+from hf_grass.memory import ATTENTIONS, DTYPES, fit_budget, parse_size, plan_memory
+from hf_grass.methods import planner_methods
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "plan", "plan_memory's arguments; a flag left out takes plan_memory's default"
     )
     unset = argparse.SUPPRESS
-    plan.add_argument("--method", default=unset, help=f"one of {', '.join(METHODS)}")
+    plan.add_argument("--method", default=unset, help=f"one of {', '.join(planner_methods())}")
     plan.add_argument("--rank", type=int, default=unset, help="Grass/GaLore/LoRA rank")
     plan.add_argument("--dtype", default=unset, help=f"one of {', '.join(DTYPES)}")
     plan.add_argument("--attention", default=unset, help=f"one of {', '.join(ATTENTIONS)}")

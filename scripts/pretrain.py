@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pretrain a LLaMA from scratch with Grass or a baseline (AdamW, GaLore, APOLLO), through the Trainer.
+"""Pretrain a LLaMA from scratch with Grass or a baseline (AdamW, GaLore, Muon, ...) via the Trainer.
 
     python scripts/pretrain.py                                   # demo preset on Shakespeare
     python scripts/pretrain.py --optim grass --max_steps 20 --output_dir out/p
@@ -13,10 +13,11 @@ Without flags it trains the "demo" preset (2.9M parameters) on Shakespeare's wor
 ``shakespeare`` package; whole works held out for validation) with a byte-level BPE tokenizer
 trained on the training works and cached, sequences of 256 tokens packed from the text,
 batch 16, 400 steps, cosine schedule with 10% warm-up, validation every 50 steps. Learning rates
-default by method (LEARNING_RATES), and Grass's scale and selection rule follow the pretraining
-ablations (GRASS_PRETRAIN_DEFAULTS). Writes ``eval_results.json`` (``eval_loss``, ``perplexity``),
-``train_results.json``, ``trainer_state.json`` (losses step by step), ``resource_report.json`` and
-checkpoints (``--save_steps``; resume with ``--resume_from_checkpoint true``) to ``output_dir``
+and each method's extra arguments default by method (``hf_grass.methods``: LEARNING_RATES), and
+Grass's scale and selection rule follow the pretraining ablations (GRASS_PRETRAIN_DEFAULTS).
+Writes ``eval_results.json`` (``eval_loss``, ``perplexity``), ``train_results.json``,
+``trainer_state.json`` (losses step by step), ``resource_report.json`` and checkpoints
+(``--save_steps``; resume with ``--resume_from_checkpoint true``) to ``output_dir``
 (default ``outputs/pretrain-<preset>-<method>``). Every flag of TrainingArguments and the
 ``grass_*`` flags are accepted; a mistake prints one line ``pretrain.py: error: ...``, exit 2.
 """
@@ -59,7 +60,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from hf_grass import cli
+from hf_grass import cli, methods
 from hf_grass import corpus as grass_corpus
 from hf_grass.errors import MissingFileError, UsageError
 from hf_grass.models import LLAMA_PRESETS, llama_config
@@ -68,18 +69,12 @@ from hf_grass.trainer import GrassTrainer, GrassTrainingArguments
 
 logger = logging.getLogger("pretrain")
 
-# Learning rates when --learning_rate is not given, from the ablations of BENCHMARKS.md section 12
-# (configs/pretrain/ablation_*.yaml): GaLore's and APOLLO's papers' 1e-2 (with their scales) was
-# also their best here; AdamW's best was 3e-3 on the demo preset.
-LEARNING_RATES = {"grass": 1e-2, "adamw": 3e-3, "galore": 1e-2, "apollo": 1e-2}
-# Grass's pretraining defaults, from the same ablations: the dense parameters (embeddings, head,
-# norms) at the full rate and the projected matrices at a quarter of it (GaLore's split: 173 vs
-# 226 perplexity against one rate for all), rows sampled without replacement (220 vs 245 for
-# top_r, better on both seeds). Finetuning keeps GrassConfig's defaults (scale 1, top_r).
-GRASS_PRETRAIN_DEFAULTS = {"grass_scale": 0.25, "grass_selection": "multinomial_nr"}
-# The attention and MLP matrices (what Grass's all-linear projects): HF's GaLore/APOLLO match one
-# string as a regex on module names; "all-linear" would project the output head as well.
-PROJECTED_MODULES = r".*(self_attn|mlp).*"
+# Learning rates when --learning_rate is not given, by method, from the ablations of BENCHMARKS.md
+# section 12 (the registry, hf_grass.methods, says which).
+LEARNING_RATES = methods.learning_rates(methods.PRETRAIN)
+# Grass's pretraining defaults from the same ablations (scale 0.25, rows sampled without
+# replacement); GaLore, APOLLO, Fira and Muon get their target modules and options there too.
+GRASS_PRETRAIN_DEFAULTS = methods.get("grass").pretrain_args
 SCRIPT_DEFAULTS: dict[str, Any] = dict(
     cli.TRAINER_DEFAULTS,
     max_steps=400,
@@ -139,8 +134,8 @@ class PretrainArguments:
         default=False,
         metadata={
             "help": "Evaluate once after training on a test split that neither training nor the "
-            "validation during training sees: 3 more held-out works of the default corpus (7%), "
-            "a Hub dataset's test split, or --test_files. For tuning on validation and "
+            "validation during training sees: 3 more held-out works of the default corpus (7 "
+            "percent), a Hub dataset's test split, or --test_files. For tuning on validation and "
             "reporting on test."
         },
     )
@@ -175,9 +170,15 @@ class PretrainArguments:
     )
 
 
-def parse_args(argv: list[str]) -> tuple[PretrainArguments, GrassTrainingArguments]:
+@dataclass
+class TrainingArguments(cli.BuiltOptimArguments, GrassTrainingArguments):
+    """GrassTrainingArguments whose ``--optim`` also takes the baselines built here (Muon,
+    Adam-mini, Fira, BAdam; see ``hf_grass.methods``)."""
+
+
+def parse_args(argv: list[str]) -> tuple[PretrainArguments, TrainingArguments]:
     """Flags, optionally after one .json/.yaml/.yml config file; flags win over the file."""
-    parser = HfArgumentParser((PretrainArguments, GrassTrainingArguments), epilog=cli.EPILOG)
+    parser = HfArgumentParser((PretrainArguments, TrainingArguments), epilog=cli.EPILOG)
     argv = cli.expand_config(parser, argv, "pretrain.py")
     given = cli.given_flags(argv, ("optim", "preset", "model_config"))
     optim = given["optim"] or SCRIPT_DEFAULTS["optim"]
@@ -188,16 +189,11 @@ def parse_args(argv: list[str]) -> tuple[PretrainArguments, GrassTrainingArgumen
         "optim": optim,
         "output_dir": f"outputs/pretrain-{size}-{method}",
     }
-    if method in LEARNING_RATES:
-        defaults["learning_rate"] = LEARNING_RATES[method]
-    if method == "grass":
-        defaults.update(GRASS_PRETRAIN_DEFAULTS)
-    if method in ("galore", "apollo"):
-        # HF's GaLore/APOLLO need target modules; their papers' scale at rank 128.
-        scale = 0.25 if method == "galore" else 1.0
-        defaults.update(
-            optim_target_modules=PROJECTED_MODULES, optim_args=f"rank=128,scale={scale}"
-        )
+    entry = methods.find(method)
+    if entry is not None:
+        # Its learning rate and extra arguments: Grass's scale and selection; GaLore's and
+        # APOLLO's target modules (HF's need them) and their papers' scale at rank 128; ...
+        defaults.update(entry.trainer_defaults(methods.PRETRAIN))
     parser.set_defaults(**defaults)
     return cli.parse_dataclasses(parser, argv)
 
@@ -292,6 +288,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Bad input fails here, before the corpus is read or anything is written.
     grass_corpus.check_corpus(spec)
     check_preset(pargs)
+    entry = methods.find(method)
+    if entry is not None:
+        entry.require()  # its package is installed
     if pargs.seq_len < 2:
         raise UsageError(f"--seq_len {pargs.seq_len}: a causal LM needs at least 2 tokens.")
     resume = cli.resolve_resume(args.resume_from_checkpoint, args.output_dir)
@@ -322,7 +321,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.output_dir,
     )
     report = ResourceReportCallback(method=method)
+    optimizer = None  # the Trainer builds it, unless the registry's method is built here
     with cli.values_as_usage_errors():
+        if entry is not None and entry.build is not None:
+            optimizer = entry.build_optimizer(model.to(args.device), args)
         trainer = GrassTrainer(  # checks Grass targets and ranks against the model here
             model=model,
             args=args,
@@ -331,6 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             data_collator=grass_corpus.causal_lm_collator,
             processing_class=tokenizer,
             callbacks=[report],
+            optimizers=(optimizer, None),
         )
 
     train_result = trainer.train(resume_from_checkpoint=resume)

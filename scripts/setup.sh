@@ -20,7 +20,7 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
     echo "[setup] installing $TORCH_SPEC"
     pip_q "$TORCH_SPEC"
 fi
-if ! "$VPY" -c "import hf_grass, transformers, datasets, peft, evaluate, pandas, tokenizers, galore_torch, apollo_torch, matplotlib, pytest, sklearn, scipy" 2>/dev/null; then
+if ! "$VPY" -c "import hf_grass, transformers, datasets, peft, evaluate, pandas, tokenizers, galore_torch, apollo_torch, matplotlib, pytest, sklearn, scipy, adam_mini, fira, badam" 2>/dev/null; then
     echo "[setup] installing hf-grass and its dependencies"
     pip_q -e ".[dev]"
 fi

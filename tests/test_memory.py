@@ -101,6 +101,28 @@ def test_tensor_bytes_equal_a_real_step(method, dtype):
     assert real == _planned(method, dtype)
 
 
+@pytest.mark.parametrize(
+    "rule, state_format",
+    [
+        ("lion", "plain"),
+        ("sign", "plain"),
+        ("adam", "stochastic_bf16"),
+        ("lion", "stochastic_bf16"),
+    ],
+)
+def test_the_plan_counts_the_state_of_the_update_rule_in_its_format(rule, state_format):
+    """Grass with another rule or state format: the planned optimizer state (and indices) equal
+    the bytes the optimizer holds after a real step."""
+    from hf_grass import GrassOptimizer, grassify
+
+    model = _model("grass", "fp32")
+    groups = grassify(model, rank=RANK)
+    optimizer = GrassOptimizer(groups, lr=1e-3, update_rule=rule, state_format=state_format)
+    real = _measure(model, optimizer, "fp32")
+    plan = _planned("grass", "fp32", update_rule=rule, state_format=state_format)
+    assert real == plan
+
+
 def _walk_state(state: dict) -> tuple[int, int]:
     """(tensor bytes, ``bytes`` lengths) of an optimizer's per-parameter state, by a plain walk
     of its values (GrassAdamW keeps flat dicts of tensors, scalars and bytes)."""
