@@ -34,7 +34,7 @@ def points_from_pretrain(folder: Path) -> tuple[list[dict[str, Any]], str, bool]
         points.append(
             _point(method, [r[key] for r in runs], runs[0]["optimizer_state_bytes"], runs)
         )
-    return points, f"{split} perplexity ({summary['title']})", False
+    return points, f"{split} perplexity", False
 
 
 def points_from_finetune(path: Path) -> tuple[list[dict[str, Any]], str, bool]:
