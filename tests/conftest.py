@@ -220,6 +220,15 @@ def functional_problem(dtype, state_dtype, repeats, gen, shapes, strided_last=Fa
     return params, grads, ms, vs, steps, rows, rhos
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One hf-grass cache (HF_GRASS_CACHE) per test module: a tokenizer is trained once."""
+    path = tmp_path_factory.mktemp("hf_grass_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_GRASS_CACHE", str(path))
+        yield path
+
+
 def load_script(name: str):
     """``scripts/<name>.py`` as a module, loaded once per test session (its dataclasses resolve
     their annotations through ``sys.modules``, so it is registered there under ``name``)."""

@@ -220,15 +220,6 @@ def test_the_chain_saves_loads_and_schedules_as_one_optimizer(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """One hf-grass cache for the module: the tokenizer is trained once."""
-    path = tmp_path_factory.mktemp("hf_grass_cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_GRASS_CACHE", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "train.txt"
     path.write_text("The quick brown fox jumps over the lazy dog, and the dog sleeps. " * 300)

@@ -26,15 +26,6 @@ sys.modules["pretrain"] = pretrain  # dataclasses resolve annotations through sy
 _spec.loader.exec_module(pretrain)
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """One hf-grass cache for the module: the default tokenizer is trained once."""
-    path = tmp_path_factory.mktemp("hf_grass_cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_GRASS_CACHE", str(path))
-        yield path
-
-
 def small_flags(out: Path, *extra: str) -> list[str]:
     """The demo preset on the default corpus, short sequences: seconds per run."""
     return [
