@@ -6,7 +6,8 @@ and poems, 5 MB, offline). Whole works are split: a work is in validation iff
 The Passionate Pilgrim: 5% of the text), so validation text is unseen, not a neighbour of a
 training block. With ``hold_out_test`` the works with ``int(sha1(name).hexdigest(), 16) % 20 == 1``
 (A Midsummer Night's Dream, The Taming of the Shrew, The Winter's Tale: 7%) leave training too and
-form a test split, read once after training: tuning chooses on validation, results come from test. Users' corpora are local txt (one document per file), jsonl/json or parquet files
+form a test split, read once after training: tuning chooses on validation, results come from test.
+Users' corpora are local txt (one document per file), jsonl/json or parquet files
 (a text column) read by ``datasets``, or a Hub dataset (``streaming`` for C4-size data).
 
 Packing: each document is tokenized, an end-of-text token appended, the streams concatenated and
@@ -97,8 +98,11 @@ class CorpusSpec:
         """The local files of each split (the default corpus's works when no files are given)."""
         if self.is_default:
             return shakespeare_files(self.hold_out_test)
-        named = {"train": self.train_files, "validation": self.validation_files}
-        named["test"] = self.test_files
+        named = {
+            "train": self.train_files,
+            "validation": self.validation_files,
+            "test": self.test_files,
+        }
         return {split: [Path(p) for p in paths] for split, paths in named.items() if paths}
 
 

@@ -99,13 +99,6 @@ def remap_state(
     state.update(fresh, row_step=row_step)
 
 
-def remap_moments(
-    state: dict, rows: Tensor, rank: int, width: int, dtype: torch.dtype, keep: bool
-) -> None:
-    """:func:`remap_state` for Adam's moments (``exp_avg``, ``exp_avg_sq``) of ``rank`` rows."""
-    remap_state(state, rows, ("exp_avg", "exp_avg_sq"), (rank, width), dtype, keep)
-
-
 def grass_adamw(
     params: list[Tensor],
     grads: list[Tensor],
@@ -204,10 +197,18 @@ def implementation_from_flags(foreach: bool, batched: bool, compiled: bool) -> s
     return "compiled" if compiled else "grouped"
 
 
-def _step_column(step: Tensor, dtype: torch.dtype) -> Tensor:
+def step_column(step: Tensor, dtype: torch.dtype) -> Tensor:
     """Per-row counts as an (r, 1) column; a scalar count stays a scalar."""
     step = step.to(dtype)
     return step if step.dim() == 0 else step[:, None]
+
+
+def scaled_update(direction: Tensor, rho: Tensor | None, lr: float, scale: float) -> Tensor:
+    """The update of a direction: ``-lr * D`` for a dense tensor (``rho`` None), else
+    ``-lr * scale * rho[:, None] * D`` for the selected rows."""
+    if rho is None:
+        return direction * -lr
+    return direction * (rho.to(direction.dtype)[:, None] * (-lr * scale))
 
 
 def _single_tensor_grass_adamw(
@@ -224,14 +225,11 @@ def _single_tensor_grass_adamw(
         if m is not exp_avg:
             exp_avg.copy_(m)
             exp_avg_sq.copy_(v)
-        t = _step_column(steps[i], cdt)
+        t = step_column(steps[i], cdt)
         bias_correction1 = 1 - hp["beta1"] ** t
         bias_correction2_sqrt = (1 - hp["beta2"] ** t).sqrt()
         direction = (m / bias_correction1) / (v.sqrt() / bias_correction2_sqrt + hp["eps"])
-        if rows[i] is None:
-            update = direction * -hp["lr"]
-        else:
-            update = direction * (rhos[i].to(cdt)[:, None] * (-hp["lr"] * hp["scale"]))
+        update = scaled_update(direction, rhos[i], hp["lr"], hp["scale"])
         apply_update(param, update, rows[i], uniques[i], cdt, **hp)
 
 
@@ -254,7 +252,7 @@ def _multi_tensor_grass_adamw(
             if m is not exp_avgs[i]:  # moments kept in another dtype: write back, per tensor
                 exp_avgs[i].copy_(m)
                 exp_avg_sqs[i].copy_(v)
-        t = [_step_column(steps[i], cdt) for i in index]
+        t = [step_column(steps[i], cdt) for i in index]
         bias_correction1 = torch._foreach_pow(beta1, t)
         torch._foreach_neg_(bias_correction1)
         torch._foreach_add_(bias_correction1, 1)

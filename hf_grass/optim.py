@@ -228,9 +228,7 @@ class GrassOptimizer(Optimizer):
                     group.setdefault(key, value)
             group.setdefault("state_dtype", None)
             group.setdefault("stochastic_rounding", False)
-            group.setdefault("update_rule", _SAVED_WITHOUT_RULE)
-            group.setdefault("state_format", _SAVED_WITHOUT_FORMAT)
-            _upgrade_implementation(group)
+            _upgrade_group(group)
         self._group_index = {}
         if not hasattr(self, "_projections"):  # unpickled
             self._projections = {}
@@ -685,9 +683,7 @@ class GrassOptimizer(Optimizer):
         ours = [{k: g[k] for k in _RESUME_TAKES_NEW if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group in self.param_groups:
-            group.setdefault("update_rule", _SAVED_WITHOUT_RULE)
-            group.setdefault("state_format", _SAVED_WITHOUT_FORMAT)
-            _upgrade_implementation(group)
+            _upgrade_group(group)
         for i, (group, keep) in enumerate(zip(self.param_groups, ours, strict=True)):
             for key, value in keep.items():
                 if group.get(key, value) != value:
@@ -774,12 +770,15 @@ def _implementation(name: str | None, flags: dict[str, bool | None]) -> str:
     return name
 
 
-def _upgrade_implementation(group: dict) -> None:
-    """Give a group saved by hf-grass 0.2 or earlier (``foreach``/``batched``/``compiled`` keys)
-    the ``implementation`` they chose, and drop those keys."""
+def _upgrade_group(group: dict) -> None:
+    """Give a group saved before a key existed what it ran with: the ``implementation`` that
+    hf-grass 0.2's ``foreach``/``batched``/``compiled`` keys chose (those keys dropped), and
+    Adam on plain state."""
     flags = {k: group.pop(k) for k, _ in _IMPLEMENTATION_FLAGS if k in group}
     if "implementation" not in group:
         group["implementation"] = _implementation(None, flags)
+    group.setdefault("update_rule", _SAVED_WITHOUT_RULE)
+    group.setdefault("state_format", _SAVED_WITHOUT_FORMAT)
 
 
 # Per-row state besides the update rule's (an experts' weight sharded by FSDP2 shards all of it
@@ -809,9 +808,8 @@ def _restore_state(p: torch.Tensor, saved: dict, group: dict) -> dict:
     """
     state = {}
     moments_dtype = group["state_dtype"] or p.dtype
-    state_format = state_format_of(group.get("state_format", _SAVED_WITHOUT_FORMAT))
-    rule = rule_of(group.get("update_rule", _SAVED_WITHOUT_RULE))
-    moments = stored_keys(state_format, rule.state_keys)
+    state_format = state_format_of(group["state_format"])
+    moments = stored_keys(state_format, rule_of(group["update_rule"]).state_keys)
     per_row = "rows" in saved and experts_sharded(p)
     for key, value in saved.items():
         if key in ("unique_rows", "inverse"):

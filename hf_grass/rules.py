@@ -32,7 +32,14 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from .functional import apply_update, compute_dtype, grass_adamw, moments_and_direction
+from .functional import (
+    apply_update,
+    compute_dtype,
+    grass_adamw,
+    moments_and_direction,
+    scaled_update,
+    step_column,
+)
 from .registry import Registry
 from .state import state_format_of
 
@@ -77,16 +84,10 @@ class UpdateRule:
             steps[i].add_(1)
             stored = states[i]
             state = {key: state_format.load(stored, key, cdt) for key in self.state_keys}
-            count = steps[i].to(cdt)
-            direction = self.direction(
-                grads[i].to(cdt), state, count if count.dim() == 0 else count[:, None], group
-            )
+            direction = self.direction(grads[i].to(cdt), state, step_column(steps[i], cdt), group)
             for key in self.state_keys:
                 state_format.store(stored, key, state[key])
-            if rows[i] is None:
-                update = direction * -group["lr"]
-            else:
-                update = direction * (rhos[i].to(cdt)[:, None] * (-group["lr"] * group["scale"]))
+            update = scaled_update(direction, rhos[i], group["lr"], group.get("scale", 1.0))
             apply_update(
                 param,
                 update,

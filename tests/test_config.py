@@ -12,7 +12,7 @@ from torch import nn
 
 from hf_grass import GrassAdamW, GrassConfig, grass_param_groups
 from hf_grass.config import FIXED_ON_RESUME, group_defaults
-from hf_grass.functional import grass_adamw, remap_moments, unique_rows
+from hf_grass.functional import grass_adamw, remap_state, unique_rows
 from hf_grass.optim import validate_param_groups
 from hf_grass.trainer import GrassArguments, GrassTrainingArguments
 
@@ -151,18 +151,19 @@ def test_core_step_matches_the_formula_in_float64():
     torch.testing.assert_close(params[0], expected, rtol=0, atol=1e-14)
 
 
-def test_remap_moments_keeps_rows_selected_twice():
+def test_remap_state_keeps_rows_selected_twice():
     state = {
         "rows": torch.tensor([1, 3, 5]),
         "exp_avg": torch.tensor([[1.0], [3.0], [5.0]]),
         "exp_avg_sq": torch.tensor([[10.0], [30.0], [50.0]]),
         "row_step": torch.tensor([4.0, 4.0, 2.0]),
     }
-    remap_moments(state, torch.tensor([0, 3, 5]), 3, 1, torch.float32, keep=True)
+    moments = ("exp_avg", "exp_avg_sq")
+    remap_state(state, torch.tensor([0, 3, 5]), moments, (3, 1), torch.float32, keep=True)
     assert state["exp_avg"].flatten().tolist() == [0.0, 3.0, 5.0]
     assert state["exp_avg_sq"].flatten().tolist() == [0.0, 30.0, 50.0]
     assert state["row_step"].tolist() == [0.0, 4.0, 2.0]
-    remap_moments(state, torch.tensor([0, 3, 5]), 3, 1, torch.float32, keep=False)
+    remap_state(state, torch.tensor([0, 3, 5]), moments, (3, 1), torch.float32, keep=False)
     assert state["exp_avg"].abs().sum() == 0 and state["row_step"].sum() == 0
 
 
