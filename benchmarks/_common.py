@@ -24,7 +24,9 @@ RESULTS = REPO / "benchmarks" / "results"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # import hf_grass from a bare checkout (the GPU machine)
 
+from hf_grass import models  # noqa: E402
 from hf_grass.models import LLAMA_PRESETS  # noqa: E402
+from hf_grass.report import tensor_bytes  # noqa: E402
 
 # GaLore's LLaMA configs and the package's presets (hf_grass.models): "20m" holds 84% of its
 # parameters in the embedding and output matrices; "20m-wide" (20.3M parameters, 70% of them in the
@@ -41,19 +43,8 @@ def add_repo_to_path() -> None:
 
 
 def llama_config(name: str, **overrides):
-    """A ``transformers.LlamaConfig`` for one of :data:`LLAMA_CONFIGS` (vocab 32000 by default)."""
-    from transformers import LlamaConfig
-
-    kwargs = dict(
-        vocab_size=32000,
-        max_position_embeddings=1024,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        hidden_act="silu",
-    )
-    kwargs.update(LLAMA_CONFIGS[name])
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
+    """``hf_grass.models.llama_config`` with the benchmarks' 1024 positions (GaLore's setting)."""
+    return models.llama_config(name, **{"max_position_embeddings": 1024, **overrides})
 
 
 def build_llama(
@@ -64,23 +55,11 @@ def build_llama(
     attn: str = "sdpa",
     **overrides,
 ):
-    """A randomly initialised ``LlamaForCausalLM`` built directly on ``device`` in ``dtype``.
-
-    On ``meta`` it costs no memory: shapes only.
-    """
-    from transformers import LlamaForCausalLM
-
-    config = llama_config(name, **overrides)
-    config._attn_implementation = attn
+    """``hf_grass.models.build_llama`` (random weights, built directly on ``device`` in ``dtype``;
+    ``meta`` costs no memory) seeded by ``seed``, with attention implementation ``attn``."""
     torch.manual_seed(seed)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(old)
-    return model
+    overrides = {"max_position_embeddings": 1024, "attn_implementation": attn, **overrides}
+    return models.build_llama(name, device=device, dtype=dtype, **overrides)
 
 
 def projected_names(model) -> list[str]:
@@ -146,50 +125,19 @@ def new_galore(groups, lr: float = 1e-3):
 
 
 # --------------------------------------------------------------------------- optimizer state bytes
-def _tensor_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def _walk(value, key: str, out: dict[str, int], seen: set) -> None:
-    """Add the bytes of every tensor reachable from ``value`` to ``out[key]`` (once per storage)."""
-    if isinstance(value, torch.Tensor):
-        if value.device.type != "meta":
-            ptr = value.untyped_storage().data_ptr()
-            if ptr and ptr in seen:
-                return
-            seen.add(ptr)
-        out[key] = out.get(key, 0) + _tensor_bytes(value)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _walk(v, f"{key}.{k}" if key else str(k), out, seen)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _walk(v, key, out, seen)
-    elif hasattr(value, "__dict__") and not isinstance(value, (int, float, str, bool)):
-        # GaLoreProjector keeps its projection matrix as an attribute.
-        for k, v in vars(value).items():
-            if isinstance(v, (torch.Tensor, list, tuple, dict)):
-                _walk(v, f"{key}.{k}", out, seen)
-
-
 def state_bytes(optimizer: torch.optim.Optimizer, projected_ids: set[int]) -> dict:
-    """Bytes of every tensor in ``optimizer.state``: total, projected weights only, and by key.
-
-    GaLore's projection matrix (an attribute of its ``projector`` object) is counted; Python
-    numbers (GaLore's ``step``) are not tensors and cost nothing here.
-    """
+    """Bytes of the optimizer's state, counted as ``hf_grass.report.optimizer_state_bytes`` counts
+    them (tensors once per storage, objects' tensor attributes such as GaLore's projector, and
+    ``bytes`` such as Grass's RNG state): total, projected weights only, and by key."""
     total = projected = 0
     by_key: dict[str, int] = {}
     seen: set = set()
     for p, st in optimizer.state.items():
-        per: dict[str, int] = {}
-        _walk(st, "", per, seen)
-        n = sum(per.values())
-        total += n
-        if id(p) in projected_ids:
-            projected += n
-        for k, v in per.items():
-            by_key[k] = by_key.get(k, 0) + v
+        for key, value in st.items():
+            n = tensor_bytes(value, seen, host_bytes=True)
+            total += n
+            projected += n if id(p) in projected_ids else 0
+            by_key[key] = by_key.get(key, 0) + n
     return {"total": total, "projected": projected, "by_key": dict(sorted(by_key.items()))}
 
 

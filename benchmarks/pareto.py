@@ -1,11 +1,13 @@
 """Quality against optimizer-state memory: the Pareto front of a comparison, as a plot and a table.
 
-    python benchmarks/pareto.py --pretrain benchmarks/results/pretrain/tuned_demo
+    python benchmarks/pareto.py --tuned benchmarks/results/pretrain/tuned_demo
+    python benchmarks/pareto.py --tuned benchmarks/results/finetune/tuned_default
     python benchmarks/pareto.py --finetune benchmarks/results/finetune_seeds.json
 
-``--pretrain`` reads a tuned comparison of ``compare_pretrain.py`` (``summary.json``: each
-method at its chosen point, test perplexity over seeds, lower is better); ``--finetune`` reads
-``bench_finetune.py --seeds`` (validation accuracy over seeds, higher is better). Each method is a
+``--tuned`` reads a tuned comparison of ``compare.py`` (``summary.json``: each method at its
+chosen point, the test metric over seeds: perplexity, lower is better, or accuracy, higher is
+better); ``--finetune`` reads ``bench_finetune.py --seeds`` (validation accuracy over seeds,
+higher is better). Each method is a
 point: mean quality (bars: min-max over seeds) against optimizer-state MiB, labelled with its
 seconds per step. A method is on the front when no other is at least as good in both quality and
 state and better in one. Writes ``pareto.png`` and ``pareto.md`` (the same as a table) next to
@@ -21,20 +23,21 @@ from pathlib import Path
 from typing import Any
 
 
-def points_from_pretrain(folder: Path) -> tuple[list[dict[str, Any]], str, bool]:
+def points_from_tuned(folder: Path) -> tuple[list[dict[str, Any]], str, bool]:
     summary = json.loads((folder / "summary.json").read_text())
     if "chosen" not in summary:
         raise SystemExit(f"{folder}: not a tuned comparison (no 'chosen' in summary.json)")
+    metric = summary.get("metric", "perplexity")  # comparisons before finetuning: perplexity
     results = [r for r in summary["results"] if not r.get("failed")]
-    split = "test" if all(r.get("test_perplexity") for r in results) else "val"
-    key = "test_perplexity" if split == "test" else "perplexity"
+    split = "test" if all(r.get(f"test_{metric}") is not None for r in results) else "val"
+    key = f"test_{metric}" if split == "test" else metric
     points = []
     for method, name in summary["chosen"].items():
         runs = [r for r in results if r["name"] == name]
         points.append(
             _point(method, [r[key] for r in runs], runs[0]["optimizer_state_bytes"], runs)
         )
-    return points, f"{split} perplexity", False
+    return points, f"{split} {metric}", summary.get("higher_is_better", False)
 
 
 def points_from_finetune(path: Path) -> tuple[list[dict[str, Any]], str, bool]:
@@ -126,13 +129,15 @@ def plot(points: list[dict], quality: str, higher_is_better: bool, path: Path) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--pretrain", help="a tuned comparison's folder (compare_pretrain.py)")
+    source.add_argument(
+        "--tuned", "--pretrain", dest="tuned", help="a tuned comparison's folder (compare.py)"
+    )
     source.add_argument("--finetune", help="a bench_finetune.py --seeds JSON file")
     parser.add_argument("--out", help="output folder (default: next to the input)")
     args = parser.parse_args()
-    if args.pretrain:
-        points, quality, higher = points_from_pretrain(Path(args.pretrain))
-        out = Path(args.out or args.pretrain)
+    if args.tuned:
+        points, quality, higher = points_from_tuned(Path(args.tuned))
+        out = Path(args.out or args.tuned)
         stem = "pareto"
     else:
         points, quality, higher = points_from_finetune(Path(args.finetune))

@@ -3,6 +3,8 @@
 from .config import GrassConfig
 from .distributed import GrassDataParallel, prepare_data_parallel
 from .embedding import GrassEmbedding
+from .experts import grass_experts_class
+from .layers import LAYER_TYPES, LayerType, register_layer
 from .layerwise import LayerwiseHandle, enable_layerwise
 from .linear import GrassLinear, grass_linear, grassify, ungrassify
 from .optim import GrassAdamW, GrassOptimizer, clip_grad_norm_
@@ -25,6 +27,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "LAYER_TYPES",
     "RULES",
     "SELECTIONS",
     "GrassAdamW",
@@ -38,15 +41,18 @@ __all__ = [
     "GrassTrainer",
     "GrassTrainerMixin",
     "GrassTrainingArguments",
+    "LayerType",
     "LayerwiseHandle",
     "clip_grad_norm_",
     "enable_layerwise",
+    "grass_experts_class",
     "grass_linear",
     "grass_param_groups",
     "grass_target_names",
     "grassify",
     "match_target_modules",
     "prepare_data_parallel",
+    "register_layer",
     "register_rule",
     "projection_of",
     "select_rows",

@@ -76,11 +76,13 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .bucket import Bucket
 from .config import resolve_option
-from .linear import is_grass_layer
+from .layers import is_grass_layer, layer_weights
 from .projection import GrassProjection
-from .targets import layer_weights
 
 _METERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+# The model attribute naming the weights GrassDataParallel added to DDP's ignore list.
+IGNORED_FOR_GRASS = "_grass_ddp_ignored"
 
 
 def comm_meter_of(optimizer: Any) -> CommMeter | None:
@@ -184,6 +186,9 @@ class GrassDataParallel:
         _check_same_everywhere(self.group, optimizer, ignore_names)
         ignore = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
         model._ddp_params_and_buffers_to_ignore = sorted(ignore | set(ignore_names))
+        # what ungrassify takes back out, so that a DDP built afterwards averages them again
+        added = set(ignore_names) - ignore | set(getattr(model, IGNORED_FOR_GRASS, ()))
+        setattr(model, IGNORED_FOR_GRASS, sorted(added))
         # DDP broadcasts rank 0's parameters at construction, but not the ones it ignores.
         with torch.no_grad():
             for weight in self.projected.values():
@@ -375,6 +380,19 @@ class GrassDataParallel:
         self._hooks.clear()
         for projection in self._projection_of.values():
             projection.reduce_full = None
+
+
+def forget_data_parallel(model: nn.Module) -> None:
+    """Give back to DDP the weights :class:`GrassDataParallel` told it to ignore in ``model``
+    (called by :func:`~hf_grass.ungrassify`): a DDP built afterwards averages them again."""
+    added = set(vars(model).pop(IGNORED_FOR_GRASS, ()))
+    if not added:
+        return
+    kept = [n for n in getattr(model, "_ddp_params_and_buffers_to_ignore", ()) if n not in added]
+    if kept:
+        model._ddp_params_and_buffers_to_ignore = kept
+    else:
+        vars(model).pop("_ddp_params_and_buffers_to_ignore", None)
 
 
 def prepare_data_parallel(

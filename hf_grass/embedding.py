@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .layers import LayerType, register_layer, replaces
 from .projection import projection_of
 
 
@@ -100,3 +101,15 @@ class GrassEmbedding(nn.Embedding):
             projection.check_data_parallel()
             anchor = projection.anchor
         return GrassEmbeddingFunction.apply(input, self.weight, self.padding_idx, anchor)
+
+
+register_layer(
+    LayerType(
+        "embedding",
+        kind=lambda module: isinstance(module, nn.Embedding),
+        grass_class=replaces(GrassEmbedding),
+        by_target_modules=False,  # selected by embeddings=True (--grass_embeddings)
+        linear=False,
+        description="nn.Embedding",
+    )
+)

@@ -36,9 +36,9 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .layers import LayerType, expert_weights, is_experts_module, register_layer
 from .linear import _autocast_cast, _autocast_off
 from .projection import projection_of
-from .targets import expert_weights, is_experts_module
 
 __all__ = ["expert_weights", "is_experts_module", "grass_experts_class", "grass_experts_linear"]
 
@@ -208,3 +208,15 @@ def grass_experts_class(base: type[nn.Module]) -> type[nn.Module]:
         globals()[name] = cls  # importable by name, so a pickled model loads
         _GRASS_CLASSES[base] = cls
     return _GRASS_CLASSES[base]
+
+
+register_layer(
+    LayerType(
+        "experts",
+        kind=is_experts_module,
+        grass_class=grass_experts_class,
+        weights=expert_weights,
+        linear=False,  # 3-D weights: GaLore and APOLLO leave them dense
+        description="MoE experts",
+    )
+)

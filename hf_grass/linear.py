@@ -60,14 +60,23 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .config import check_option
+from .distributed import forget_data_parallel
+from .layers import (
+    LayerType,
+    conv1d_type,
+    grass_class_of,
+    is_grass_layer,
+    register_layer,
+    replaces,
+    target_layer_names,
+)
 from .projection import GrassProjection, projection_of
+from .recompute import keep_norms
 from .targets import (
     TargetModules,
-    conv1d_type,
     frozen_targets_problem,
     grass_param_groups,
     grass_target_names,
-    is_experts_module,
     target_module_name,
     weights_of_target,
 )
@@ -291,6 +300,28 @@ class GrassLinear(nn.Linear):
         return text
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    conv1d = conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def _conv1d_class(cls: type[nn.Module]) -> type[nn.Module] | None:
+    from .conv1d import GrassConv1D  # imports transformers, which a model holding Conv1D has
+
+    return replaces(GrassConv1D)(cls)
+
+
+register_layer(
+    LayerType(
+        "linear",
+        kind=lambda module: isinstance(module, nn.Linear),
+        grass_class=replaces(GrassLinear),
+        description="nn.Linear",
+    )
+)
+register_layer(LayerType("conv1d", _is_conv1d, _conv1d_class, description="GPT-2's Conv1D"))
+
+
 def grassify(
     model: nn.Module,
     rank: int,
@@ -338,17 +369,17 @@ def grassify(
     targets = {m: modules[m] for m in (target_module_name(modules, n) for n in names)}
     for name, module in targets.items():
         if isinstance(module, nn.Embedding):
-            if _grass_class(module) is None or module.max_norm or module.sparse:
+            if grass_class_of(module) is None or module.max_norm or module.sparse:
                 raise ValueError(
                     f"Grass cannot project the embedding {name!r} ({type(module).__name__}, "
                     f"max_norm={module.max_norm}, sparse={module.sparse}): only a plain "
                     "nn.Embedding without max_norm or sparse gradients; drop --grass_embeddings."
                 )
-        elif _grass_class(module) is None:
+        elif grass_class_of(module) is None:
             raise ValueError(
                 f"target_modules selects {name!r}, a {type(module).__name__} (a subclass of "
-                "a linear layer with its own forward); Grass replaces the forward of nn.Linear "
-                "and GPT-2's Conv1D only: leave it out of target_modules."
+                "a layer type with its own forward); Grass replaces the forward of "
+                f"{target_layer_names()} only: leave it out of target_modules."
             )
         if "forward" in vars(module):
             raise ValueError(
@@ -357,39 +388,12 @@ def grassify(
             )
     _check_not_shared(model, targets, names)
     for module in targets.values():
-        module.__class__ = _grass_class(module)
+        module.__class__ = grass_class_of(module)
         if not isinstance(module, nn.Embedding):
             module.grass_rank = rank
     return grass_param_groups(
         model, rank, target_modules, weight_decay, no_decay, embeddings, lm_head, **grass_options
     )
-
-
-def _grass_class(module: nn.Module) -> type[nn.Module] | None:
-    """The Grass layer class for ``module``'s exact class (its own class when it is one
-    already), from an ordered table of the layer types Grass projects, or the Grass form of a
-    MoE experts module; ``None`` for any other (a subclass with a forward of its own, a LoRA
-    layer)."""
-    from .embedding import GrassEmbedding
-
-    if is_grass_layer(module):
-        return type(module)
-    table: list[type[nn.Module]] = [GrassLinear, GrassEmbedding]
-    if conv1d_type() is not None:
-        from .conv1d import GrassConv1D
-
-        table.append(GrassConv1D)
-    found = next((g for g in table if type(module) is g.grass_base), None)
-    if found is None and is_experts_module(module):
-        from .experts import grass_experts_class
-
-        found = grass_experts_class(type(module))
-    return found
-
-
-def is_grass_layer(module: nn.Module) -> bool:
-    """True for a layer :func:`grassify` made (GrassLinear, GrassEmbedding, GrassConv1D)."""
-    return "grass_base" in type(module).__dict__
 
 
 def _check_not_shared(model: nn.Module, targets: dict[str, nn.Module], names: list[str]) -> None:
@@ -419,9 +423,13 @@ def ungrassify(model: nn.Module) -> nn.Module:
     experts module's Grass form) back into its original class (``nn.Linear``, ``nn.Embedding``,
     ``Conv1D``, the experts class), in place.
 
-    Same module objects and Parameters, so outputs and ``state_dict`` are unchanged. Returns
-    ``model``.
+    Same module objects and Parameters, so outputs and ``state_dict`` are unchanged. What Grass
+    set up around the layers goes too: recomputed norms (:func:`~hf_grass.recompute.keep_norms`)
+    and the weights :class:`~hf_grass.GrassDataParallel` told DDP to ignore, so that a DDP
+    built afterwards averages every weight. Returns ``model``.
     """
+    keep_norms(model)
+    forget_data_parallel(model)
     for module in model.modules():
         if is_grass_layer(module):
             module.__class__ = type(module).grass_base

@@ -97,20 +97,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .config import GrassConfig, resolve_option
 from .errors import MissingFileError, UsageError
+from .layers import expert_weights, is_experts_module, is_linear_layer
 from .methods import planner_methods
 from .models import LLAMA_PRESETS, llama_config
 from .optim import _rng_bytes
 from .projection import projection_side
 from .rules import rule_of
 from .state import state_format_of
-from .targets import (
-    expert_weights,
-    grass_target_names,
-    is_experts_module,
-    linear_layer_types,
-    match_target_modules,
-    weights_of_target,
-)
+from .targets import grass_target_names, match_target_modules, weights_of_target
 
 METHODS = planner_methods()  # the registry's methods the planner models (hf_grass.methods)
 RANKED_METHODS = planner_methods(ranked=True)
@@ -246,7 +240,7 @@ def _walk(config: PretrainedConfig, embeddings: bool, lm_head: bool) -> Architec
     routers = {f"{block}.gate" for block in moe}
     # a router has E rows only: dense even where it is an nn.Linear that "all-linear" matches
     projected = {id(w) for n in targets if n not in routers for w in weights_of_target(modules, n)}
-    linear = {id(m.weight) for m in modules.values() if isinstance(m, linear_layer_types())}
+    linear = {id(m.weight) for m in modules.values() if is_linear_layer(m)}
     stacks = {
         id(p): p.shape[0] for experts in moe.values() for p in expert_weights(experts).values()
     }

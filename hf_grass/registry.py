@@ -1,4 +1,5 @@
-"""Named extensions (update rules, state formats): a table from names to objects."""
+"""Named extensions (selection rules, update rules, state formats, layer types): a table from names
+to objects."""
 
 from __future__ import annotations
 

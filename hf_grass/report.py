@@ -210,7 +210,8 @@ _WRAPPER_PARTS = {"base_layer", "modules_to_save", "original_module", "default"}
 def _describe_dense(model: torch.nn.Module, dense: list[torch.Tensor]) -> str:
     """``embed_tokens (embedding), lm_head (head), 5 norms``: the modules holding ``dense``, by
     kind; a kind with one module is named, a kind with several is counted."""
-    from .targets import is_adapter_module, is_head_module, linear_layer_types
+    from .layers import is_linear_layer
+    from .targets import is_adapter_module, is_head_module
 
     if not dense:
         return "none"
@@ -234,7 +235,7 @@ def _describe_dense(model: torch.nn.Module, dense: list[torch.Tensor]) -> str:
             kind = "norm"
         elif param_name == "bias":
             kind = "bias"
-        elif isinstance(module, linear_layer_types()):
+        elif is_linear_layer(module):
             kind = "linear"
         elif "router" in type(module).__name__.lower():
             kind = "router"  # an MoE block's (E, h) gate, not a linear layer in transformers 5

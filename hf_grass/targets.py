@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import re
-import sys
 import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
+
+from .layers import (
+    is_linear_layer,
+    is_target_layer,
+    layer_type_of,
+    layer_weights,
+    named_weights,
+    target_layer_names,
+)
 
 # Modules excluded from "all-linear": output heads whose rows are the vocabulary or the labels,
 # wherever they sit in a module's path (PEFT wraps a trained head as
@@ -34,42 +42,6 @@ def _is_head_or_adapter(name: str) -> bool:
 TargetModules = str | Sequence[str]
 
 
-def conv1d_type() -> type[nn.Module] | None:
-    """GPT-2's ``Conv1D`` (a linear layer whose weight is stored transposed) once transformers
-    has loaded it (a model holding one has), else None: Grass never imports transformers for it."""
-    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-
-
-# The names transformers gives the 3-D weights of an experts module.
-EXPERT_WEIGHT_NAMES = ("gate_up_proj", "up_proj", "down_proj")
-
-
-def expert_weights(module: nn.Module) -> dict[str, nn.Parameter]:
-    """The 3-D expert weights of ``module`` by name (``gate_up_proj``/``up_proj``, ``down_proj``)."""
-    found = {}
-    for name in EXPERT_WEIGHT_NAMES:
-        p = module._parameters.get(name)
-        if p is not None and p.dim() == 3:
-            found[name] = p
-    return found
-
-
-def is_experts_module(module: nn.Module) -> bool:
-    """True for a transformers MoE experts module whose 3-D weights Grass projects: one made by
-    ``transformers.integrations.moe.use_experts_implementation``, which records the layout
-    (``has_gate``, ``has_bias``, ``is_transposed``) that Grass's forward follows."""
-    layout = ("has_gate", "has_bias", "is_transposed", "num_experts")
-    return all(hasattr(module, a) for a in layout) and bool(expert_weights(module))
-
-
-def layer_weights(module: nn.Module) -> dict[str, nn.Parameter]:
-    """The weights a Grass target module holds, by name: ``{"weight": ...}`` for a linear layer
-    or an embedding, the 3-D expert weights for an experts module."""
-    if is_experts_module(module):
-        return expert_weights(module)
-    return {"weight": module.weight}
-
-
 def weights_of_target(modules: dict[str, nn.Module], name: str) -> list[nn.Parameter]:
     """The weights of one target (a name of :func:`grass_target_names`) among ``modules``
     (``dict(model.named_modules())``): a module's :func:`layer_weights`, or the one expert
@@ -91,20 +63,12 @@ def target_module_name(model_modules: dict[str, nn.Module], name: str) -> str:
     return name if name in model_modules else name.rpartition(".")[0]
 
 
-def _expert_weight_paths(modules: dict[str, nn.Module]) -> list[str]:
-    """``<experts module>.<weight>`` for every 3-D expert weight Grass can project."""
+def _weight_paths(modules: dict[str, nn.Module]) -> list[str]:
+    """``<module>.<weight>`` for every weight a target may name by its path (the 3-D weights of
+    experts modules: :func:`~hf_grass.layers.named_weights`)."""
     return [
-        f"{name}.{param_name}"
-        for name, module in modules.items()
-        if is_experts_module(module)
-        for param_name in expert_weights(module)
+        f"{name}.{param}" for name, module in modules.items() for param in named_weights(module)
     ]
-
-
-def linear_layer_types() -> tuple[type[nn.Module], ...]:
-    """The layer types Grass projects as linear layers: ``nn.Linear`` and :func:`conv1d_type`."""
-    conv1d = conv1d_type()
-    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
 
 
 def match_target_modules(
@@ -129,15 +93,10 @@ def match_target_modules(
     nothing raises ``ValueError``.
     """
     modules = dict(model.named_modules())
-    linear = linear_layer_types()
     # Names a selector can match: modules, and the expert weights inside experts modules.
-    candidates = [n for n in modules if n] + _expert_weight_paths(modules)
+    candidates = [n for n in modules if n] + _weight_paths(modules)
     if isinstance(target_modules, str) and target_modules == "all-linear":
-        names = [
-            n
-            for n, m in modules.items()
-            if (isinstance(m, linear) or is_experts_module(m)) and not _is_head_or_adapter(n)
-        ]
+        names = [n for n, m in modules.items() if is_target_layer(m) and not _is_head_or_adapter(n)]
         selector = "all-linear"
     elif isinstance(target_modules, str):
         pattern = re.compile(target_modules)
@@ -163,11 +122,7 @@ def match_target_modules(
         )
     # An expert weight whose experts module is selected too is covered by the module.
     names = [n for n in names if n in modules or n.rpartition(".")[0] not in names]
-    wrong = [
-        n
-        for n in names
-        if n in modules and not (isinstance(modules[n], linear) or is_experts_module(modules[n]))
-    ]
+    wrong = [n for n in names if n in modules and not is_target_layer(modules[n])]
     lora = [n for n in wrong if _is_tuner_layer(modules[n])]
     if lora:
         cls = type(modules[lora[0]])
@@ -181,8 +136,8 @@ def match_target_modules(
     if wrong:
         raise ValueError(
             f"target_modules ({selector}) matches {wrong[:3]} of type "
-            f"{type(modules[wrong[0]]).__name__}; Grass projects the weights of linear layers "
-            "(nn.Linear, GPT-2's Conv1D) and MoE experts only: narrow target_modules to those."
+            f"{type(modules[wrong[0]]).__name__}; Grass projects the weights of "
+            f"{target_layer_names()} only: narrow target_modules to those."
         )
     return names
 
@@ -226,9 +181,8 @@ def _through_saved_wrappers(modules: dict[str, nn.Module], names: list[str]) -> 
 
 
 def _linear_suffixes(modules: dict[str, nn.Module]) -> set[str]:
-    linear = linear_layer_types()
-    suffixes = {n.split(".")[-1] for n, m in modules.items() if isinstance(m, linear)}
-    return suffixes | {n.split(".")[-1] for n in _expert_weight_paths(modules)}
+    suffixes = {n.split(".")[-1] for n, m in modules.items() if is_linear_layer(m)}
+    return suffixes | {n.split(".")[-1] for n in _weight_paths(modules)}
 
 
 def grass_target_names(
@@ -287,12 +241,11 @@ def unprojectable_problem(model: nn.Module) -> str | None:
     parameters (elements), else None.
 
     Counted: trainable parameters of two or more dimensions outside the layer types Grass
-    projects (:func:`linear_layer_types`, ``nn.Embedding``, experts modules): a convolution,
+    projects (:mod:`hf_grass.layers`: linear layers, ``nn.Embedding``, experts): a convolution,
     the experts of a MoE family whose experts module transformers does not describe (no
     ``use_experts_implementation``), a router. Heads and embeddings left dense by
     choice are not counted; targets are not either, so the answer is the same for any.
     """
-    projectable = (*linear_layer_types(), nn.Embedding)
     seen: set[int] = set()
     total = 0
     by_type: dict[str, list[tuple[str, torch.Size, int]]] = {}
@@ -302,7 +255,7 @@ def unprojectable_problem(model: nn.Module) -> str | None:
                 continue
             seen.add(id(p))
             total += p.numel()
-            if p.dim() >= 2 and not (isinstance(module, projectable) or is_experts_module(module)):
+            if p.dim() >= 2 and layer_type_of(module) is None:
                 name = f"{module_name}.{param_name}" if module_name else param_name
                 by_type.setdefault(type(module).__name__, []).append((name, p.shape, p.numel()))
     outside = sum(n for found in by_type.values() for _, _, n in found)

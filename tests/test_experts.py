@@ -13,8 +13,8 @@ import torch
 from conftest import assert_gradients_match_dense, tiny_moe
 
 from hf_grass import GrassAdamW, grassify, projection_of, ungrassify
+from hf_grass.layers import expert_weights, is_experts_module
 from hf_grass.report import coverage_line
-from hf_grass.targets import expert_weights, is_experts_module
 
 FAMILIES = ["mixtral", "qwen3_moe", "gpt_oss"]
 

@@ -116,6 +116,67 @@ def test_every_config_parses(config):
             assert str(getattr(got, "value", got)).lower() == str(value).lower(), key
 
 
+TUNED = sorted((ROOT / "configs" / "finetune").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", TUNED, ids=[c.stem for c in TUNED])
+def test_every_finetune_comparison_point_parses_to_the_values_it_names(config):
+    compare = load_script("compare", "benchmarks")
+    spec = compare.load_spec(str(config))
+    assert spec["script"] == "finetune"
+    for method, entry in spec["methods"].items():
+        for flags in compare.grid_points(method, entry).values():
+            flags = {**spec["flags"], **flags}
+            model, data, args = finetune.parse_args(compare.as_flags(flags))
+            parsed = {**vars(model), **vars(data), **{k: getattr(args, k) for k in vars(args)}}
+            for key, value in flags.items():
+                got = parsed[key]
+                assert str(getattr(got, "value", got)) == str(value), (config.name, key)
+
+
+@pytest.mark.slow
+def test_a_tuned_finetune_comparison_chooses_by_validation_accuracy(tiny_model_dir, tmp_path):
+    flags = {"model_name_or_path": tiny_model_dir, "max_train_samples": 32, "max_steps": 2}
+    flags |= {"max_eval_samples": 24, "per_device_train_batch_size": 8, "grass_rank": 8}
+    flags |= {"hold_out_test": True}
+    methods = {
+        "adamw": {"flags": {"optim": "adamw_torch"}, "grid": {"learning_rate": [1e-4, 3e-2]}},
+        "grass": {"flags": {"optim": "grass"}, "grid": {"learning_rate": [1e-2]}},
+    }
+    spec = {"script": "finetune", "flags": flags, "methods": methods, "seeds": [1, 2]}
+    config = tmp_path / "tuned.yaml"
+    config.write_text(yaml.safe_dump({**spec, "reference": "grass"}))
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compare.py"), str(config), "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    results = {(r["name"], r["seed"]): r for r in summary["results"]}
+    for (name, seed), r in results.items():  # each run's own files, read back
+        folder = out / f"{name}-s{seed}"
+        assert (
+            r["accuracy"] == json.loads((folder / "eval_results.json").read_text())["eval_accuracy"]
+        )
+        assert (
+            r["test_accuracy"]
+            == json.loads((folder / "test_results.json").read_text())["test_accuracy"]
+        )
+    grid = ["adamw-lr0.0001", "adamw-lr0.03"]
+    # the highest validation accuracy, ties to the lower validation loss
+    best = min(grid, key=lambda n: (-results[(n, 1)]["accuracy"], results[(n, 1)]["eval_loss"]))
+    assert summary["chosen"] == {"adamw": best, "grass": "grass-lr0.01"}
+    assert sorted(k for k in results if k[1] == 2) == sorted([(best, 2), ("grass-lr0.01", 2)])
+    diffs = [results[(best, s)]["test_accuracy"] - results[("grass-lr0.01", s)]["test_accuracy"]
+             for s in (1, 2)]  # fmt: skip
+    table = (out / "table.md").read_text()
+    row = next(line for line in table.splitlines() if "| adamw |" in line)
+    assert f"{sum(diffs) / 2:+.4f} ({min(diffs):+.4f} to {max(diffs):+.4f})" in row
+    assert "| test accuracy |" in table
+
+
 def test_config_then_flags_and_json(tmp_path):
     _, _, args = finetune.parse_args([str(ROOT / "configs/default.yaml"), "--max_steps", "3"])
     assert args.max_steps == 3 and args.optim == "grass"
@@ -346,6 +407,19 @@ def _check_tokens_per_s(report: dict) -> None:
     assert report["tokens_per_s"] == pytest.approx(report["train_tokens"] / step_time, rel=0.02)
 
 
+def _evaluate_by_hand(model, tokenizer, dataset) -> tuple[float, float]:
+    """Accuracy and mean loss of ``model`` over ``dataset``, one review at a time (no padding),
+    truncated to 64 tokens as the script does."""
+    correct, nll = 0, 0.0
+    with torch.no_grad():
+        for example in dataset:
+            ids = tokenizer(example["sentence"], truncation=True, max_length=64)["input_ids"]
+            logits = model(torch.tensor([ids])).logits[0]
+            correct += int(logits.argmax().item() == example["label"])
+            nll -= logits.log_softmax(-1)[example["label"]].item()
+    return correct / len(dataset), nll / len(dataset)
+
+
 @pytest.mark.slow
 def test_default_classification_task_end_to_end(tiny_model_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -362,16 +436,9 @@ def test_default_classification_task_end_to_end(tiny_model_dir, tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     raw = finetune.grass_data.load_rotten_tomatoes()
-    validation = raw["validation"].select(range(32))
-    correct, nll = 0, 0.0
-    with torch.no_grad():
-        for example in validation:
-            ids = tokenizer(example["sentence"], truncation=True, max_length=64)["input_ids"]
-            logits = model(torch.tensor([ids])).logits[0]
-            correct += int(logits.argmax().item() == example["label"])
-            nll -= logits.log_softmax(-1)[example["label"]].item()
-    assert results["eval"]["eval_accuracy"] == correct / 32
-    assert results["eval"]["eval_loss"] == pytest.approx(nll / 32, rel=1e-4)
+    accuracy, loss = _evaluate_by_hand(model, tokenizer, raw["validation"].select(range(32)))
+    assert results["eval"]["eval_accuracy"] == accuracy
+    assert results["eval"]["eval_loss"] == pytest.approx(loss, rel=1e-4)
     written = json.loads((out / "eval_results.json").read_text())
     assert written["eval_accuracy"] == results["eval"]["eval_accuracy"]
 
@@ -382,6 +449,34 @@ def test_default_classification_task_end_to_end(tiny_model_dir, tmp_path):
     lengths = [len(ids) for ids in tokenizer(train, truncation=True, max_length=64)["input_ids"]]
     assert report["steps"] == 32 and report["train_tokens"] == 8 * sum(lengths)
     _check_tokens_per_s(report)
+
+
+@pytest.mark.slow
+def test_held_out_test_split_is_evaluated_after_training(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path / "out"
+    flags = [*tiny_flags(tiny_model_dir, out, "--max_eval_samples", "16"), "--hold_out_test"]
+    results = finetune.main([*flags, "--save_final_model", "true"])
+    written = json.loads((out / "test_results.json").read_text())
+    assert written == results["test"]
+    # The first 16 test reviews by hand: movies that neither train nor validation holds.
+    splits = finetune.grass_data.load_rotten_tomatoes(hold_out_test=True)
+    test = splits["test"].select(range(16))
+    assert not set(test["movie_name"]) & set(splits["train"]["movie_name"])
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    accuracy, loss = _evaluate_by_hand(model, tokenizer, test)
+    assert written["test_accuracy"] == accuracy
+    assert written["test_loss"] == pytest.approx(loss, rel=1e-4)
+    # Validation is the same split as without the flag.
+    default = finetune.grass_data.load_rotten_tomatoes()["validation"]
+    assert list(splits["validation"]["sentence"]) == list(default["sentence"])
+
+
+def test_hold_out_test_needs_the_built_in_task(tmp_path):
+    with pytest.raises(UsageError, match="--hold_out_test holds out movies of the built-in"):
+        finetune.main(["--task_name", "rte", "--hold_out_test", "--output_dir", str(tmp_path)])
 
 
 @pytest.mark.slow

@@ -384,6 +384,32 @@ def test_grassify_ungrassify_round_trip_keeps_outputs_and_state_dict():
     assert torch.equal(model(input_ids=ids).logits, before)
 
 
+def test_ungrassify_undoes_recomputed_norms_and_the_ddp_ignore_list(one_process_group):
+    from torch.nn.parallel import DistributedDataParallel
+
+    from hf_grass import GrassDataParallel
+    from hf_grass.recompute import recompute_norms
+
+    model = _tiny_llama()
+    ids = torch.randint(0, 64, (2, 10))
+    before = model(input_ids=ids).logits
+    model._ddp_params_and_buffers_to_ignore = ["model.embed_tokens.weight"]  # the user's own
+    opt = GrassAdamW(grassify(model, rank=4), lr=1e-3)
+    assert recompute_norms(model)
+    one_process_group()
+    GrassDataParallel(model, opt)
+    projected = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, GrassLinear)]
+    assert len(projected) == 2 * 7
+    ignored = sorted([*projected, "model.embed_tokens.weight"])
+    assert sorted(model._ddp_params_and_buffers_to_ignore) == ignored
+    ungrassify(model)
+    assert model._ddp_params_and_buffers_to_ignore == ["model.embed_tokens.weight"]
+    assert not any("forward" in vars(m) for m in model.modules())  # norms keep activations
+    ddp = DistributedDataParallel(model)  # averages every weight but the user's ignored one
+    assert ddp.parameters_to_ignore == {"model.embed_tokens.weight"}
+    assert torch.equal(model(input_ids=ids).logits, before)
+
+
 def _llama_after_one_step(seq: int, rank: int = 4):
     """A grassified tiny LLaMA, its GrassAdamW and a batch, after one (selecting) step."""
     model = _tiny_llama()
@@ -412,8 +438,8 @@ def test_save_pretrained_of_a_grassified_llama_loads_into_the_stock_class(tmp_pa
     [
         (["nonexistent_proj"], "match no module"),
         (r".*\.nothing_here", "matches no module"),
-        (["input_layernorm"], "the weights of linear layers .* and MoE experts only"),
-        (r"model\.layers\.0\.mlp", "the weights of linear layers .* and MoE experts only"),
+        (["input_layernorm"], "the weights of nn.Linear, .*, MoE experts only"),
+        (r"model\.layers\.0\.mlp", "the weights of nn.Linear, .*, MoE experts only"),
     ],
 )
 def test_bad_target_modules_raise_a_clear_error(target_modules, message):

@@ -903,8 +903,8 @@ def test_no_decay_parameters_get_zero_weight_decay():
     [
         (["k_proj"], r"\['k_proj'\] match no module"),
         (r"layers\.9\..*", r"matches no module"),
-        (["norm"], r"LayerNorm; Grass projects the weights of linear layers"),
-        (r"layers", r"ModuleList; Grass projects the weights of linear layers"),
+        (["norm"], r"LayerNorm; Grass projects the weights of nn.Linear"),
+        (r"layers", r"ModuleList; Grass projects the weights of nn.Linear"),
         ([], r"target_modules is empty"),
     ],
 )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -13,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import load_script
 from safetensors.torch import load_file
 
 from hf_grass import corpus
@@ -20,10 +20,7 @@ from hf_grass.errors import UsageError
 from hf_grass.trainer import GrassTrainer, GrassTrainingArguments
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("pretrain", ROOT / "scripts" / "pretrain.py")
-pretrain = importlib.util.module_from_spec(_spec)
-sys.modules["pretrain"] = pretrain  # dataclasses resolve annotations through sys.modules
-_spec.loader.exec_module(pretrain)
+pretrain = load_script("pretrain")
 
 
 def small_flags(out: Path, *extra: str) -> list[str]:
@@ -380,11 +377,7 @@ def _flag_sets(config: Path) -> list[dict]:
 
     data = yaml.safe_load(config.read_text())
     if "methods" in data:  # a tuned comparison: every grid point of every method
-        spec = importlib.util.spec_from_file_location(
-            "compare_pretrain", ROOT / "benchmarks" / "compare_pretrain.py"
-        )
-        compare = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(compare)
+        compare = load_script("compare", "benchmarks")
         points = [compare.grid_points(m, e) for m, e in data["methods"].items()]
         return [{**data["flags"], **flags} for p in points for flags in p.values()]
     if "runs" not in data:
@@ -410,12 +403,12 @@ def test_every_pretrain_config_parses_to_the_values_it_names(config):
 
 
 def run_comparison(config: Path, out: Path, cache: Path):
-    """``benchmarks/compare_pretrain.py config`` in a subprocess, checked to succeed."""
+    """``benchmarks/compare.py config`` in a subprocess, checked to succeed."""
     import subprocess
 
     env = {"HF_GRASS_CACHE": str(cache), "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "compare_pretrain.py"), str(config)]
+        [sys.executable, str(ROOT / "benchmarks" / "compare.py"), str(config)]
         + ["--out", str(out)],
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip

@@ -1,12 +1,14 @@
-"""Pretraining comparisons and ablations: one config names the runs, this script runs and tabulates.
+"""Comparisons and ablations: one config names the runs, this script runs and tabulates.
 
-    python benchmarks/compare_pretrain.py configs/pretrain/compare_20m.yaml        # the comparison
-    python benchmarks/compare_pretrain.py configs/pretrain/ablation_rank.yaml --jobs 2
-    python benchmarks/compare_pretrain.py configs/pretrain/compare_20m.yaml --only adamw grass
+    python benchmarks/compare.py configs/pretrain/compare_20m.yaml        # the comparison
+    python benchmarks/compare.py configs/pretrain/ablation_rank.yaml --jobs 2
+    python benchmarks/compare.py configs/pretrain/compare_20m.yaml --only adamw grass
+    python benchmarks/compare.py configs/finetune/tuned_default.yaml      # finetuning
 
-A config holds ``flags`` (``scripts/pretrain.py`` flags shared by every run), ``seeds`` and
-``runs`` (name -> the flags that make that run different), or, for a tuned comparison,
-``methods`` in place of ``runs``::
+A config holds ``script`` (``pretrain``, the default, or ``finetune``: which of ``scripts/`` each
+run is), ``flags`` (that script's flags shared by every run), ``seeds`` and ``runs`` (name -> the
+flags that make that run different), or, for a tuned comparison, ``methods`` in place of
+``runs``::
 
     methods:
       grass:
@@ -17,23 +19,25 @@ A config holds ``flags`` (``scripts/pretrain.py`` flags shared by every run), ``
         grid: {learning_rate: [3.0e-3, 1.0e-2], optim_args.scale: [0.25, 1.0]}
 
 Each method's grid (every combination; ``optim_args.<key>`` sets one key of its ``optim_args``)
-runs on the first seed; the point with the lowest final validation loss is chosen and run on the
+runs on the first seed; the point with the best final validation metric (pretraining: the lowest
+perplexity; finetuning: the highest accuracy, then the lowest loss) is chosen and run on the
 other seeds. With ``hold_out_test: true`` among the flags every run also reports the test split
-that neither training nor tuning saw: the tuned table reports test perplexity (mean, min-max over
+that neither training nor tuning saw: the tuned table reports the test metric (mean, min-max over
 seeds) and, per seed, the difference from the ``reference`` method. Grids of unequal size are
-named in a warning line (equal tuning budgets are the point). Each run and seed is
-``python scripts/pretrain.py`` in its own process with the same model, data and token budget, so
-memory and timing are the run's own. A run whose output folder already holds
-``eval_results.json`` is read back, not rerun (delete the folder to rerun it).
+named in a warning line (equal tuning budgets are the point). Each run and seed is the script in
+its own process with the same model, data and budget, so memory and timing are the run's own. A
+run whose output folder already holds ``eval_results.json`` is read back, not rerun (delete the
+folder to rerun it).
 
-Writes to ``--out`` (default ``benchmarks/results/pretrain/<config name>``; a tuned comparison
-also writes ``tuning.md``, every grid point's validation perplexity): ``summary.json`` (every
-run's final validation loss/perplexity, optimizer-state and peak-gradient bytes, tokens/s, wall
-time, and the validation curve), ``table.md`` (the Markdown table it prints: perplexity as the
-mean over seeds with the spread min-max) and ``val_loss.png`` (validation loss against tokens,
-one line per run, averaged over seeds). With ``--jobs 2`` two runs share the machine (one thread
-each): losses are the same as alone (same seeds, deterministic CPU kernels) but the timings are
-not comparable; time methods with ``--jobs 1`` and nothing else running.
+Writes to ``--out`` (default ``benchmarks/results/<script>/<config name>``; a tuned comparison
+also writes ``tuning.md``, every grid point's validation metric): ``summary.json`` (every run's
+final validation loss and metric, the test metric, optimizer-state and peak-gradient bytes,
+tokens/s, wall time, and the validation curve where the run evaluated during training),
+``table.md`` (the Markdown table it prints: the metric as the mean over seeds with the spread
+min-max) and ``val_loss.png`` (validation loss against tokens, one line per run, averaged over
+seeds; pretraining). With ``--jobs 2`` two runs share the machine (one thread each): losses are
+the same as alone (same seeds, deterministic CPU kernels) but the timings are not comparable;
+time methods with ``--jobs 1`` and nothing else running.
 """
 
 from __future__ import annotations
@@ -41,20 +45,44 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "scripts" / "pretrain.py"
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a comparison runs (one of ``scripts/``) and the metric it ranks runs by."""
+
+    script: str
+    metric: str  # the key of eval_results.json; test_results.json prefixes it with "test_"
+    eval_key: str
+    higher_is_better: bool
+    digits: int
+
+    def score(self, run: dict[str, Any]) -> tuple[float, float]:
+        """A key whose minimum is the best run: its metric, then its validation loss."""
+        sign = -1.0 if self.higher_is_better else 1.0
+        return sign * run[self.metric], run["eval_loss"]
+
+    def format(self, value: float) -> str:
+        return f"{value:.{self.digits}f}"
+
+
+TASKS = {
+    "pretrain": Task("pretrain", "perplexity", "perplexity", False, 2),
+    "finetune": Task("finetune", "accuracy", "eval_accuracy", True, 4),
+}
 
 
 def load_spec(path: str) -> dict[str, Any]:
@@ -62,10 +90,11 @@ def load_spec(path: str) -> dict[str, Any]:
     key = "methods" if "methods" in spec else "runs"
     for needed in ("flags", key):
         if not isinstance(spec.get(needed), dict):
-            raise SystemExit(
-                f"{path}: needs a '{needed}' mapping (see benchmarks/compare_pretrain.py)"
-            )
+            raise SystemExit(f"{path}: needs a '{needed}' mapping (see benchmarks/compare.py)")
     spec.setdefault("seeds", [42])
+    spec.setdefault("script", "pretrain")
+    if spec["script"] not in TASKS:
+        raise SystemExit(f"{path}: script {spec['script']!r} is not one of {', '.join(TASKS)}")
     return spec
 
 
@@ -101,11 +130,14 @@ def as_flags(mapping: dict[str, Any]) -> list[str]:
     return flags
 
 
-def run_one(name: str, seed: int, flags: list[str], out: Path, threads: int) -> dict[str, Any]:
-    """``scripts/pretrain.py`` in its own process; its results read back from ``out``."""
+def run_one(
+    task: Task, name: str, seed: int, flags: list[str], out: Path, threads: int
+) -> dict[str, Any]:
+    """The task's script in its own process; its results read back from ``out``."""
     if not (out / "eval_results.json").is_file():
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        cmd = [sys.executable, str(SCRIPT), *flags, "--seed", str(seed)]
+        script = REPO / "scripts" / f"{task.script}.py"
+        cmd = [sys.executable, str(script), *flags, "--seed", str(seed)]
         cmd += ["--output_dir", str(out), "--disable_tqdm", "true"]
         t0 = time.time()
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -115,10 +147,10 @@ def run_one(name: str, seed: int, flags: list[str], out: Path, threads: int) -> 
             print(f"  {name} seed {seed}: FAILED ({' '.join(tail)})", flush=True)
             return {"name": name, "seed": seed, "failed": True}
         print(f"  {name} seed {seed}: {time.time() - t0:.0f} s", flush=True)
-    return read_run(name, seed, out)
+    return read_run(task, name, seed, out)
 
 
-def read_run(name: str, seed: int, out: Path) -> dict[str, Any]:
+def read_run(task: Task, name: str, seed: int, out: Path) -> dict[str, Any]:
     final = json.loads((out / "eval_results.json").read_text())
     report = json.loads((out / "resource_report.json").read_text())
     state = json.loads((out / "trainer_state.json").read_text())
@@ -134,9 +166,9 @@ def read_run(name: str, seed: int, out: Path) -> dict[str, Any]:
         "name": name,
         "seed": seed,
         "eval_loss": final["eval_loss"],
-        "perplexity": final["perplexity"],
+        task.metric: final[task.eval_key],
         "test_loss": test.get("test_loss"),
-        "test_perplexity": test.get("test_perplexity"),
+        f"test_{task.metric}": test.get(f"test_{task.metric}"),
         "optimizer_state_bytes": report["optimizer_state_bytes"],
         "peak_grad_bytes": report["peak_grad_bytes"],
         "tokens_per_s": report["tokens_per_s"],
@@ -147,10 +179,11 @@ def read_run(name: str, seed: int, out: Path) -> dict[str, Any]:
     }
 
 
-def table(results: list[dict[str, Any]], runs: list[str], jobs: int) -> str:
+def table(task: Task, results: list[dict[str, Any]], runs: list[str], jobs: int) -> str:
     timing = "" if jobs == 1 else f" (timings under --jobs {jobs}: not comparable)"
     lines = [
-        f"| run | val perplexity | spread | state MiB | peak grad MiB | tokens/s{timing} | s/step |",
+        f"| run | val {task.metric} | spread | state MiB | peak grad MiB | tokens/s{timing} "
+        "| s/step |",
         "|---|---|---|---|---|---|---|",
     ]
     for name in runs:
@@ -158,11 +191,15 @@ def table(results: list[dict[str, Any]], runs: list[str], jobs: int) -> str:
         if not ok:
             lines.append(f"| {name} | failed | | | | | |")
             continue
-        ppl = [r["perplexity"] for r in ok]
-        spread = f"{min(ppl):.2f}-{max(ppl):.2f} ({len(ok)} seeds)" if len(ok) > 1 else "1 seed"
+        values = [r[task.metric] for r in ok]
+        spread = (
+            f"{task.format(min(values))}-{task.format(max(values))} ({len(ok)} seeds)"
+            if len(ok) > 1
+            else "1 seed"
+        )
         first = ok[0]
         lines.append(
-            f"| {name} | {statistics.mean(ppl):.2f} | {spread} | "
+            f"| {name} | {task.format(statistics.mean(values))} | {spread} | "
             f"{first['optimizer_state_bytes'] / 2**20:.1f} | {first['peak_grad_bytes'] / 2**20:.1f} "
             f"| {statistics.mean(r['tokens_per_s'] for r in ok):,.0f} "
             f"| {statistics.mean(r['s_per_step'] for r in ok):.3f} |"
@@ -176,10 +213,12 @@ def plot(results: list[dict[str, Any]], runs: list[str], title: str, path: Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not any(r.get("curve") for r in results):
+        return  # no evaluation during training (finetuning evaluates once, at the end)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in runs:
         curves = [r["curve"] for r in results if r["name"] == name and not r.get("failed")]
-        if not curves:
+        if not curves or not all(curves):
             continue
         n = min(len(c) for c in curves)
         tokens = [curves[0][i][0] for i in range(n)]
@@ -196,17 +235,24 @@ def plot(results: list[dict[str, Any]], runs: list[str], title: str, path: Path)
 
 
 def tuned_table(
-    results: list[dict[str, Any]], chosen: dict[str, str], reference: str | None, jobs: int
+    task: Task,
+    results: list[dict[str, Any]],
+    chosen: dict[str, str],
+    reference: str | None,
+    jobs: int,
 ) -> str:
-    """One row per method at its chosen point: test (or validation) perplexity over seeds, and the
-    per-seed difference from the reference method's."""
-    metric = "test_perplexity" if all(r.get("test_perplexity") for r in results) else "perplexity"
-    split = "test" if metric == "test_perplexity" else "val"
+    """One row per method at its chosen point: the test (or validation) metric over seeds, and
+    the per-seed difference from the reference method's."""
+    ok_runs = [r for r in results if not r.get("failed")]
+    test_metric = f"test_{task.metric}"
+    tested = all(r.get(test_metric) is not None for r in ok_runs)
+    metric = test_metric if tested else task.metric
+    split = "test" if tested else "val"
     timing = "" if jobs == 1 else f" (under --jobs {jobs}: not comparable)"
-    by_seed = {(r["name"], r["seed"]): r[metric] for r in results if r["name"] in chosen.values()}
+    by_seed = {(r["name"], r["seed"]): r[metric] for r in ok_runs if r["name"] in chosen.values()}
     lines = [
-        f"| method | chosen | {split} perplexity | min-max | vs {reference} per seed "
-        f"| val perplexity | state MiB | tokens/s{timing} |",
+        f"| method | chosen | {split} {task.metric} | min-max | vs {reference} per seed "
+        f"| val {task.metric} | state MiB | tokens/s{timing} |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for method, name in chosen.items():
@@ -217,64 +263,75 @@ def tuned_table(
             for r in ok
             if reference and (chosen[reference], r["seed"]) in by_seed
         ]
+        d = task.digits
         paired = (
             ""
             if method == reference or not diffs
-            else f"{statistics.mean(diffs):+.2f} ({min(diffs):+.2f} to {max(diffs):+.2f})"
+            else f"{statistics.mean(diffs):+.{d}f} ({min(diffs):+.{d}f} to {max(diffs):+.{d}f})"
         )
         lines.append(
-            f"| {method} | {name} | {statistics.mean(values):.2f} | "
-            f"{min(values):.2f}-{max(values):.2f} ({len(ok)} seeds) | {paired} | "
-            f"{statistics.mean(r['perplexity'] for r in ok):.2f} | "
+            f"| {method} | {name} | {task.format(statistics.mean(values))} | "
+            f"{task.format(min(values))}-{task.format(max(values))} ({len(ok)} seeds) | {paired} | "
+            f"{task.format(statistics.mean(r[task.metric] for r in ok))} | "
             f"{ok[0]['optimizer_state_bytes'] / 2**20:.1f} | "
             f"{statistics.mean(r['tokens_per_s'] for r in ok):,.0f} |"
         )
     return "\n".join(lines)
 
 
-def tuning_table(results: list[dict[str, Any]], grids: dict[str, list[str]], seed: int) -> str:
+def tuning_table(
+    task: Task, results: list[dict[str, Any]], grids: dict[str, list[str]], seed: int
+) -> str:
     lines = [
-        f"| method | grid point | val perplexity (seed {seed}) | chosen |",
+        f"| method | grid point | val {task.metric} (seed {seed}) | chosen |",
         "|---|---|---|---|",
     ]
     for method, names in grids.items():
         scored = {r["name"]: r for r in results if r["name"] in names and r["seed"] == seed}
-        best = _best(scored.values())
+        best = _best(task, scored.values())
         for name in names:
             r = scored.get(name)
-            value = "failed" if r is None or r.get("failed") else f"{r['perplexity']:.2f}"
+            value = "failed" if r is None or r.get("failed") else task.format(r[task.metric])
             lines.append(f"| {method} | {name} | {value} | {'yes' if r is best else ''} |")
     return "\n".join(lines)
 
 
-def _best(results) -> dict[str, Any] | None:
-    return min(
-        (r for r in results if not r.get("failed")), key=lambda r: r["eval_loss"], default=None
-    )
+def _best(task: Task, results) -> dict[str, Any] | None:
+    return min((r for r in results if not r.get("failed")), key=task.score, default=None)
 
 
-def run_all(jobs: list[tuple], workers: int) -> list[dict[str, Any]]:
+def run_all(task: Task, jobs: list[tuple], workers: int) -> list[dict[str, Any]]:
     threads = max(1, (os.cpu_count() or 1) // workers)
     print(f"{len(jobs)} runs, {workers} at a time, {threads} thread(s) each", flush=True)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda job: run_one(*job, threads=threads), jobs))
+        return list(pool.map(lambda job: run_one(task, *job, threads=threads), jobs))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", help="a YAML of flags, seeds and runs (configs/pretrain/)")
+    parser.add_argument(
+        "config", help="a YAML of flags, seeds and runs (configs/pretrain/, configs/finetune/)"
+    )
     parser.add_argument("--only", nargs="+", help="run only these runs (or methods) of the config")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each)")
-    parser.add_argument("--out", help="output folder (default benchmarks/results/pretrain/NAME)")
+    parser.add_argument("--out", help="output folder (default benchmarks/results/SCRIPT/NAME)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
     args = parser.parse_args()
     spec = load_spec(args.config)
+    task = TASKS[spec["script"]]
     name = Path(args.config).stem
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / "pretrain" / name
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / task.script / name
     out.mkdir(parents=True, exist_ok=True)
     seeds = args.seeds or spec["seeds"]
     title = spec.get("title", name)
-    summary: dict[str, Any] = {"config": str(args.config), "title": title, "flags": spec["flags"]}
+    summary: dict[str, Any] = {
+        "config": str(args.config),
+        "title": title,
+        "script": task.script,
+        "metric": task.metric,
+        "higher_is_better": task.higher_is_better,
+        "flags": spec["flags"],
+    }
 
     def job(run: str, seed: int, flags: dict[str, Any]) -> tuple:
         return (run, seed, as_flags({**spec["flags"], **flags}), out / f"{run}-s{seed}")
@@ -287,21 +344,25 @@ def main() -> None:
             print(f"warning: unequal tuning budgets (grid points per method: {sizes})", flush=True)
         print(f"{name}: tuning on seed {seeds[0]}", flush=True)
         every = {run: flags for p in points.values() for run, flags in p.items()}
-        results = run_all([job(run, seeds[0], flags) for run, flags in every.items()], args.jobs)
+        results = run_all(
+            task, [job(run, seeds[0], flags) for run, flags in every.items()], args.jobs
+        )
         chosen = {}
         for method, p in points.items():
-            best = _best(r for r in results if r["name"] in p)
+            best = _best(task, (r for r in results if r["name"] in p))
             if best is not None:
                 chosen[method] = best["name"]
         print(f"{name}: chosen {chosen}; seeds {seeds[1:]}", flush=True)
         results += run_all(
+            task,
             [job(run, seed, every[run]) for seed in seeds[1:] for run in chosen.values()],
             args.jobs,
         )
         reference = spec.get("reference")
-        text = tuned_table(results, chosen, reference if reference in chosen else None, args.jobs)
+        reference = reference if reference in chosen else None
+        text = tuned_table(task, results, chosen, reference, args.jobs)
         grids = {m: list(p) for m, p in points.items()}
-        tuning = tuning_table(results, grids, seeds[0])
+        tuning = tuning_table(task, results, grids, seeds[0])
         (out / "tuning.md").write_text(f"{title}: tuning\n\n{tuning}\n")
         summary |= {"methods": methods, "grids": grids, "chosen": chosen, "reference": reference}
         runs = list(chosen.values())
@@ -309,8 +370,8 @@ def main() -> None:
     else:
         runs = [r for r in spec["runs"] if not args.only or r in args.only]
         jobs = [job(run, seed, spec["runs"][run] or {}) for seed in seeds for run in runs]
-        results = run_all(jobs, args.jobs)
-        text = table(results, runs, args.jobs)
+        results = run_all(task, jobs, args.jobs)
+        text = table(task, results, runs, args.jobs)
         summary["runs"] = {r: spec["runs"][r] for r in runs}
     summary |= {
         "seeds": seeds,
@@ -322,11 +383,11 @@ def main() -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "table.md").write_text(f"{title}\n\n{text}\n")
     plot(results, runs, title, out / "val_loss.png")
-    best = _best(results)
+    best = _best(task, results)
     print(f"\n{title}\n\n{text}\n")
     if best is not None:
         print(
-            f"lowest validation loss: {best['name']} (perplexity {math.exp(best['eval_loss']):.2f})"
+            f"best on validation: {best['name']} ({task.metric} {task.format(best[task.metric])})"
         )
     print(f"written to {out}")
 
