@@ -56,7 +56,7 @@ try:
     from hf_grass import grassify  # noqa: E402
 except ImportError:
     try:
-        from hf_grass.linear import grassify  # noqa: E402
+        from hf_grass import grassify  # noqa: E402
     except ImportError:
         grassify = None
 

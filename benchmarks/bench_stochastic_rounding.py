@@ -20,8 +20,7 @@ from _common import add_repo_to_path, env_info, fmt_table, write_json
 from torch import nn
 
 add_repo_to_path()
-from hf_grass import GrassAdamW  # noqa: E402
-from hf_grass.linear import grassify  # noqa: E402
+from hf_grass import GrassAdamW, grassify  # noqa: E402
 
 RUNS = {
     # name: (weight dtype, state dtype or None for the weight's, stochastic rounding)

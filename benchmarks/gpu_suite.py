@@ -499,7 +499,7 @@ def _speed_run(args, result, device, dtype, galore_cls, deadline, C, torch) -> d
         try:
             from hf_grass import grassify
         except ImportError:
-            from hf_grass.linear import grassify
+            from hf_grass import grassify
         groups = grassify(model, rank=args.rank, update_proj_gap=args.K)
         variant = {
             "grass_foreach": dict(implementation="foreach"),
@@ -756,9 +756,8 @@ def memory_worker(args, part: str, method: str) -> dict:
 
             opt = PerParameterOptimizers(model, make)
         else:
-            from hf_grass import GrassAdamW
+            from hf_grass import GrassAdamW, grassify
             from hf_grass.layerwise import enable_layerwise
-            from hf_grass.linear import grassify
 
             opt = GrassAdamW(grassify(model, rank=rank, update_proj_gap=args.K), lr=args.lr)
             enable_layerwise(opt, model)

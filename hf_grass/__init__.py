@@ -4,9 +4,10 @@ from .config import GrassConfig
 from .distributed import GrassDataParallel, prepare_data_parallel
 from .embedding import GrassEmbedding
 from .experts import grass_experts_class
+from .install import grassify, ungrassify
 from .layers import LAYER_TYPES, LayerType, register_layer
 from .layerwise import LayerwiseHandle, enable_layerwise
-from .linear import GrassLinear, grass_linear, grassify, ungrassify
+from .linear import GrassLinear, grass_linear
 from .optim import GrassAdamW, GrassOptimizer, clip_grad_norm_
 from .projection import GrassProjection, projection_of
 from .rules import RULES, UpdateRule, register_rule
@@ -15,7 +16,13 @@ from .targets import grass_param_groups, grass_target_names, match_target_module
 
 # The Hugging Face Trainer integration, imported on first use: the engine above needs torch only,
 # and `import hf_grass` does not load transformers.
-_TRAINER_NAMES = ("GrassArguments", "GrassTrainer", "GrassTrainerMixin", "GrassTrainingArguments")
+_TRAINER_NAMES = (
+    "GrassArguments",
+    "GrassTrainer",
+    "GrassTrainerMixin",
+    "GrassTrainingArguments",
+    "grass_optimizer_cls_and_kwargs",
+)
 
 
 def __getattr__(name: str):
@@ -46,6 +53,7 @@ __all__ = [
     "clip_grad_norm_",
     "enable_layerwise",
     "grass_experts_class",
+    "grass_optimizer_cls_and_kwargs",
     "grass_linear",
     "grass_param_groups",
     "grass_target_names",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .projection import experts_sharded, local, row_sharded
+from .layout import experts_sharded, local, row_sharded
 
 
 def first_expert(p: torch.Tensor) -> int:

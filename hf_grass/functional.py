@@ -39,7 +39,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .state import StateFormat, state_format_of
+from .state import StateFormat, round_to, state_format_of
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
@@ -520,26 +520,6 @@ def residual_sign_update(
     w.add_(residual.to(cdt).sign(), alpha=-lr * scale)
     if w is not param:
         param.copy_(round_to(w, param.dtype, stochastic_rounding))
-
-
-def round_to(
-    x: Tensor, dtype: torch.dtype, stochastic: bool, share: Tensor | None = None
-) -> Tensor:
-    """Cast float32 ``x`` to ``dtype``; to bfloat16 stochastically if asked.
-
-    Stochastic rounding adds uniform noise below bf16's last bit to the float32 bit pattern and
-    truncates, so a value rounds up with probability equal to its distance from the lower
-    neighbour: ``E[round(x)] = x``, and small updates survive on average. ``share`` (G x r, for
-    a G x r x k batch): row j of batch g takes the noise of row ``share[g, j]`` (equal rows
-    round alike).
-    """
-    if not stochastic or dtype != torch.bfloat16 or x.dtype != torch.float32:
-        return x.to(dtype)
-    bits = x.contiguous().view(torch.int32)
-    noise = torch.randint_like(bits, 0, 1 << 16)
-    if share is not None:
-        noise = noise.gather(1, share[..., None].expand_as(noise))
-    return ((bits + noise) & -65536).view(torch.float32).to(dtype)
 
 
 # The torch implementations by name (built once: looked up on every step, per parameter in

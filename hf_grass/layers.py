@@ -9,7 +9,7 @@ whether it is a plain linear map that any projection method (GaLore, APOLLO) han
 
 Target matching, :func:`~hf_grass.grassify` / :func:`~hf_grass.ungrassify`, data parallelism
 and the coverage report read this table only. The layer modules register their own entries
-(``linear`` and ``conv1d`` in :mod:`hf_grass.linear`, ``embedding``, ``experts``); the first
+(``linear``, ``embedding``, ``experts``; ``conv1d`` in :mod:`hf_grass.install`); the first
 entry whose ``kind`` matches a module is its type.
 """
 

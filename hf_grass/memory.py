@@ -98,10 +98,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from .config import GrassConfig, resolve_option
 from .errors import MissingFileError, UsageError
 from .layers import expert_weights, is_experts_module, is_linear_layer
+from .layout import projection_side
 from .methods import planner_methods
 from .models import LLAMA_PRESETS, llama_config
-from .optim import _rng_bytes
-from .projection import projection_side
+from .projection import rng_bytes
 from .rules import rule_of
 from .state import state_format_of
 from .targets import grass_target_names, match_target_modules, weights_of_target
@@ -120,7 +120,7 @@ BNB_QMAPS = 2 * 256 * 4  # the signed and unsigned dynamic maps, shared by all t
 STEP_SCALAR = 4  # torch's float32 step tensor
 # GrassAdamW's per-matrix selection RNG state, measured the way the optimizer stores it (the
 # length depends on torch's CPU generator, not on the model), so the plan follows torch.
-RNG_STATE_BYTES = len(_rng_bytes(torch.Generator().get_state()))
+RNG_STATE_BYTES = len(rng_bytes(torch.Generator().get_state()))
 DEFAULT_RANK = GrassConfig().rank  # Grass's default rank, the planner's too
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}

@@ -51,22 +51,11 @@ from .fsdp2 import (
     global_per_row,
     local_per_row,
     placed_moment,
-    row_norms,
 )
-from .functional import implementation_from_flags, remap_state, residual_sign_update
-from .projection import (
-    DATA_PARALLEL_RECIPE,
-    GrassProjection,
-    experts_sharded,
-    local,
-    oriented,
-    projection_of,
-    row_sharded,
-    selected_size,
-    side_of,
-)
+from .functional import implementation_from_flags, residual_sign_update
+from .layout import experts_sharded, local, oriented, row_sharded, selected_size, side_of
+from .projection import DATA_PARALLEL_RECIPE, GrassProjection, projection_of, rng_bytes, rng_tensor
 from .rules import UpdateRule, rule_of
-from .selection import select_rows
 from .state import state_format_of, stored_keys
 
 logger = logging.getLogger(__name__)
@@ -187,7 +176,6 @@ class GrassOptimizer(Optimizer):
         self._group_index: dict[int, dict] = {}
         self._projections: dict[int, GrassProjection] = {}
         self._averaging_checked = False  # see _check_averaged
-        self._warned_local_selection = False
         self._clipping_checked = False  # see _check_clipped_elsewhere
         self._watched_backward = -1
         self._grads_after_backward: tuple[set, set] | None = None
@@ -211,14 +199,26 @@ class GrassOptimizer(Optimizer):
             except ValueError:
                 self.param_groups.pop()  # leave the optimizer as it was, as torch.optim does
                 raise
-        self._index_group(group)
+        self._index_group(group, sum(len(g["params"]) for g in self.param_groups[:-1]))
 
-    def _index_group(self, group: dict) -> None:
-        for p in group["params"]:
+    def _index_groups(self) -> None:
+        first = 0
+        for group in self.param_groups:
+            self._index_group(group, first)
+            first += len(group["params"])
+
+    def _index_group(self, group: dict, first: int) -> None:
+        """Index ``group``'s parameters (the first at position ``first`` among all of them) and
+        give each projected one its projection, which follows the group."""
+        for index, p in enumerate(group["params"], start=first):
             self._group_index[id(p)] = group
-            if "rank" in group and id(p) not in self._projections:
-                side = side_of(p, group["proj_side"])
-                self._projections[id(p)] = GrassProjection(self, p, group["rank"], side)
+            if "rank" not in group:
+                continue
+            projection = self._projections.get(id(p))
+            if projection is None:
+                projection = GrassProjection(self, p, group, index, self._watch_backward)
+                self._projections[id(p)] = projection
+            projection.group = group
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -233,12 +233,10 @@ class GrassOptimizer(Optimizer):
         if not hasattr(self, "_projections"):  # unpickled
             self._projections = {}
         self._averaging_checked = getattr(self, "_averaging_checked", False)
-        self._warned_local_selection = getattr(self, "_warned_local_selection", False)
         self._clipping_checked = getattr(self, "_clipping_checked", False)
         self._watched_backward = -1
         self._grads_after_backward = None
-        for group in self.param_groups:
-            self._index_group(group)
+        self._index_groups()
 
     def follow_replaced_params(self) -> None:
         """Index the parameters that a wrapper put into ``param_groups`` after construction.
@@ -264,7 +262,7 @@ class GrassOptimizer(Optimizer):
         for group in self.param_groups:
             if "rank" in group:
                 _validate_projected_group(group)
-            self._index_group(group)
+        self._index_groups()
 
     def _group_of(self, p: torch.Tensor) -> dict:
         return self._group_index[id(p)]
@@ -279,11 +277,6 @@ class GrassOptimizer(Optimizer):
     def selection_pending(self) -> bool:
         """True when the coming backward selects rows of some weight (from its full gradient)."""
         return any(projection.needs_full_gradient() for projection in self._projections.values())
-
-    def _param_index(self, p: torch.Tensor) -> int:
-        return next(
-            i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p
-        )
 
     # ------------------------------------------------------------------------------------ steps
     @torch.no_grad()
@@ -440,32 +433,6 @@ class GrassOptimizer(Optimizer):
         if dense - after_dense and not compressed - after_compressed:
             warnings.warn(CLIPPED_ELSEWHERE_WARNING, RuntimeWarning, stacklevel=3)
 
-    def _warn_local_selection(self, p: torch.Tensor, grad: torch.Tensor) -> None:
-        """Warn once when, under several processes, a compressed backward selects rows from
-        this rank's own gradient (no :class:`GrassDataParallel`): data-parallel ranks would
-        pick different rows and never average their compressed gradients.
-
-        A full ``.grad`` is fine (DDP averaged it when the model is wrapped), and so is a
-        sharded weight (FSDP2 sums its row norms across ranks). It is only a warning: a process
-        may train a model of its own (a reference, an evaluation) next to other processes.
-        """
-        if self._warned_local_selection or grad is p.grad or hasattr(p, "device_mesh"):
-            return
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return
-        self._warned_local_selection = True
-        warnings.warn(
-            f"A compressed backward selected rows of a weight of shape {tuple(p.shape)} from this "
-            f"rank's own gradient, and no GrassDataParallel averages it across the "
-            f"{dist.get_world_size()} processes: if the model is data-parallel, ranks drift "
-            f"apart; build {DATA_PARALLEL_RECIPE} (Ignore this if each process trains a model "
-            "of its own.)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
         for projection in self._projections.values():
@@ -574,46 +541,6 @@ class GrassOptimizer(Optimizer):
             stochastic_rounding=group["stochastic_rounding"],
         )
 
-    # -------------------------------------------------------------------------------- selection
-    @torch.no_grad()
-    def _select(self, p: torch.Tensor, grad: torch.Tensor) -> None:
-        """Choose rows from the full gradient ``grad`` and re-map the moments."""
-        projection = self._projections[id(p)]
-        if projection.reduce_full is None:
-            self._warn_local_selection(p, grad)
-        group = self._group_of(p)
-        state = self.state[p]
-        g = oriented(grad, projection.side)
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0)
-        seed = group["seed"] + self._param_index(p)
-        norms = row_norms(p, g)
-        with warnings.catch_warnings():
-            if group["lr"] == 0:
-                # torch.distributed.checkpoint creates missing state with an lr-0 step on zero
-                # gradients before loading a checkpoint over it: no warning for that selection.
-                warnings.simplefilter("ignore", RuntimeWarning)
-            if norms.dim() == 1:
-                generator = torch.Generator()
-                if "rng" in state:
-                    generator.set_state(_rng_tensor(state["rng"]))
-                else:
-                    generator.manual_seed(seed)
-                rows, rho = select_rows(norms, group["rank"], group["selection"], generator)
-                state["rng"] = _rng_bytes(generator.get_state())
-            else:
-                rows, rho = _select_expert_rows(norms, group, state, seed, first_expert(p))
-        remap_state(
-            state,
-            rows,
-            rule_of(group["update_rule"]).state_keys,
-            (rows.numel(), g.shape[-1]),
-            group["state_dtype"] or p.dtype,
-            keep=group["reselect_state"] == "keep",
-            state_format=state_format_of(group["state_format"]),
-        )
-        state.update(rows=rows, rho=rho, selected_step=state["step"].clone())
-
     # ------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         """``torch.optim``'s state dict; Grass moments of a weight sharded by rows are DTensors.
@@ -705,45 +632,6 @@ class GrassOptimizer(Optimizer):
                 self.state[p] = state
 
 
-def _select_expert_rows(
-    norms: torch.Tensor, group: dict, state: dict, seed: int, first_expert: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of each expert's matrix from its own row norms (E, m), as flat sorted indices
-    ``e * m + i`` (see :func:`~hf_grass.functional.row_index`) and their scales.
-
-    A sampled selection draws expert e's rows from a generator of its own, seeded by the
-    parameter's seed, the expert's index in the whole stack (``first_expert + e`` on a rank
-    that holds experts from ``first_expert`` on) and the step: the draws are the same however
-    the experts are sharded, and a resumed run repeats them without a saved generator state.
-    An expert that no token reached in the selection step's batch has an all-zero gradient: it
-    keeps its previous rows and scales (the first time, rows drawn uniformly, as for any
-    gradient with no signal), without the zero-gradient warning, which is meant for a whole
-    model's gradient.
-    """
-    experts, m = norms.shape
-    rank = group["rank"]
-    step = int(state["step"])
-    rows, rhos = [], []
-    for e in range(experts):
-        keep = slice(e * rank, (e + 1) * rank)
-        silent = bool(norms[e].eq(0).all())
-        if silent and "rows" in state:
-            rows.append(state["rows"][keep] - e * m)
-            rhos.append(state["rho"][keep])
-            continue
-        generator = torch.Generator()
-        generator.manual_seed(hash((seed, first_expert + e, step)) % 2**63)
-        with warnings.catch_warnings():
-            if silent:
-                warnings.simplefilter("ignore", RuntimeWarning)
-            expert_rows, rho = select_rows(norms[e], rank, group["selection"], generator)
-        rows.append(expert_rows)
-        rhos.append(rho)
-    offsets = torch.arange(experts, device=norms.device)[:, None] * m
-    flat = (torch.stack(rows).to(norms.device) + offsets).reshape(-1)
-    return flat, torch.cat(rhos).to(norms.device)
-
-
 def _implementation(name: str | None, flags: dict[str, bool | None]) -> str:
     """The implementation ``name`` (GrassConfig's default when ``None``), or the one the older
     flags choose (``ValueError`` when both are given and disagree, or Triton is asked for where
@@ -786,17 +674,6 @@ def _upgrade_group(group: dict) -> None:
 _PER_ROW_KEYS = ("row_step", "rho", "rows")
 
 
-def _rng_bytes(state: torch.Tensor) -> bytes:
-    """A generator state as bytes: untouched by ``map_location`` and by dtype casts."""
-    return bytes(state.cpu().numpy())
-
-
-def _rng_tensor(state: bytes | torch.Tensor) -> torch.Tensor:
-    if isinstance(state, torch.Tensor):  # hf-grass 0.1 saved a uint8 tensor
-        return state.to("cpu", torch.uint8)
-    return torch.frombuffer(bytearray(state), dtype=torch.uint8)
-
-
 def _restore_state(p: torch.Tensor, saved: dict, group: dict) -> dict:
     """One parameter's saved state with the dtypes and devices it needs here.
 
@@ -823,7 +700,7 @@ def _restore_state(p: torch.Tensor, saved: dict, group: dict) -> dict:
             dtype = dtype or value.dtype
             state[key] = value.to(p.device, dtype, copy=True)
         elif key == "rng":
-            state[key] = value if isinstance(value, bytes) else _rng_bytes(_rng_tensor(value))
+            state[key] = value if isinstance(value, bytes) else rng_bytes(rng_tensor(value))
         elif key in ("step", "selected_step"):
             state[key] = value.to("cpu", torch.float32, copy=True)
         elif key in moments:

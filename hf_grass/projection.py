@@ -1,9 +1,11 @@
 """GrassProjection: one projected weight's selection and compressed gradient, in one place.
 
 :class:`~hf_grass.GrassAdamW` makes one projection per projected weight and owns it; the
-projection reads the selection (``rows``, ``rho``) from the optimizer's state and holds the
-weight's compressed gradient ``grad`` (r x k) until the optimizer step consumes it. Every other
-module reaches it through :func:`projection_of`:
+projection runs the selection step (rows from the gradient's row norms, the update rule's state
+carried to them) and keeps the selection (``rows``, ``rho``, the sampling generator's state)
+in the weight's entry of the optimizer's state, where checkpoints find it; it holds the weight's
+compressed gradient ``grad`` (r x k) until the optimizer step consumes it. Every other module
+reaches it through :func:`projection_of`:
 
 - the compressed-gradient backward (:mod:`hf_grass.linear`) asks whether a full gradient is
   needed (``needs_full_gradient``), selects, and ``accumulate``-s ``rho * dY[:, rows]ᵀ X``;
@@ -18,6 +20,7 @@ nothing has to be undone after building a throwaway optimizer.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -26,12 +29,19 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .functional import row_index, unique_rows
+from .fsdp2 import first_expert, row_norms
+from .functional import remap_state, row_index, unique_rows
+from .layout import local, oriented, selected_size, side_of
+from .rules import rule_of
+from .selection import select_rows
+from .state import state_format_of
 
 if TYPE_CHECKING:
-    from .optim import GrassAdamW
+    from torch.optim import Optimizer
 
 _PROJECTIONS = WeakIdKeyDictionary()
+# Optimizers that have warned about a selection from one rank's own gradient (once each).
+_WARNED_LOCAL_SELECTION: weakref.WeakSet = weakref.WeakSet()
 
 # The fix for a data-parallel model whose compressed gradients nothing averages.
 DATA_PARALLEL_RECIPE = (
@@ -48,68 +58,31 @@ def projection_of(weight: torch.Tensor) -> GrassProjection | None:
     return projection
 
 
-def projection_side(shape: torch.Size | tuple[int, ...], proj_side: str = "auto") -> str:
-    """``"rows"`` or ``"cols"``: the dimension selected for a weight of ``shape`` (m, n), or
-    for each matrix of a stack of experts' weights (E, m, n).
-
-    ``"auto"`` selects the larger dimension, which leaves the smaller state r x min(m, n).
-    """
-    if proj_side != "auto":
-        return proj_side
-    return "rows" if shape[-2] >= shape[-1] else "cols"
-
-
-def side_of(param: torch.Tensor, proj_side: str = "auto") -> str:
-    """The selected side of ``param``: :func:`projection_side`, except for a matrix sharded by
-    rows (FSDP2's ``fully_shard``), where Grass selects columns (see :mod:`hf_grass.optim`).
-    Experts' weights sharded by experts keep every expert's matrix whole: any side."""
-    if not row_sharded(param) or experts_sharded(param):
-        return projection_side(param.shape, proj_side)
-    if proj_side == "rows":
-        raise ValueError(
-            f"proj_side='rows' on a weight of shape {tuple(param.shape)} sharded by rows "
-            "(FSDP2): Grass selects the unsharded columns there; use proj_side='auto' or 'cols'."
-        )
-    return "cols"
-
-
-def row_sharded(t: torch.Tensor) -> bool:
-    """True for a DTensor sharded along dim 0 (what ``fully_shard`` makes of a weight)."""
-    placements = getattr(t, "placements", None)
-    return placements is not None and any(getattr(p, "dim", None) == 0 for p in placements)
-
-
-def experts_sharded(t: torch.Tensor) -> bool:
-    """True for experts' weights (E, m, n) as a DTensor sharded by experts (dim 0, what
-    ``fully_shard`` does): each rank holds whole experts."""
-    return t.dim() == 3 and row_sharded(t)
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (the tensor itself otherwise): Grass's arithmetic is local."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def oriented(t: torch.Tensor, side: str) -> torch.Tensor:
-    """A view of ``t`` (its local shard for a DTensor) with the selected dimension first: (m, k),
-    or (E, m, k) for a stack of experts' matrices."""
-    t = local(t)
-    return t if side == "rows" else t.transpose(-2, -1)
-
-
-def selected_size(t: torch.Tensor, side: str) -> int:
-    """The size of the selected dimension of ``t`` (of each expert's matrix in a stack)."""
-    return oriented(t, side).shape[-2]
-
-
 class GrassProjection:
-    """The selection and compressed gradient of one projected weight (see the module doc)."""
+    """The selection and compressed gradient of one projected weight (see the module doc).
 
-    def __init__(self, optimizer: GrassAdamW, param: torch.Tensor, rank: int, side: str):
+    Made by the optimizer for ``param`` of its param ``group`` (``rank``, ``proj_side``,
+    ``selection``, ``seed``, ...); ``index`` is the parameter's position among all of the
+    optimizer's parameters, which offsets the group's ``seed`` so that every weight draws its
+    own rows. ``on_accumulate`` is called whenever a backward adds to ``grad``.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        param: torch.Tensor,
+        group: dict,
+        index: int,
+        on_accumulate: Callable[[], None] | None = None,
+    ):
         self._optimizer = weakref.ref(optimizer)
         self._param = weakref.ref(param)
-        self.rank = rank
-        self.side = side
+        self.group = group  # re-set by the optimizer when its groups are replaced (a load)
+        self.index = index
+        self.rank = group["rank"]
+        self.side = side_of(param, group["proj_side"])
+        # a weak method: the projection must not keep the optimizer alive
+        self._on_accumulate = None if on_accumulate is None else weakref.WeakMethod(on_accumulate)
         self.grad: torch.Tensor | None = None  # rho * G[rows], r x k
         self._grad_step: int | None = None  # the optimizer step `grad` belongs to
         self.anchor: torch.Tensor | None = None  # grad-ready signal (hf_grass.layerwise)
@@ -150,8 +123,7 @@ class GrassProjection:
         if "rows" not in state:
             return True
         step = int(state["step"])
-        gap = self._optimizer()._group_of(self._param())["update_proj_gap"]
-        return step % gap == 0 and int(state["selected_step"]) != step
+        return step % self.group["update_proj_gap"] == 0 and int(state["selected_step"]) != step
 
     @property
     def rows(self) -> torch.Tensor:
@@ -186,15 +158,76 @@ class GrassProjection:
             return compressed
         return compressed.mul_(rho.to(compressed.dtype)[:, None])
 
+    @torch.no_grad()
     def select(self, grad: torch.Tensor) -> None:
-        """Choose new rows from a full gradient (m x n, the parameter's own layout).
+        """Choose new rows from a full gradient (m x n, the parameter's own layout) and carry
+        the update rule's state to them.
 
         Under data parallelism the gradient is first averaged across ranks, in place when it is
         contiguous, so that every rank selects the same rows.
         """
         if self.reduce_full is not None:
             grad = self.reduce_full(grad)
-        self._optimizer()._select(self._param(), grad)
+        else:
+            self._warn_local_selection(grad)
+        p, group, state = self._param(), self.group, self._state
+        g = oriented(grad, self.side)
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+        seed = group["seed"] + self.index
+        norms = row_norms(p, g)
+        with warnings.catch_warnings():
+            if group["lr"] == 0:
+                # torch.distributed.checkpoint creates missing state with an lr-0 step on zero
+                # gradients before loading a checkpoint over it: no warning for that selection.
+                warnings.simplefilter("ignore", RuntimeWarning)
+            if norms.dim() == 1:
+                generator = torch.Generator()
+                if "rng" in state:
+                    generator.set_state(rng_tensor(state["rng"]))
+                else:
+                    generator.manual_seed(seed)
+                rows, rho = select_rows(norms, group["rank"], group["selection"], generator)
+                state["rng"] = rng_bytes(generator.get_state())
+            else:
+                rows, rho = _select_expert_rows(norms, group, state, seed, first_expert(p))
+        remap_state(
+            state,
+            rows,
+            rule_of(group["update_rule"]).state_keys,
+            (rows.numel(), g.shape[-1]),
+            group["state_dtype"] or p.dtype,
+            keep=group["reselect_state"] == "keep",
+            state_format=state_format_of(group["state_format"]),
+        )
+        state.update(rows=rows, rho=rho, selected_step=state["step"].clone())
+
+    def _warn_local_selection(self, grad: torch.Tensor) -> None:
+        """Warn once per optimizer when, under several processes, a compressed backward selects
+        rows from this rank's own gradient (no :class:`GrassDataParallel`): data-parallel ranks
+        would pick different rows and never average their compressed gradients.
+
+        A full ``.grad`` is fine (DDP averaged it when the model is wrapped), and so is a
+        sharded weight (FSDP2 sums its row norms across ranks). It is only a warning: a process
+        may train a model of its own (a reference, an evaluation) next to other processes.
+        """
+        p, optimizer = self._param(), self._optimizer()
+        if optimizer in _WARNED_LOCAL_SELECTION or grad is p.grad or hasattr(p, "device_mesh"):
+            return
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        _WARNED_LOCAL_SELECTION.add(optimizer)
+        warnings.warn(
+            f"A compressed backward selected rows of a weight of shape {tuple(p.shape)} from this "
+            f"rank's own gradient, and no GrassDataParallel averages it across the "
+            f"{dist.get_world_size()} processes: if the model is data-parallel, ranks drift "
+            f"apart; build {DATA_PARALLEL_RECIPE} (Ignore this if each process trains a model "
+            "of its own.)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def compress(self, grad: torch.Tensor) -> torch.Tensor:
         """``rho[:, None] * G[rows]`` for a full gradient in the parameter's layout."""
@@ -254,7 +287,9 @@ class GrassProjection:
         calls) cannot see it.
         """
         param = self._param()
-        self._optimizer()._watch_backward()
+        on_accumulate = self._on_accumulate() if self._on_accumulate is not None else None
+        if on_accumulate is not None:
+            on_accumulate()
         compressed = compressed.to(param.dtype)
         step = self.step
         if self.grad is None or self._grad_step != step:
@@ -276,7 +311,7 @@ class GrassProjection:
         if self.needs_full_gradient():
             self.select(full)
         self.accumulate(self.compress(full))
-        if self._optimizer()._group_of(param)["residual_update"] != "none":
+        if self.group["residual_update"] != "none":
             g = oriented(full, self.side)
             g[row_index(g, self.unique[0])] = 0  # in place: the compressed copy is taken
             self.residual = full
@@ -316,6 +351,58 @@ class GrassProjection:
         if self.anchor is None:
             self.anchor = torch.empty(0, device=self._param().device, requires_grad=True)
         return self.anchor
+
+
+def _select_expert_rows(
+    norms: torch.Tensor, group: dict, state: dict, seed: int, first_expert: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of each expert's matrix from its own row norms (E, m), as flat sorted indices
+    ``e * m + i`` (see :func:`~hf_grass.functional.row_index`) and their scales.
+
+    A sampled selection draws expert e's rows from a generator of its own, seeded by the
+    parameter's seed, the expert's index in the whole stack (``first_expert + e`` on a rank
+    that holds experts from ``first_expert`` on) and the step: the draws are the same however
+    the experts are sharded, and a resumed run repeats them without a saved generator state.
+    An expert that no token reached in the selection step's batch has an all-zero gradient: it
+    keeps its previous rows and scales (the first time, rows drawn uniformly, as for any
+    gradient with no signal), without the zero-gradient warning, which is meant for a whole
+    model's gradient.
+    """
+    experts, m = norms.shape
+    rank = group["rank"]
+    step = int(state["step"])
+    rows, rhos = [], []
+    for e in range(experts):
+        keep = slice(e * rank, (e + 1) * rank)
+        silent = bool(norms[e].eq(0).all())
+        if silent and "rows" in state:
+            rows.append(state["rows"][keep] - e * m)
+            rhos.append(state["rho"][keep])
+            continue
+        generator = torch.Generator()
+        generator.manual_seed(hash((seed, first_expert + e, step)) % 2**63)
+        with warnings.catch_warnings():
+            if silent:
+                warnings.simplefilter("ignore", RuntimeWarning)
+            expert_rows, rho = select_rows(norms[e], rank, group["selection"], generator)
+        rows.append(expert_rows)
+        rhos.append(rho)
+    offsets = torch.arange(experts, device=norms.device)[:, None] * m
+    flat = (torch.stack(rows).to(norms.device) + offsets).reshape(-1)
+    return flat, torch.cat(rhos).to(norms.device)
+
+
+def rng_bytes(state: torch.Tensor) -> bytes:
+    """A generator state as bytes: untouched by ``map_location`` and by dtype casts."""
+    return bytes(state.cpu().numpy())
+
+
+def rng_tensor(state: bytes | torch.Tensor) -> torch.Tensor:
+    """A saved generator state as ``Generator.set_state`` takes it (hf-grass 0.1 saved a uint8
+    tensor)."""
+    if isinstance(state, torch.Tensor):
+        return state.to("cpu", torch.uint8)
+    return torch.frombuffer(bytearray(state), dtype=torch.uint8)
 
 
 def _grad_accumulator(t: torch.Tensor):

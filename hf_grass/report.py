@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .projection import local, projection_of
+from .layout import local
+from .projection import projection_of
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def coverage_line(
     tensors (Lion one, sign descent none), another ``state_format`` its own bytes per element.
     """
     from .config import default_of, resolve_option
-    from .projection import projection_side
+    from .layout import projection_side
     from .rules import rule_of
     from .state import state_format_of
 

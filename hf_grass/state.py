@@ -30,6 +30,26 @@ from torch import Tensor
 from .registry import Registry
 
 
+def round_to(
+    x: Tensor, dtype: torch.dtype, stochastic: bool, share: Tensor | None = None
+) -> Tensor:
+    """Cast float32 ``x`` to ``dtype``; to bfloat16 stochastically if asked.
+
+    Stochastic rounding adds uniform noise below bf16's last bit to the float32 bit pattern and
+    truncates, so a value rounds up with probability equal to its distance from the lower
+    neighbour: ``E[round(x)] = x``, and small updates survive on average. ``share`` (G x r, for
+    a G x r x k batch): row j of batch g takes the noise of row ``share[g, j]`` (equal rows
+    round alike).
+    """
+    if not stochastic or dtype != torch.bfloat16 or x.dtype != torch.float32:
+        return x.to(dtype)
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)
+    if share is not None:
+        noise = noise.gather(1, share[..., None].expand_as(noise))
+    return ((bits + noise) & -65536).view(torch.float32).to(dtype)
+
+
 class StateFormat:
     """How one per-row state tensor of logical shape (rows, k) is stored (see the module doc)."""
 
@@ -91,8 +111,6 @@ class StochasticBF16(StateFormat):
         return state[key].to(torch.promote_types(dtype, torch.float32))
 
     def store(self, state, key, value):
-        from .functional import round_to  # functional builds state with this module
-
         state[key].copy_(round_to(value.float(), torch.bfloat16, stochastic=True))
 
     def saved_dtype(self, key, moments_dtype):

@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -322,36 +323,11 @@ class GrassTrainerMixin:
                     "(set by grass_target_modules, grass_rank, grass_proj_side)"
                 ) from e
 
-    def _grass_param_groups(self, model: nn.Module, install: bool = False) -> list[dict]:
-        """GrassAdamW's param groups for ``model``, with HF's weight-decay grouping.
-
-        ``install=True`` also swaps the targeted layers for compressed-gradient layers (single
-        process only); ``install=False`` is a dry run that validates targets and ranks.
-        """
-        from hf_grass.optim import validate_param_groups
-        from hf_grass.targets import grass_param_groups
-
-        args = self.args
-        config = args.grass_config()
-        _refuse_frozen_targets(model, config)
-        decay = set(self.get_decay_parameter_names(model))
-        no_decay = [n for n, _ in model.named_parameters() if n not in decay]
-        kwargs = dict(
-            target_modules=config.target_modules,
-            weight_decay=args.weight_decay,
-            no_decay=no_decay,
-            embeddings=config.embeddings,
-            lm_head=config.lm_head,
-            **config.group_options(),
-        )
-        if install and self._grass_compressed_backward():
-            from hf_grass.linear import grassify
-
-            return grassify(model, **kwargs)
-        groups = grass_param_groups(model, **kwargs)
-        if not install:
-            validate_param_groups(groups)
-        return groups
+    def _grass_param_groups(self, model: nn.Module) -> list[dict]:
+        """A dry run of the grouping (nothing installed): validates targets and ranks."""
+        decay = self.get_decay_parameter_names(model)
+        _, kwargs = grass_optimizer_cls_and_kwargs(self.args, model, decay, install=False)
+        return kwargs["params"]
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """GrassAdamW on the target modules when ``optim="grass"``; otherwise the stock optimizer."""
@@ -359,19 +335,18 @@ class GrassTrainerMixin:
             return (
                 super().create_optimizer(model) if model is not None else super().create_optimizer()
             )
-        from hf_grass.optim import GrassAdamW, GrassOptimizer
-
         args = self.args
         opt_model = self.model if model is None else model
         # Under FSDP2 the backward is FSDP2's (full gradients, reduce-scattered); accelerate
         # then swaps the weights in the optimizer for their shards (followed at the first step).
         compressed = self._grass_compressed_backward()
-        groups = self._grass_param_groups(opt_model, install=True)
+        optimizer_class, kwargs = grass_optimizer_cls_and_kwargs(
+            args, opt_model, self.get_decay_parameter_names(opt_model), install=compressed
+        )
+        groups = kwargs["params"]
         if args.grass_recompute_norms and not self._grass_fsdp2():
             recompute_norms(opt_model)
-        kwargs = args.grass_optimizer_kwargs()
-        optimizer_class = GrassAdamW if kwargs["update_rule"] == "adam" else GrassOptimizer
-        self.optimizer = optimizer_class(groups, **kwargs)
+        self.optimizer = optimizer_class(**kwargs)
         self._grass_dp = None
         if args.world_size > 1 and compressed:
             # Before accelerate wraps the model in DDP: Grass weights leave DDP's reducer.
@@ -523,6 +498,50 @@ class GrassTrainerMixin:
             raise UsageError(
                 f"Cannot resume {checkpoint}: Grass setting differs ({'; '.join(conflicts)}). {fix}"
             )
+
+
+def grass_optimizer_cls_and_kwargs(
+    args: GrassArguments,
+    model: nn.Module,
+    decay_parameter_names: Iterable[str],
+    install: bool = True,
+) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """Grass's optimizer for ``model``, in the shape of transformers' optimizer handlers
+    (``Trainer.get_optimizer_cls_and_kwargs``): the class (:class:`~hf_grass.GrassAdamW`, or
+    :class:`~hf_grass.GrassOptimizer` for another update rule) and its keyword arguments, with
+    ``params`` the projected and plain param groups (weight decay on
+    ``decay_parameter_names`` only, as the Trainer's ``get_decay_parameter_names`` gives them).
+
+    ``install=True`` also turns the targeted layers into Grass layers in place
+    (:func:`~hf_grass.grassify`: the compressed backward); ``install=False`` leaves the model as
+    it is and checks the groups (targets, ranks) as the optimizer would, raising ``ValueError``.
+    Build the optimizer with ``cls(**kwargs)``; :class:`GrassTrainerMixin` adds data
+    parallelism and layer-wise updates around it.
+    """
+    from hf_grass import grassify
+    from hf_grass.optim import GrassAdamW, GrassOptimizer, validate_param_groups
+    from hf_grass.targets import grass_param_groups
+
+    config = args.grass_config()
+    _refuse_frozen_targets(model, config)
+    decay = set(decay_parameter_names)
+    no_decay = [n for n, _ in model.named_parameters() if n not in decay]
+    options = dict(
+        target_modules=config.target_modules,
+        weight_decay=args.weight_decay,
+        no_decay=no_decay,
+        embeddings=config.embeddings,
+        lm_head=config.lm_head,
+        **config.group_options(),
+    )
+    if install:
+        groups = grassify(model, **options)
+    else:
+        groups = grass_param_groups(model, **options)
+        validate_param_groups(groups)
+    kwargs = args.grass_optimizer_kwargs()
+    optimizer_class = GrassAdamW if kwargs["update_rule"] == "adam" else GrassOptimizer
+    return optimizer_class, {"params": groups, **kwargs}
 
 
 class GrassTrainer(GrassTrainerMixin, Trainer):

@@ -19,10 +19,9 @@ import torch
 from conftest import compressed_grad, functional_problem, tiny_llama
 from torch import nn
 
-from hf_grass import GrassAdamW, functional, grass_param_groups
+from hf_grass import GrassAdamW, functional, grass_param_groups, grassify
 from hf_grass.functional import grass_adamw, unique_rows
 from hf_grass.layerwise import enable_layerwise
-from hf_grass.linear import grassify
 
 F64 = torch.float64
 HP = dict(beta1=0.9, beta2=0.99, lr=1e-2, eps=1e-8, scale=0.7)

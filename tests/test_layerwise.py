@@ -10,8 +10,9 @@ from conftest import compressed_grad, tiny_llama
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from hf_grass import grassify
 from hf_grass.layerwise import enable_layerwise
-from hf_grass.linear import GrassLinear, grassify
+from hf_grass.linear import GrassLinear
 from hf_grass.optim import GrassAdamW, clip_grad_norm_
 from hf_grass.projection import projection_of
 

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_llama
 from torch import nn
 
-from hf_grass.linear import grassify
+from hf_grass import grassify
 from hf_grass.optim import GrassAdamW
 from hf_grass.projection import projection_of
 from hf_grass.recompute import is_norm, keep_norms, layers_recomputed, recompute_norms

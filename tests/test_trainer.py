@@ -221,6 +221,38 @@ def test_hf_argparser_reads_grass_flags_from_cli_json_yaml(tmp_path):
         )
 
 
+@pytest.mark.parametrize("rule, expected", [("adam", "GrassAdamW"), ("lion", "GrassOptimizer")])
+def test_the_optimizer_handler_builds_what_the_trainer_builds(tmp_path, rule, expected):
+    import copy
+
+    from hf_grass import grass_optimizer_cls_and_kwargs
+
+    args = make_args(tmp_path, weight_decay=0.1, grass_update_rule=rule)
+    model = tiny_lm()
+    trainer = GrassTrainer(model=model, args=args)
+    other = copy.deepcopy(model)
+    decay = trainer.get_decay_parameter_names(other)
+    cls, kwargs = grass_optimizer_cls_and_kwargs(args, other, decay)
+    built = trainer.create_optimizer()
+    assert cls.__name__ == expected and type(built) is cls
+    assert kwargs["lr"] == args.learning_rate and kwargs["update_rule"] == rule
+    names = {id(p): n for m in (model, other) for n, p in m.named_parameters()}
+
+    def summary(groups):
+        return [(sorted(names[id(p)] for p in g["params"]), g.get("rank"), g["weight_decay"])
+                for g in groups]  # fmt: skip
+
+    assert summary(cls(**kwargs).param_groups) == summary(built.param_groups)
+    # HF's weight-decay grouping: decay exactly on the names the Trainer gives
+    for group in built.param_groups:
+        for p in group["params"]:
+            assert group["weight_decay"] == (0.1 if names[id(p)] in decay else 0.0)
+    projected = {names[id(p)] for g in built.param_groups if "rank" in g for p in g["params"]}
+    assert projected and all(n.endswith("_proj.weight") for n in projected)
+    # install=True made the Grass layers of the model it was given, as the Trainer did
+    assert type(other.model.layers[0].self_attn.q_proj).__name__ == "GrassLinear"
+
+
 def test_mixin_gives_other_trainers_grass(tmp_path):
     """GrassArguments + GrassTrainerMixin on Seq2SeqTrainingArguments / Seq2SeqTrainer."""
     from dataclasses import dataclass
