@@ -177,15 +177,22 @@ IMPLEMENTATIONS = ("reference", "foreach", "grouped", "compiled", "triton")
 
 def implementation_of(name: str) -> Callable[..., None]:
     """The step function of the implementation ``name`` (:data:`IMPLEMENTATIONS`)."""
-    if name == "triton":
-        from .triton_step import triton_grass_adamw
-
-        return triton_grass_adamw
     if name not in _STEP_FUNCTIONS:
+        if name in IMPLEMENTATIONS:  # "triton": registered when hf_grass.triton_step is imported
+            raise ValueError(
+                f"implementation {name!r} is not loaded: import hf_grass.{name}_step first "
+                "(GrassAdamW does when a param group asks for it)."
+            )
         raise ValueError(
             f"Unknown implementation {name!r}: use one of {', '.join(IMPLEMENTATIONS)}."
         )
     return _STEP_FUNCTIONS[name]
+
+
+def register_implementation(name: str, step: Callable[..., None]) -> None:
+    """Make ``step`` (the arguments of :func:`grass_adamw` with lists of tensors, as
+    ``_grouped_grass_adamw`` takes them) the implementation ``name``."""
+    _STEP_FUNCTIONS[name] = step
 
 
 def implementation_from_flags(foreach: bool, batched: bool, compiled: bool) -> str:
@@ -523,7 +530,8 @@ def residual_sign_update(
 
 
 # The torch implementations by name (built once: looked up on every step, per parameter in
-# layer-wise mode); "triton" is imported on first use.
+# layer-wise mode); "triton" registers itself when hf_grass.triton_step is imported, which
+# the optimizer does when a group asks for it (it needs Triton).
 _STEP_FUNCTIONS: dict[str, Callable[..., None]] = {
     "reference": _single_tensor_grass_adamw,
     "foreach": _multi_tensor_grass_adamw,

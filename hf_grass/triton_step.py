@@ -56,7 +56,7 @@ import math
 import torch
 from torch import Tensor
 
-from hf_grass.functional import _grouped_grass_adamw, compute_dtype
+from hf_grass.functional import _grouped_grass_adamw, compute_dtype, register_implementation
 
 try:
     import triton
@@ -390,3 +390,6 @@ def _launch(batch, device, param_dtype, r, k, **hp) -> None:
             num_warps=max(1, min(4, block // 256)),
             enable_fp_fusion=False,  # round every product and sum, as the reference's ops do
         )
+
+
+register_implementation("triton", triton_grass_adamw)
