@@ -307,6 +307,20 @@ def run_all(task: Task, jobs: list[tuple], workers: int) -> list[dict[str, Any]]
         return list(pool.map(lambda job: run_one(task, *job, threads=threads), jobs))
 
 
+def _versions() -> dict[str, str | None]:
+    """The versions of Python and of the packages a run's numbers depend on."""
+    import importlib.metadata
+    import platform
+
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "peft", "galore-torch", "apollo-torch"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -378,6 +392,8 @@ def main() -> None:
         "jobs": args.jobs,
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} CPU cores",
+        "versions": _versions(),
+        "load_average_at_end": os.getloadavg(),
         "results": results,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
