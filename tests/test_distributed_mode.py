@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-STEPS, GAP, RANK, BATCH, SEQ = 4, 2, 6, 8, 8
+STEPS, BATCH, SEQ = 4, 8, 8
 
 
 class AllReduceEachWeight:
@@ -46,19 +46,6 @@ class AllReduceEachWeight:
         return lambda: self.mean_(projection.grad)
 
 
-def _model():
-    from conftest import tiny_llama
-
-    return tiny_llama(seed=0, vocab_size=64).double()
-
-
-def _optimizer(model):
-    from hf_grass import GrassAdamW, grassify
-
-    groups = grassify(model, rank=RANK, update_proj_gap=GAP, selection="multinomial", seed=3)
-    return GrassAdamW(groups, lr=1e-2)
-
-
 def _batches():
     import torch
 
@@ -73,6 +60,7 @@ def _loss(model, ids):
 def _worker(out: str) -> None:
     import torch.distributed as dist
     from conftest import end_worker
+    from test_accelerate_loop import _model, _optimizer  # float64 tiny LLaMA, GrassAdamW
 
     from hf_grass import projection_of
 
