@@ -64,6 +64,7 @@ weights, and fails with one clear error otherwise; then rank 0's projected weigh
 
 from __future__ import annotations
 
+import logging
 import math
 import weakref
 from collections import defaultdict
@@ -78,6 +79,8 @@ from .bucket import Bucket
 from .config import resolve_option
 from .layers import is_grass_layer, layer_weights
 from .projection import GrassProjection
+
+logger = logging.getLogger(__name__)
 
 _METERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -203,7 +206,9 @@ class GrassDataParallel:
             self._projection_of[id(weight)].reduce_full = self._full_gradient_reducer(weight)
         # Forms the fixed buckets (below), then ends each backward pass that needs it.
         self._buckets: list[_Bucket] = []
-        self._bucketing = Bucket(self.bucket_cap_bytes, self._add_bucket, self._end_of_backward)
+        self._bucketing = Bucket(
+            self.bucket_cap_bytes, self._add_bucket, self._end_of_backward, self._backward_failed
+        )
         if not layerwise:
             self._make_buckets()
         for index, bucket in enumerate(self._buckets):
@@ -360,6 +365,21 @@ class GrassDataParallel:
             bucket.work.wait()
             bucket.write_back(self.world_size)
 
+    def _backward_failed(self) -> None:
+        """A backward raised before its end (see :class:`~hf_grass.bucket.Bucket`): finish the
+        averages it launched (every rank launched them in the same order) and forget them, so
+        that the next backward averages from scratch."""
+        self._selected = False
+        for bucket in self._buckets:
+            if bucket.work is not None:
+                bucket.work.wait()
+            bucket.reset()
+        logger.warning(
+            "Grass: a backward pass raised before its end; its partial gradient averages were "
+            "dropped; zero the gradients (optimizer.zero_grad()) before the next one, as after any "
+            "failed backward."
+        )
+
     # ---- layer-wise ------------------------------------------------------------------------------
     def reduce_now(self, param: torch.Tensor) -> None:
         """Average ``param``'s compressed gradient across ranks, synchronously (layer-wise mode).
@@ -470,6 +490,9 @@ class _Bucket:
                 projection.grad = None
             else:
                 projection.grad.copy_(average.div_(world_size))
+        self.reset()
+
+    def reset(self) -> None:
         self.ready.clear()
         self.work = self.flat = None
 

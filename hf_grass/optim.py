@@ -37,6 +37,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw as torch_adamw
 
+from .bucket import at_end_of_backward
 from .config import (
     GrassConfig,
     group_defaults,
@@ -393,7 +394,7 @@ class GrassOptimizer(Optimizer):
             return
         self._watched_backward = backward
         engine = torch.autograd.Variable._execution_engine
-        engine.queue_callback(lambda: engine.queue_callback(self._note_grads_after_backward))
+        at_end_of_backward(lambda: engine.queue_callback(self._note_grads_after_backward))
 
     def _current_grads(self) -> tuple[set, set]:
         """(tensor id, version) of every plain ``.grad`` and of every compressed gradient."""

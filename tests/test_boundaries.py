@@ -234,14 +234,25 @@ def test_logged_grad_norm_is_the_norm_of_plain_and_compressed_gradients(tmp_path
 
 
 # ---- an own loop: clipping and loss scaling that cannot see compressed gradients ----------------
-def _own_loop(steps: int = 3, micro_batches: int = 1, between=None, grassified: bool = True):
+def _own_loop(
+    steps: int = 3,
+    micro_batches: int = 1,
+    between=None,
+    grassified: bool = True,
+    reentrant: bool = False,
+):
     """``steps`` optimizer steps of a tiny LLaMA with GrassAdamW; ``between(model, opt)`` runs
-    after the backward(s) and before each step. Returns the RuntimeWarnings raised."""
+    after the backward(s) and before each step; ``reentrant``: decoder layers checkpointed with
+    ``use_reentrant=True`` (each layer's backward nested in the outer one). Returns the
+    RuntimeWarnings raised."""
     import warnings
 
     from hf_grass import GrassAdamW, grass_param_groups
 
     model = tiny_llama(seed=0, vocab_size=64)
+    if reentrant:
+        model.gradient_checkpointing_enable({"use_reentrant": True})
+        model.train()
     groups = grassify(model, rank=4) if grassified else grass_param_groups(model, rank=4)
     opt = GrassAdamW(groups, lr=1e-2)
     ids = torch.randint(
@@ -276,12 +287,18 @@ CLIPS = {
 CLIPPED_ELSEWHERE = "Plain gradients were changed in place after the backward"
 
 
-@pytest.mark.parametrize("micro_batches", [1, 2], ids=["", "accumulate"])
+@pytest.mark.parametrize(
+    "micro_batches, reentrant",
+    [(1, False), (2, False), (1, True)],
+    ids=["", "accumulate", "reentrant"],
+)
 @pytest.mark.parametrize("clip", list(CLIPS))
-def test_clipping_that_cannot_see_compressed_gradients_is_reported_once(clip, micro_batches):
+def test_clipping_that_cannot_see_compressed_gradients_is_reported_once(
+    clip, micro_batches, reentrant
+):
     """torch's and accelerate's clipping read ``.grad`` only: the compressed gradients would go
     unclipped, so the first step says so (once), even when the clip changed nothing (x1)."""
-    caught = _own_loop(micro_batches=micro_batches, between=CLIPS[clip])
+    caught = _own_loop(micro_batches=micro_batches, between=CLIPS[clip], reentrant=reentrant)
     assert [w for w in caught if w.startswith(CLIPPED_ELSEWHERE)] == [CLIPPED_ELSEWHERE_WARNING]
 
 
@@ -293,8 +310,12 @@ def test_clipping_that_cannot_see_compressed_gradients_is_reported_once(clip, mi
     ],
     ids=["no-clip", "grass-clip"],
 )
-def test_grass_clipping_or_none_is_not_reported(between):
-    assert not [w for w in _own_loop(between=between) if w.startswith(CLIPPED_ELSEWHERE)]
+@pytest.mark.parametrize("reentrant", [False, True], ids=["", "reentrant"])
+def test_grass_clipping_or_none_is_not_reported(between, reentrant):
+    """Also when reentrant checkpointing nests a backward per layer: the gradients are noted
+    at the end of the outer backward, not after the first layer's."""
+    caught = _own_loop(between=between, reentrant=reentrant)
+    assert not [w for w in caught if w.startswith(CLIPPED_ELSEWHERE)]
 
 
 def test_torch_clipping_with_full_gradients_is_not_reported():

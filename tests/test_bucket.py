@@ -114,3 +114,87 @@ def test_end_of_backward_runs_once_per_backward_and_flushes_the_rest(adds_per_ba
         assert all(b for b in flushed) and bucket.items == [] and bucket.nbytes == 0
         # 6 or 30 items: full buckets of 4 during the backward, the 2 left at its end
         assert [len(b) for b in flushed] == [4] * (len(added) // 4) + [2] * (len(added) > 0)
+
+
+class _Raise(torch.autograd.Function):
+    """Identity forward; its backward raises while ``armed`` (a pass that fails midway)."""
+
+    armed = False
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if _Raise.armed:
+            raise RuntimeError("out of memory (simulated)")
+        return grad
+
+
+def _hooked_blocks(bucket: Bucket, checkpointing: bool):
+    """Three blocks, each optionally checkpointed with reentrant recomputation; every weight's
+    hook adds it to ``bucket`` (4 bytes) and asks for the end-of-backward flush. The middle of
+    the chain is a :class:`_Raise`, so that an armed backward fails after some hooks ran."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    blocks = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(3))
+    hooks_run: list[str] = []
+    for name, p in blocks.named_parameters():
+
+        def run(p: torch.Tensor, name: str = name) -> None:
+            hooks_run.append(name)
+            bucket.add(name, 4)
+            bucket.flush_after_backward()
+
+        p.register_post_accumulate_grad_hook(run)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x = x.requires_grad_()
+        for i, block in enumerate(blocks):
+            x = checkpoint(block, x, use_reentrant=True) if checkpointing else block(x)
+            if i == 0:
+                x = _Raise.apply(x)
+        return x.square().sum()
+
+    return forward, hooks_run
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_end_runs_once_after_every_nested_backward_of_reentrant_checkpointing(checkpointing):
+    """Reentrant checkpointing runs each block's backward as a backward of its own inside the
+    outer one: the end must wait for the outer one (it would otherwise run after the first
+    block, before the other blocks' hooks)."""
+    flushed: list[list[str]] = []
+    ends: list[int] = []
+    hooks_run: list[str] = []
+    bucket = Bucket(10**6, flushed.append, lambda: ends.append(len(hooks_run)))
+    forward, hooks_run = _hooked_blocks(bucket, checkpointing)
+    for backward in range(1, 3):
+        flushed.clear()
+        forward(torch.randn(2, 4)).backward()
+        assert len(hooks_run) == 6 * backward
+        assert ends == [6 * b for b in range(1, backward + 1)]  # once, after all 6 hooks
+        assert flushed == [hooks_run[-6:]]  # everything at the end, in one bucket
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_backward_that_raises_midway_is_dropped_and_the_next_one_ends_normally(checkpointing):
+    """A backward that raises after some hooks ran (the training loop catches an out-of-memory
+    error and retries) never reaches its end: its items are dropped, ``on_backward_failed`` is
+    told, and the next backward is flushed and ended as if the failed one never happened."""
+    flushed: list[list[str]] = []
+    ends, failures = [], []
+    bucket = Bucket(10**6, flushed.append, lambda: ends.append(1), lambda: failures.append(1))
+    forward, hooks_run = _hooked_blocks(bucket, checkpointing)
+    _Raise.armed = True
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            forward(torch.randn(2, 4)).backward()
+    finally:
+        _Raise.armed = False
+    assert len(hooks_run) == 4 and flushed == [] and ends == []  # blocks 2 and 1 ran their hooks
+    assert failures == [1] and bucket.items == [] and bucket.nbytes == 0
+    forward(torch.randn(2, 4)).backward()
+    assert flushed == [hooks_run[4:]] and len(flushed[0]) == 6 and ends == [1]

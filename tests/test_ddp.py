@@ -25,7 +25,8 @@ def _features(mode: str) -> set[str]:
     """A mode names features joined by "+": accumulate (2 micro-batches a window), short (the last
     window has one), penalty (an L2 penalty on a projected weight: a second use outside its
     layer), seeds (ranks build their models from different seeds), unused (rank 1 skips layer
-    1's MLP at ordinary steps), unused_at_selection (and at a selection step), layerwise, ..."""
+    1's MLP at ordinary steps), unused_at_selection (and at a selection step), layerwise,
+    reentrant (decoder layers checkpointed with use_reentrant=True), ..."""
     return set(mode.split("+"))
 
 
@@ -38,7 +39,11 @@ def _model(mode: str = "", seed: int = 0):
         return tiny_moe("mixtral", seed=seed).double()
     # "embeddings": the tied embedding and head are projected too (one weight, two uses)
     tied = "embeddings" in _features(mode)
-    return tiny_llama(seed=seed, vocab_size=64, tie_word_embeddings=tied).double()
+    model = tiny_llama(seed=seed, vocab_size=64, tie_word_embeddings=tied).double()
+    if "reentrant" in _features(mode):  # each decoder layer recomputed in a nested backward
+        model.gradient_checkpointing_enable({"use_reentrant": True})
+        model.train()
+    return model
 
 
 def _grassify(model, mode: str, rank: int = RANK):
@@ -235,6 +240,9 @@ def _launch(tmp_path: Path, mode: str, timeout: float = 180):
         "layerwise+accumulate+short",
         # A layer that one rank leaves out of an ordinary step: zeros in a fixed bucket.
         "unused",
+        # Reentrant checkpointing: each layer's backward is nested in the outer one, and the
+        # buckets are still sent once, at the end of the outer one.
+        "reentrant",
     ],
 )
 def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, mode):

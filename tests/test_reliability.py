@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -464,3 +466,63 @@ def test_an_unreadable_converted_checkpoint_is_converted_again(tmp_path, monkeyp
     assert len(warnings) == 1 and str(path) in warnings[0].getMessage()
     AutoTokenizer.from_pretrained(path)
     LlamaForCausalLM.from_pretrained(path)
+
+
+def test_data_parallel_drops_a_failed_backwards_partial_averages(one_process_group, caplog):
+    """A backward that raises midway (an out-of-memory error a loop catches) has launched some
+    buckets' averages and never reaches its end: those are finished and dropped, with one line,
+    and the next backward sends and writes back every bucket once, as a first one would."""
+    from hf_grass.distributed import GrassDataParallel
+
+    one_process_group()
+
+    class Raise(torch.autograd.Function):
+        armed = False
+
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            if Raise.armed:
+                raise RuntimeError("out of memory (simulated)")
+            return grad
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    plain = copy.deepcopy(model)
+    opt = GrassAdamW(grassify(model, rank=2, update_proj_gap=5), lr=1e-2)
+    grass_dp = GrassDataParallel(model, opt, bucket_cap_mb=0)  # a bucket per weight
+    x = torch.randn(6, 8)
+
+    def loss(model=model):
+        return model[4](model[3](model[2](Raise.apply(model[1](model[0](x)))))).square().sum()
+
+    loss().backward()  # a selection step: full gradients, averaged synchronously
+    opt.step()
+    opt.zero_grad()
+    grass_dp.meter.end_step()
+    Raise.armed = True
+    with caplog.at_level(logging.WARNING, logger="hf_grass.distributed"):
+        with pytest.raises(RuntimeError, match="simulated"):
+            loss().backward()  # the last two layers' buckets are launched, then it raises
+    assert [r.message for r in caplog.records if "raised before its end" in r.message]
+    assert all(b.work is None and not b.ready for b in grass_dp._buckets)
+    opt.zero_grad()
+    grass_dp.meter.current.clear()
+    Raise.armed = False
+    loss().backward()
+    assert all(b.work is None and not b.ready for b in grass_dp._buckets)  # written back
+    one_pass = sum(
+        (math.prod(b.projections[0].compressed_shape) + 1) * 4 for b in grass_dp._buckets
+    )
+    assert len(grass_dp._buckets) == 3 and grass_dp.meter.current["compressed"] == one_pass
+    # the averages written back (of one rank: the gradients themselves) are this pass's
+    plain.load_state_dict(model.state_dict())
+    loss(plain).backward()
+    for i in (0, 2, 4):
+        projection = projection_of(model[i].weight)
+        dense = plain[i].weight.grad if projection.side == "rows" else plain[i].weight.grad.T
+        expected = projection.rho[:, None] * dense[projection.rows]
+        torch.testing.assert_close(projection.grad, expected)
