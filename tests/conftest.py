@@ -426,3 +426,30 @@ def one_process_group(tmp_path):
     )
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class FailingBackward(torch.autograd.Function):
+    """Identity; its backward raises while ``FailingBackward.armed`` (a backward pass that fails
+    midway, as an out-of-memory error would)."""
+
+    armed = False
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if FailingBackward.armed:
+            raise RuntimeError("out of memory (simulated)")
+        return grad
+
+
+@contextlib.contextmanager
+def failing_backward():
+    """Arms :class:`FailingBackward` inside the block."""
+    FailingBackward.armed = True
+    try:
+        yield
+    finally:
+        FailingBackward.armed = False

@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import FailingBackward, failing_backward
 from torch import nn
 
 from hf_grass.bucket import Bucket
@@ -116,26 +117,10 @@ def test_end_of_backward_runs_once_per_backward_and_flushes_the_rest(adds_per_ba
         assert [len(b) for b in flushed] == [4] * (len(added) // 4) + [2] * (len(added) > 0)
 
 
-class _Raise(torch.autograd.Function):
-    """Identity forward; its backward raises while ``armed`` (a pass that fails midway)."""
-
-    armed = False
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        if _Raise.armed:
-            raise RuntimeError("out of memory (simulated)")
-        return grad
-
-
 def _hooked_blocks(bucket: Bucket, checkpointing: bool):
     """Three blocks, each optionally checkpointed with reentrant recomputation; every weight's
     hook adds it to ``bucket`` (4 bytes) and asks for the end-of-backward flush. The middle of
-    the chain is a :class:`_Raise`, so that an armed backward fails after some hooks ran."""
+    the chain is a :class:`FailingBackward`, so that an armed backward fails after some hooks ran."""
     from torch.utils.checkpoint import checkpoint
 
     torch.manual_seed(0)
@@ -155,7 +140,7 @@ def _hooked_blocks(bucket: Bucket, checkpointing: bool):
         for i, block in enumerate(blocks):
             x = checkpoint(block, x, use_reentrant=True) if checkpointing else block(x)
             if i == 0:
-                x = _Raise.apply(x)
+                x = FailingBackward.apply(x)
         return x.square().sum()
 
     return forward, hooks_run
@@ -188,12 +173,8 @@ def test_a_backward_that_raises_midway_is_dropped_and_the_next_one_ends_normally
     ends, failures = [], []
     bucket = Bucket(10**6, flushed.append, lambda: ends.append(1), lambda: failures.append(1))
     forward, hooks_run = _hooked_blocks(bucket, checkpointing)
-    _Raise.armed = True
-    try:
-        with pytest.raises(RuntimeError, match="simulated"):
-            forward(torch.randn(2, 4)).backward()
-    finally:
-        _Raise.armed = False
+    with failing_backward(), pytest.raises(RuntimeError, match="simulated"):
+        forward(torch.randn(2, 4)).backward()
     assert len(hooks_run) == 4 and flushed == [] and ends == []  # blocks 2 and 1 ran their hooks
     assert failures == [1] and bucket.items == [] and bucket.nbytes == 0
     forward(torch.randn(2, 4)).backward()

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import tiny_llama
+from conftest import FailingBackward, failing_backward, tiny_llama
 from datasets import Dataset
 from torch import nn
 
@@ -476,19 +476,6 @@ def test_data_parallel_drops_a_failed_backwards_partial_averages(one_process_gro
 
     one_process_group()
 
-    class Raise(torch.autograd.Function):
-        armed = False
-
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, grad):
-            if Raise.armed:
-                raise RuntimeError("out of memory (simulated)")
-            return grad
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
     plain = copy.deepcopy(model)
@@ -497,21 +484,20 @@ def test_data_parallel_drops_a_failed_backwards_partial_averages(one_process_gro
     x = torch.randn(6, 8)
 
     def loss(model=model):
-        return model[4](model[3](model[2](Raise.apply(model[1](model[0](x)))))).square().sum()
+        hidden = FailingBackward.apply(model[1](model[0](x)))
+        return model[4](model[3](model[2](hidden))).square().sum()
 
     loss().backward()  # a selection step: full gradients, averaged synchronously
     opt.step()
     opt.zero_grad()
     grass_dp.meter.end_step()
-    Raise.armed = True
-    with caplog.at_level(logging.WARNING, logger="hf_grass.distributed"):
+    with caplog.at_level(logging.WARNING, logger="hf_grass.distributed"), failing_backward():
         with pytest.raises(RuntimeError, match="simulated"):
             loss().backward()  # the last two layers' buckets are launched, then it raises
     assert [r.message for r in caplog.records if "raised before its end" in r.message]
     assert all(b.work is None and not b.ready for b in grass_dp._buckets)
     opt.zero_grad()
     grass_dp.meter.current.clear()
-    Raise.armed = False
     loss().backward()
     assert all(b.work is None and not b.ready for b in grass_dp._buckets)  # written back
     one_pass = sum(
