@@ -26,7 +26,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .layers import LayerType, register_layer, replaces
-from .projection import projection_of
+from .projection import forward_anchor, projection_of
 
 
 class GrassEmbeddingFunction(torch.autograd.Function):
@@ -95,12 +95,12 @@ class GrassEmbedding(nn.Embedding):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and self.weight.requires_grad):
             return F.embedding(input, self.weight, self.padding_idx)
-        projection = projection_of(self.weight)
-        anchor = None
-        if projection is not None:
-            projection.check_data_parallel()
-            anchor = projection.anchor
-        return GrassEmbeddingFunction.apply(input, self.weight, self.padding_idx, anchor)
+        return _apply_grass_embedding(input, self.weight, self.padding_idx)
+
+
+@torch.compiler.disable  # as hf_grass.linear's Grass function: eager under torch.compile
+def _apply_grass_embedding(ids, weight, padding_idx) -> torch.Tensor:
+    return GrassEmbeddingFunction.apply(ids, weight, padding_idx, forward_anchor(weight))
 
 
 register_layer(

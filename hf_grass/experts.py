@@ -38,7 +38,7 @@ from torch.autograd.function import once_differentiable
 
 from .layers import LayerType, expert_weights, is_experts_module, register_layer
 from .linear import _autocast_cast, _autocast_off
-from .projection import projection_of
+from .projection import forward_anchor, projection_of
 
 __all__ = ["expert_weights", "is_experts_module", "grass_experts_class", "grass_experts_linear"]
 
@@ -133,6 +133,7 @@ def _experts_weight_gradient(
     return None
 
 
+@torch.compiler.disable  # as hf_grass.linear's Grass function: eager under torch.compile
 def grass_experts_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -142,12 +143,7 @@ def grass_experts_linear(
 ) -> torch.Tensor:
     """Every expert's linear map on its routed tokens (``x`` sorted by expert, ``counts`` per
     expert), with the compressed weight gradient of :class:`GrassExpertsFunction`."""
-    projection = projection_of(weight)
-    anchor = None
-    if projection is not None:
-        projection.check_data_parallel()
-        anchor = projection.anchor
-    return GrassExpertsFunction.apply(x, weight, bias, anchor, counts, transposed)
+    return GrassExpertsFunction.apply(x, weight, bias, forward_anchor(weight), counts, transposed)
 
 
 def grass_experts_forward(

@@ -58,7 +58,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .layers import LayerType, register_layer, replaces
-from .projection import GrassProjection, projection_of
+from .projection import GrassProjection, forward_anchor, projection_of
 
 
 def _autocast_off(device_type: str):
@@ -235,12 +235,15 @@ def grass_linear(
     (``transposed``: ``x @ weight + bias``, the layout of GPT-2's ``Conv1D``)."""
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return F.linear(x, weight.t() if transposed else weight, bias)
-    projection = projection_of(weight)
-    anchor = None
-    if projection is not None:
-        projection.check_data_parallel()
-        anchor = projection.anchor
-    return GrassLinearFunction.apply(x, weight, bias, anchor, transposed)
+    return _apply_grass_linear(x, weight, bias, transposed)
+
+
+# torch.compile runs the Grass function eagerly, one graph break per layer: its forward keeps
+# Python-side records for the backward (the inputs kept whole, the projection's anchor), on which
+# dynamo would otherwise break inside and recompile at every call site.
+@torch.compiler.disable
+def _apply_grass_linear(x, weight, bias, transposed: bool) -> torch.Tensor:
+    return GrassLinearFunction.apply(x, weight, bias, forward_anchor(weight), transposed)
 
 
 class GrassLinear(nn.Linear):

@@ -58,6 +58,17 @@ def projection_of(weight: torch.Tensor) -> GrassProjection | None:
     return projection
 
 
+def forward_anchor(weight: torch.Tensor) -> torch.Tensor | None:
+    """What a Grass layer's forward takes from the projection of ``weight``: its grad-ready
+    anchor (:mod:`hf_grass.layerwise`; ``None`` without one or without a projection), after
+    :meth:`GrassProjection.check_data_parallel`."""
+    projection = projection_of(weight)
+    if projection is None:
+        return None
+    projection.check_data_parallel()
+    return projection.anchor
+
+
 class GrassProjection:
     """The selection and compressed gradient of one projected weight (see the module doc).
 

@@ -453,3 +453,42 @@ def test_the_engine_imports_without_transformers_and_the_trainer_on_first_use():
     assert hf_grass.GrassTrainingArguments is trainer.GrassTrainingArguments
     with pytest.raises(AttributeError):
         hf_grass.GrassNothing  # noqa: B018
+
+
+def test_torch_compile_trains_as_eager_without_recompiling():
+    """``torch.compile`` of a grassified model (the Trainer's ``--torch_compile``): the Grass
+    layers run eagerly, one graph break each, so dynamo does not break inside them and recompile
+    at every call site until its limit, and training equals the eager run (the same rows, the
+    same weights)."""
+    import torch._dynamo
+
+    from hf_grass import GrassAdamW, projection_of
+
+    def train(compiled: bool):
+        model = tiny_llama(seed=0, vocab_size=64).double()  # compiled kernels round otherwise
+        opt = GrassAdamW(grassify(model, rank=4, update_proj_gap=2, embeddings=True), lr=1e-2)
+        forward = torch.compile(model, backend="aot_eager") if compiled else model
+        ids = torch.randint(0, 64, (4, 2, 8), generator=torch.Generator().manual_seed(0))
+        rows = []
+        for batch in ids:  # steps 0 and 2 select
+            forward(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            rows.append([projection_of(w).rows.tolist() for w in opt.param_groups[0]["params"]])
+        return model, rows
+
+    from torch._dynamo.utils import counters
+
+    eager, eager_rows = train(compiled=False)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled, compiled_rows = train(compiled=True)
+    finally:
+        torch._dynamo.reset()
+    breaks = counters["graph_break"]
+    assert sum(n for reason, n in breaks.items() if "_apply_grass_" in reason) > 0
+    assert not [r for r in counters["unimplemented"] if "recompile limit" in r.lower()]
+    assert compiled_rows == eager_rows
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-10, msg=name)
