@@ -2,7 +2,9 @@
 
 Data parallelism (:mod:`hf_grass.distributed`) forms its fixed all-reduce buckets with it and
 ends each backward pass with it; layer-wise updates (:mod:`hf_grass.layerwise`) step the
-parameters whose gradients are ready in its buckets.
+parameters whose gradients are ready in its buckets. :func:`at_end_of_backward` is the end of a
+backward pass they and the optimizer's clipping check share: the outermost one, also under
+reentrant checkpointing.
 """
 
 from __future__ import annotations
