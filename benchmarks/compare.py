@@ -100,8 +100,27 @@ def load_spec(path: str) -> dict[str, Any]:
 
 def grid_points(method: str, entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Run name -> flags for every combination of a method's grid."""
+    return {name: flags for name, flags, _ in _grid(method, entry)}
+
+
+def grid_edges(method: str, entry: dict[str, Any], name: str) -> list[str]:
+    """The knobs at which the grid point ``name`` sits at the low or high end of a knob's
+    several numeric values: where a chosen point does, the optimum may lie outside the grid."""
     grid = entry.get("grid") or {}
-    points = {}
+    values = next((v for n, _, v in _grid(method, entry) if n == name), ())
+    edges = []
+    for key, value in zip(grid, values, strict=False):
+        numbers = [v for v in grid[key] if isinstance(v, int | float)]
+        if len(numbers) < 2 or value not in (min(numbers), max(numbers)):
+            continue
+        edges.append(f"{key} {value:g} is the {'lowest' if value == min(numbers) else 'highest'}")
+    return edges
+
+
+def _grid(method: str, entry: dict[str, Any]) -> list[tuple[str, dict[str, Any], tuple]]:
+    """(run name, flags, the grid's values) for every combination of a method's grid."""
+    grid = entry.get("grid") or {}
+    points = []
     for values in itertools.product(*grid.values()):
         flags = {**(entry.get("flags") or {})}
         args = flags.get("optim_args") or {}
@@ -118,7 +137,7 @@ def grid_points(method: str, entry: dict[str, Any]) -> dict[str, dict[str, Any]]
             label.append(f"{short}{value:g}" if isinstance(value, float) else f"{short}{value}")
         if args:
             flags["optim_args"] = ",".join(f"{k}={v}" for k, v in args.items())
-        points["-".join(label)] = flags
+        points.append(("-".join(label), flags, values))
     return points
 
 
@@ -377,8 +396,16 @@ def main() -> None:
         text = tuned_table(task, results, chosen, reference, args.jobs)
         grids = {m: list(p) for m, p in points.items()}
         tuning = tuning_table(task, results, grids, seeds[0])
+        edges = {m: grid_edges(m, methods[m], name) for m, name in chosen.items()}
+        tuning += "".join(
+            f"\n\n{m} is chosen at an edge of its grid ({'; '.join(e)}): its optimum may lie "
+            "outside the grid."
+            for m, e in edges.items()
+            if e
+        )
         (out / "tuning.md").write_text(f"{title}: tuning\n\n{tuning}\n")
         summary |= {"methods": methods, "grids": grids, "chosen": chosen, "reference": reference}
+        summary["chosen_at_grid_edge"] = {m: e for m, e in edges.items() if e}
         runs = list(chosen.values())
         print(f"\n{tuning}\n", flush=True)
     else:

@@ -477,7 +477,29 @@ def test_a_tuned_comparison_chooses_each_method_on_validation_then_runs_the_othe
     row = next(line for line in (out / "table.md").read_text().splitlines() if "| adamw |" in line)
     assert f"{sum(diffs) / 2:+.2f} ({min(diffs):+.2f} to {max(diffs):+.2f})" in row
     assert "| test perplexity |" in (out / "table.md").read_text()
-    assert "| adamw | adamw-lr0.03 |" in (out / "tuning.md").read_text()
+    tuning = (out / "tuning.md").read_text()
+    assert "| adamw | adamw-lr0.03 |" in tuning
+    edge = "lowest" if best == "adamw-lr0.0001" else "highest"
+    lr = 1e-4 if best == "adamw-lr0.0001" else 3e-2
+    assert f"adamw is chosen at an edge of its grid (learning_rate {lr:g} is the {edge})" in tuning
+    assert "grass is chosen" not in tuning  # one value: no edge to speak of
+    assert list(summary["chosen_at_grid_edge"]) == ["adamw"]
+
+
+def test_grid_edges_name_the_knobs_at_the_end_of_several_numeric_values():
+    compare = load_script("compare", "benchmarks")
+    entry = {"grid": {"learning_rate": [1e-3, 3e-3, 1e-2], "optim_args.scale": [0.25, 1.0]}}
+    entry["grid"]["selection"] = ["top_r", "multinomial_nr"]  # not numeric: never an edge
+    names = list(compare.grid_points("m", entry))
+    assert len(names) == 12
+    edges = {name: compare.grid_edges("m", entry, name) for name in names}
+    assert edges["m-lr0.003-scale0.25-selectiontop_r"] == ["optim_args.scale 0.25 is the lowest"]
+    assert edges["m-lr0.01-scale1-selectionmultinomial_nr"] == [
+        "learning_rate 0.01 is the highest",
+        "optim_args.scale 1 is the highest",
+    ]
+    middle = {"grid": {"learning_rate": [1e-3, 3e-3, 1e-2], "optim_args.scale": [0.25]}}
+    assert compare.grid_edges("m", middle, "m-lr0.003-scale0.25") == []
 
 
 def test_a_streamed_corpus_packs_the_same_blocks_lazily(cache, tmp_path):
