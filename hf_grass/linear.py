@@ -44,7 +44,10 @@ gradients are returned (and the compressed gradient accumulated) in the dtypes o
 tensors.
 
 A weight without a live projection (no GrassAdamW built yet, or a deep copy) gets the ordinary
-full ``.grad``. Data parallelism is applied from outside: :mod:`hf_grass.distributed`.
+full ``.grad``. Data parallelism is applied from outside: :mod:`hf_grass.distributed`. Under
+FSDP2 the layer holds FSDP2's unsharded weight: its compressed gradient (the selected columns)
+is averaged across the ranks by :func:`hf_grass.fsdp2.reduce_compressed`, and on selection steps
+FSDP2 gets the full gradient, from which the optimizer selects.
 """
 
 from __future__ import annotations
@@ -57,8 +60,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .fsdp2 import reduce_compressed
 from .layers import LayerType, register_layer, replaces
-from .projection import GrassProjection, forward_anchor, projection_of
+from .projection import (
+    GrassProjection,
+    forward_anchor,
+    projection_of,
+    unsharded_projection_of,
+)
 
 
 def _autocast_off(device_type: str):
@@ -141,7 +150,7 @@ def _columns_to_keep(
     of 1,536 columns). A selection step needs all of ``X`` (the full gradient's norms), as does a
     weight without a live projection; and an input already kept whole costs nothing more.
     """
-    projection = projection_of(weight)
+    projection = _projection(weight, transposed)
     input_side = "rows" if transposed else "cols"
     if projection is None or projection.side != input_side or _selecting(projection):
         return None
@@ -192,7 +201,7 @@ def _weight_gradient(
     ``None``. With ``cols`` given, ``x2`` is ``X[:, cols]`` (T x r), saved by the forward of an
     ordinary step; the projection must still select those input features.
     """
-    projection = projection_of(weight)
+    projection = _projection(weight, transposed)
     if cols is not None:
         if projection is None or projection.needs_full_gradient() or projection.rows is not cols:
             raise RuntimeError(
@@ -203,10 +212,12 @@ def _weight_gradient(
             )
         compressed = x2.t() @ dy2  # (r x T)(T x m) = r x m
         projection.scale_rows_(compressed)
-        projection.accumulate(compressed)
+        _accumulate(projection, weight, compressed)
         return None
     a, b = (x2, dy2) if transposed else (dy2, x2)  # the gradient is aᵀ b in the weight's layout
-    if projection is None:
+    if projection is None or (projection.weight is not weight and projection.needs_full_gradient()):
+        # No projection, or FSDP2's unsharded weight on a selection step: FSDP2 averages the
+        # full gradient and the optimizer selects from it.
         return (a.t() @ b).to(weight.dtype)
     if projection.needs_full_gradient():
         full = a.t() @ b  # m x n, this layer only
@@ -221,8 +232,26 @@ def _weight_gradient(
         else:
             compressed = b.index_select(1, rows).t() @ a  # Linear: (r x T)(T x m) = r x m
         projection.scale_rows_(compressed)
-    projection.accumulate(compressed)
+    _accumulate(projection, weight, compressed)
     return None
+
+
+def _projection(weight: torch.Tensor, transposed: bool) -> GrassProjection | None:
+    """The projection of ``weight``, or, for FSDP2's unsharded form of a weight sharded by rows
+    (an ``nn.Linear`` weight, not a transposed one), the projection of the sharded weight."""
+    projection = projection_of(weight)
+    if projection is None and not transposed:
+        projection = unsharded_projection_of(weight)
+    return projection
+
+
+def _accumulate(projection: GrassProjection, weight: torch.Tensor, compressed: torch.Tensor):
+    """Add ``compressed`` to the weight's compressed gradient; for FSDP2's unsharded weight,
+    first average it across the ranks, keeping this rank's columns (one reduce-scatter of r x m
+    instead of FSDP2's m x n)."""
+    if projection.weight is not weight:
+        compressed = reduce_compressed(compressed, projection.weight)
+    projection.accumulate(compressed)
 
 
 def grass_linear(

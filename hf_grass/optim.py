@@ -52,6 +52,7 @@ from .fsdp2 import (
     global_per_row,
     local_per_row,
     placed_moment,
+    shard_group,
 )
 from .functional import implementation_from_flags, residual_sign_update
 from .layout import experts_sharded, local, oriented, row_sharded, selected_size, side_of
@@ -802,7 +803,7 @@ def clip_grad_norm_(
         else:
             grad = p.grad
         if grad is not None:
-            grads.append((local(grad), p.device_mesh.get_group() if row_sharded(p) else None))
+            grads.append((local(grad), shard_group(p) if row_sharded(p) else None))
     if not grads:
         return torch.tensor(0.0)
     device = grads[0][0].device

@@ -29,7 +29,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .fsdp2 import first_expert, row_norms
+from .fsdp2 import can_reduce_compressed, first_expert, row_norms, sharded_param_of
 from .functional import remap_state, row_index, unique_rows
 from .layout import local, oriented, selected_size, side_of
 from .rules import rule_of
@@ -56,6 +56,16 @@ def projection_of(weight: torch.Tensor) -> GrassProjection | None:
     if projection is None or not projection.alive:
         return None
     return projection
+
+
+def unsharded_projection_of(weight: torch.Tensor) -> GrassProjection | None:
+    """The live projection of the sharded weight for which FSDP2 put ``weight`` (its
+    unsharded form) into a module during forward and backward, when that weight's compressed
+    gradient can be averaged by :func:`~hf_grass.fsdp2.reduce_compressed`; else ``None``."""
+    sharded = sharded_param_of(weight)
+    if sharded is None or not can_reduce_compressed(sharded):
+        return None
+    return projection_of(sharded)
 
 
 def forward_anchor(weight: torch.Tensor) -> torch.Tensor | None:

@@ -19,13 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS, GAP, RANK = 5, 2, 3
 
 
-def _model():
+def _model(widths=(8, 12, 10, 4)):
     import torch
     from torch import nn
 
     torch.manual_seed(0)
+    a, b, c, d = widths
     return nn.Sequential(
-        nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 4)
+        nn.Linear(a, b), nn.Tanh(), nn.Linear(b, c), nn.Tanh(), nn.Linear(c, d)
     ).double()
 
 
@@ -67,14 +68,14 @@ def _train(model, opt, batches, clip: bool):
     return norms
 
 
-def _sharded(model):
+def _sharded(model, mesh=None):
     import torch
     from torch.distributed.fsdp import fully_shard
 
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
@@ -186,6 +187,69 @@ def _dcp_worker(out: str) -> None:
     end_worker()
 
 
+def _hsdp_mesh(world: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
+
+
+def _compressed_worker(out: str) -> None:
+    """Grass layers installed before sharding: on ordinary steps their compressed gradients are
+    averaged by one reduce-scatter of r x m each and FSDP2 gets no weight gradient; selection
+    steps take FSDP2's full gradient. Uneven shards (11 and 9 rows on 2 ranks), and gradient
+    accumulation without FSDP2's gradient sync on the first of two micro-batches; and HSDP's
+    2-D mesh (a replicated dimension of 1 here) with its all-reduce."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from hf_grass import clip_grad_norm_, grassify
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    widths = (8, 11, 9, 4)
+    result = {}
+    for case, micro in (("fsdp", 1), ("fsdp", 2), ("hsdp", 1)):
+        # each step: `micro` global micro-batches of 8 // micro rows, each rank half of each
+        steps = [[(x[i::micro], y[i::micro]) for i in range(micro)] for x, y in _batches()]
+        model = _model(widths)
+        grassify(model, rank=RANK, target_modules=["0", "2", "4"], proj_side="cols")
+        _sharded(model, _hsdp_mesh(world) if case == "hsdp" else None)
+        opt = _optimizer(model, "multinomial")
+        full_grads, norms = [], []
+        for batches in steps:
+            for i, (x, y) in enumerate(batches):
+                model.set_requires_gradient_sync(i == micro - 1)
+                local = x.chunk(world)[rank], y.chunk(world)[rank]
+                F.mse_loss(model(local[0]), local[1]).backward()
+            full_grads.append([model[i].weight.grad is not None for i in (0, 2, 4)])
+            norms.append(float(clip_grad_norm_(model.parameters(), 0.05)))
+            opt.step()
+            opt.zero_grad()
+        sharded = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
+
+        reference = _model(widths)
+        ref_opt = _optimizer(reference, "multinomial")
+        ref_norms = []
+        for batches in steps:
+            for x, y in batches:
+                F.mse_loss(reference(x), y).backward()
+            ref_norms.append(float(clip_grad_norm_(reference.parameters(), 0.05)))
+            ref_opt.step()
+            ref_opt.zero_grad()
+        result[f"{case}, {micro} micro-batches"] = {
+            "max_diff": max(
+                float((sharded[n] - p.detach()).abs().max())
+                for n, p in reference.named_parameters()
+            ),
+            "full_grads": full_grads,
+            "norms": norms,
+            "ref_norms": ref_norms,
+        }
+    if rank == 0:
+        Path(out, "compressed.json").write_text(json.dumps(result))
+    end_worker()
+
+
 def _worker(out: str, selection: str) -> None:
     import torch
     import torch.distributed as dist
@@ -277,6 +341,18 @@ def test_fully_shard_two_processes_equal_one_process(tmp_path, selection):
 
 
 @pytest.mark.slow
+def test_compressed_backward_under_fully_shard_equals_one_process(tmp_path):
+    _two_processes(tmp_path, "compressed")
+    results = json.loads((tmp_path / "compressed.json").read_text())
+    assert len(results) == 3
+    for case, result in results.items():
+        # selection steps (0, 2, 4: K = 2) take FSDP2's full gradients; the others none
+        assert result["full_grads"] == [[step % GAP == 0] * 3 for step in range(STEPS)], case
+        assert result["max_diff"] < 1e-10, case
+        assert result["norms"] == pytest.approx(result["ref_norms"], rel=1e-9), case
+
+
+@pytest.mark.slow
 def test_sharded_checkpoint_resumes_on_two_processes_and_on_one(tmp_path):
     """The gathered state resumes exactly: sharded again on 2 ranks, or on a single process."""
 
@@ -324,5 +400,7 @@ if __name__ == "__main__":
         _resume_worker(sys.argv[1])
     elif sys.argv[2] == "dcp":
         _dcp_worker(sys.argv[1])
+    elif sys.argv[2] == "compressed":
+        _compressed_worker(sys.argv[1])
     else:
         _worker(sys.argv[1], sys.argv[2])
