@@ -211,11 +211,13 @@ def reduce_compressed(compressed: torch.Tensor, p: torch.Tensor) -> torch.Tensor
     r, m = compressed.shape
     data_parallel = 1
     part = compressed.t().to(p.dtype)  # m x r: this rank's rows are contiguous
-    for dim, placement in enumerate(p.placements):
+    # the sharding dimension first: a replicated one then reduces this rank's part only
+    dims = sorted(range(mesh.ndim), key=lambda d: not isinstance(p.placements[d], Shard))
+    for dim in dims:
         group = mesh.get_group(dim)
         size = mesh.size(dim)
         data_parallel *= size
-        if isinstance(placement, Shard):
+        if isinstance(p.placements[dim], Shard):
             chunk = -(-m // size)  # torch.chunk's (and FSDP2's) rows per rank
             padded = part.new_zeros(chunk * size, r)
             padded[:m] = part
@@ -228,4 +230,5 @@ def reduce_compressed(compressed: torch.Tensor, p: torch.Tensor) -> torch.Tensor
         else:
             part = part.contiguous()
             dist.all_reduce(part, group=group)
-    return part.t().div_(data_parallel).contiguous()
+    # (on the sharded weight's device: FSDP2's CPU offload keeps it, and the state, on the CPU)
+    return part.t().div_(data_parallel).contiguous().to(p.device)
