@@ -280,3 +280,34 @@ def force_refresh(opt, galore: bool) -> None:
                 st["step"] = gap * (st["step"] // gap + 1)
             else:
                 st["step"].fill_(gap * (int(st["step"]) // gap + 1))
+
+
+def run_two_processes(script: str, worker_args: list[str], timeout: float, label: str) -> dict:
+    """``script --out FILE worker_args`` on 2 CPU processes under ``torch.distributed.run``
+    (one thread each), killed with all its workers after ``timeout`` seconds; returns the JSON
+    the workers wrote to FILE. Exits with one line when the job fails or runs too long."""
+    import signal
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+            os.path.abspath(script), "--out", out, *worker_args,
+        ]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, start_new_session=True,
+        )  # fmt: skip
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers
+            proc.communicate()
+            raise SystemExit(f"{label}: the 2-process run did not finish in {timeout} s") from None
+        if proc.returncode != 0:
+            raise SystemExit(f"{label}: the 2-process run failed:\n{stderr[-4000:]}")
+        with open(out) as f:
+            return json.load(f)

@@ -39,11 +39,9 @@ import datetime
 import json
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import _common as C
@@ -229,33 +227,13 @@ def worker(args) -> None:
 
 def launch(args, preset: str, val_rank: int, time_steps: int) -> dict:
     """One bounded ``torch.distributed.run`` job of this file in worker mode."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-            os.path.abspath(__file__), "--worker", preset, "--out", out,
-            "--val-rank", str(val_rank), "--val-gap", str(args.val_gap),
-            "--val-steps", str(args.val_steps), "--time-steps", str(time_steps),
-            "--time-rank", str(args.time_rank), "--time-gap", str(args.gap),
-            "--batch", str(args.batch), "--seq", str(args.seq),
-        ]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen(
-            cmd, env=env, cwd=str(C.REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, start_new_session=True,
-        )  # fmt: skip
-        try:
-            _, stderr = proc.communicate(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers
-            proc.communicate()
-            raise SystemExit(
-                f"{preset}: the 2-process run did not finish in {args.timeout} s"
-            ) from None
-        if proc.returncode != 0:
-            raise SystemExit(f"{preset}: the 2-process run failed:\n{stderr[-4000:]}")
-        with open(out) as f:
-            return json.load(f)
+    worker_args = [
+        "--worker", preset, "--val-rank", str(val_rank), "--val-gap", str(args.val_gap),
+        "--val-steps", str(args.val_steps), "--time-steps", str(time_steps),
+        "--time-rank", str(args.time_rank), "--time-gap", str(args.gap),
+        "--batch", str(args.batch), "--seq", str(args.seq),
+    ]  # fmt: skip
+    return C.run_two_processes(__file__, worker_args, args.timeout, preset)
 
 
 # ----------------------------------------------------------------------------------------- main
