@@ -210,7 +210,8 @@ def reduce_compressed(compressed: torch.Tensor, p: torch.Tensor) -> torch.Tensor
     mesh = p.device_mesh
     r, m = compressed.shape
     data_parallel = 1
-    part = compressed.t().to(p.dtype)  # m x r: this rank's rows are contiguous
+    # in the layer's compute dtype, as FSDP2 reduces in its param_dtype unless told otherwise
+    part = compressed.t()  # m x r: this rank's rows are contiguous
     # the sharding dimension first: a replicated one then reduces this rank's part only
     dims = sorted(range(mesh.ndim), key=lambda d: not isinstance(p.placements[d], Shard))
     for dim in dims:
@@ -231,4 +232,4 @@ def reduce_compressed(compressed: torch.Tensor, p: torch.Tensor) -> torch.Tensor
             part = part.contiguous()
             dist.all_reduce(part, group=group)
     # (on the sharded weight's device: FSDP2's CPU offload keeps it, and the state, on the CPU)
-    return part.t().div_(data_parallel).contiguous().to(p.device)
+    return part.t().div_(data_parallel).to(p.device, p.dtype).contiguous()
