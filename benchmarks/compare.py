@@ -150,10 +150,13 @@ def as_flags(mapping: dict[str, Any]) -> list[str]:
 
 
 def run_one(
-    task: Task, name: str, seed: int, flags: list[str], out: Path, threads: int
+    task: Task, name: str, seed: int, flags: list[str], out: Path, threads: int, read_only: bool
 ) -> dict[str, Any]:
-    """The task's script in its own process; its results read back from ``out``."""
+    """The task's script in its own process; its results read back from ``out``. With
+    ``read_only``, a run not finished before is not started and counts as missing."""
     if not (out / "eval_results.json").is_file():
+        if read_only:
+            return {"name": name, "seed": seed, "failed": True, "missing": True}
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         script = REPO / "scripts" / f"{task.script}.py"
         cmd = [sys.executable, str(script), *flags, "--seed", str(seed)]
@@ -310,7 +313,11 @@ def tuning_table(
         best = _best(task, scored.values())
         for name in names:
             r = scored.get(name)
-            value = "failed" if r is None or r.get("failed") else task.format(r[task.metric])
+            value = (
+                "not run" if r is None or r.get("missing")
+                else "failed" if r.get("failed")
+                else task.format(r[task.metric])
+            )  # fmt: skip
             lines.append(f"| {method} | {name} | {value} | {'yes' if r is best else ''} |")
     return "\n".join(lines)
 
@@ -319,11 +326,15 @@ def _best(task: Task, results) -> dict[str, Any] | None:
     return min((r for r in results if not r.get("failed")), key=task.score, default=None)
 
 
-def run_all(task: Task, jobs: list[tuple], workers: int) -> list[dict[str, Any]]:
+def run_all(
+    task: Task, jobs: list[tuple], workers: int, read_only: bool = False
+) -> list[dict[str, Any]]:
     threads = max(1, (os.cpu_count() or 1) // workers)
     print(f"{len(jobs)} runs, {workers} at a time, {threads} thread(s) each", flush=True)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda job: run_one(task, *job, threads=threads), jobs))
+        return list(
+            pool.map(lambda job: run_one(task, *job, threads=threads, read_only=read_only), jobs)
+        )
 
 
 def _versions() -> dict[str, str | None]:
@@ -349,6 +360,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each)")
     parser.add_argument("--out", help="output folder (default benchmarks/results/SCRIPT/NAME)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
+    parser.add_argument(
+        "--read-only",
+        action="store_true",
+        help="start no run: tabulate the runs finished before (the others count as not run)",
+    )
     args = parser.parse_args()
     spec = load_spec(args.config)
     task = TASKS[spec["script"]]
@@ -378,7 +394,10 @@ def main() -> None:
         print(f"{name}: tuning on seed {seeds[0]}", flush=True)
         every = {run: flags for p in points.values() for run, flags in p.items()}
         results = run_all(
-            task, [job(run, seeds[0], flags) for run, flags in every.items()], args.jobs
+            task,
+            [job(run, seeds[0], flags) for run, flags in every.items()],
+            args.jobs,
+            args.read_only,
         )
         chosen = {}
         for method, p in points.items():
@@ -390,6 +409,7 @@ def main() -> None:
             task,
             [job(run, seed, every[run]) for seed in seeds[1:] for run in chosen.values()],
             args.jobs,
+            args.read_only,
         )
         reference = spec.get("reference")
         reference = reference if reference in chosen else None
@@ -411,7 +431,7 @@ def main() -> None:
     else:
         runs = [r for r in spec["runs"] if not args.only or r in args.only]
         jobs = [job(run, seed, spec["runs"][run] or {}) for seed in seeds for run in runs]
-        results = run_all(task, jobs, args.jobs)
+        results = run_all(task, jobs, args.jobs, args.read_only)
         text = table(task, results, runs, args.jobs)
         summary["runs"] = {r: spec["runs"][r] for r in runs}
     summary |= {
@@ -421,7 +441,8 @@ def main() -> None:
         "machine": f"{os.cpu_count()} CPU cores",
         "versions": _versions(),
         "load_average_at_end": os.getloadavg(),
-        "results": results,
+        "not_run": [[r["name"], r["seed"]] for r in results if r.get("missing")],
+        "results": [r for r in results if not r.get("missing")],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "table.md").write_text(f"{title}\n\n{text}\n")

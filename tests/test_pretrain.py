@@ -402,14 +402,14 @@ def test_every_pretrain_config_parses_to_the_values_it_names(config):
             assert got == value, (config.name, key, got)
 
 
-def run_comparison(config: Path, out: Path, cache: Path):
+def run_comparison(config: Path, out: Path, cache: Path, *extra: str):
     """``benchmarks/compare.py config`` in a subprocess, checked to succeed."""
     import subprocess
 
     env = {"HF_GRASS_CACHE": str(cache), "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "compare.py"), str(config)]
-        + ["--out", str(out)],
+        + ["--out", str(out), *extra],
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -484,6 +484,14 @@ def test_a_tuned_comparison_chooses_each_method_on_validation_then_runs_the_othe
     assert f"adamw is chosen at an edge of its grid (learning_rate {lr:g} is the {edge})" in tuning
     assert "grass is chosen" not in tuning  # one value: no edge to speak of
     assert list(summary["chosen_at_grid_edge"]) == ["adamw"]
+
+    # --read-only starts nothing: a third seed is not run, the finished runs are tabulated
+    run_comparison(config, out, tmp_path / "cache", "--seeds", "1", "2", "3", "--read-only")
+    again = json.loads((out / "summary.json").read_text())
+    assert sorted(again["not_run"]) == sorted([[best, 3], ["grass-scale1", 3]])
+    assert len(again["results"]) == len(summary["results"])
+    assert not (out / f"{best}-s3").exists()
+    assert "(2 seeds)" in (out / "table.md").read_text()
 
 
 def test_grid_edges_name_the_knobs_at_the_end_of_several_numeric_values():
