@@ -126,7 +126,7 @@ def summarize(measured: dict, gap: int) -> dict:
         )
     for mode in ("full", "compressed"):
         steps = measured[mode]
-        ordinary = [s for i, s in enumerate(steps) if i % gap and i > 0]
+        ordinary = [s for i, s in enumerate(steps) if i % gap]
         selection = [s for i, s in enumerate(steps) if i % gap == 0]
         summary[mode] = {
             "reduce_scatter_bytes_ordinary": ordinary[0]["reduce_scatter"],

@@ -107,9 +107,11 @@ def grid_edges(method: str, entry: dict[str, Any], name: str) -> list[str]:
     """The knobs at which the grid point ``name`` sits at the low or high end of a knob's
     several numeric values: where a chosen point does, the optimum may lie outside the grid."""
     grid = entry.get("grid") or {}
-    values = next((v for n, _, v in _grid(method, entry) if n == name), ())
+    values = next((v for n, _, v in _grid(method, entry) if n == name), None)
+    if values is None:
+        return []
     edges = []
-    for key, value in zip(grid, values, strict=False):
+    for key, value in zip(grid, values, strict=True):
         numbers = [v for v in grid[key] if isinstance(v, int | float)]
         if len(numbers) < 2 or value not in (min(numbers), max(numbers)):
             continue
